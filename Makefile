@@ -1,0 +1,27 @@
+# Every target bootstraps .venv itself, so a fresh clone needs nothing but Python 3.11.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+
+.PHONY: setup demo test bench clean
+
+setup: $(INSTALLED)
+
+$(INSTALLED): setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(PY) demo.py
+
+test: $(INSTALLED)
+	$(PY) -m pytest -n 2 -q
+
+bench: $(INSTALLED)
+	$(PY) bench/model_speed.py
+
+clean:
+	rm -rf $(VENV) runs datasets/demo datasets/cache

@@ -1,0 +1,16 @@
+"""pylon-cxr: PYLON and baseline chest X-ray classifiers whose heatmaps are scored against boxes."""
+from __future__ import annotations
+
+from typing import Any
+
+__version__ = "0.1.0"
+__all__ = ["PylonConfig", "BaselineConfig", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy, so that `python train.py --config typo.yaml` fails before torch is imported.
+    if name in ("PylonConfig", "BaselineConfig"):
+        from pylon import models
+
+        return getattr(models, name)
+    raise AttributeError(f"module 'pylon' has no attribute {name!r}")

@@ -1,0 +1,243 @@
+"""The whole experiment as typed dataclasses, loaded from YAML and overridden with --set.
+
+OmegaConf structured configs do the type checking and reject unknown keys; this module only
+adds config-name lookup in ``configs/``, ``extends:`` for configs that differ from another in a
+few keys, and turns OmegaConf's multi-line errors into one line that names the key or file.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+@dataclass
+class DecoderConfig:
+    """PYLON's decoder (ignored by baselines); names follow the reference implementation."""
+
+    n_dec_ch: int = 128
+    n_up: int = 3
+    seg_kern_size: int = 1
+    use_pa: bool = True
+    up_type: Literal["2layer", "1layer"] = "2layer"
+    up_kernel_size: int = 1
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["pylon", "baseline"] = "pylon"
+    backbone: str = "resnet50"
+    weights: Optional[str] = "imagenet"
+    n_in: int = 1
+    n_out: int = 1
+    freeze: Optional[Literal["enc"]] = None
+    pretrain: Optional[str] = None
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+    pooling: Literal["avg", "max"] = "avg"
+
+
+@dataclass
+class AugmentConfig:
+    enabled: bool = True
+    rotate_limit: float = 10.0
+    crop_scale: tuple[float, float] = (0.7, 1.0)
+    brightness: float = 0.2
+    contrast: float = 0.2
+
+
+@dataclass
+class DataConfig:
+    sources: list[str] = field(default_factory=lambda: ["kaggle", "rsna"])
+    kaggle_root: Optional[str] = "datasets/kaggle"
+    rsna_root: Optional[str] = "datasets/rsna"
+    generate_demo: bool = False
+    image_size: int = 256
+    resize: Literal["letterbox", "stretch"] = "stretch"
+    cache_dir: str = "datasets/cache"
+    val_fraction: float = 0.1
+    rsna_test_fraction: float = 0.1
+    split_seed: int = 0
+    mean: float = 0.4984
+    std: float = 0.2483
+    normalize_from_train: bool = False
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    balanced_sampler: bool = False
+    num_workers: int = 4
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 64
+    optimizer: Literal["adam", "adamw"] = "adam"
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    scheduler: Literal["plateau", "cosine", "none"] = "plateau"
+    plateau_patience: int = 1
+    plateau_factor: float = 0.2
+    min_lr: float = 1e-6
+    early_stop_patience: Optional[int] = None
+    pos_weight: Union[float, str, None] = None
+    amp: bool = True
+    amp_dtype: Literal["auto", "bf16", "fp16"] = "auto"
+    channels_last: bool = True
+    compile: bool = False
+    grad_clip: Optional[float] = None
+    freeze_encoder_epochs: int = 0
+    finetune_lr_factor: float = 0.1
+    max_steps_per_epoch: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+
+
+@dataclass
+class EvalConfig:
+    split: Literal["val", "test"] = "test"
+    batch_size: int = 32
+    methods: list[str] = field(default_factory=list)
+    bootstrap: int = 1000
+    pointing_tolerance_px: float = 15.0
+    n_overlays: int = 8
+
+
+@dataclass
+class LoggingConfig:
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    project: str = "pylon-cxr"
+    entity: Optional[str] = None
+    runs_dir: str = "runs"
+    log_every_steps: int = 10
+    n_val_images: int = 4
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+class ConfigError(ValueError):
+    """A user mistake in a config file or override; its message is one line."""
+
+
+def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
+    """A path as given if it exists, else a bare name looked up in ``configs/``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+        if len(path.parts) == 1 and candidate.is_file():
+            return candidate
+    known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {name_or_path} (configs/ has: {known})")
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
+    """One YAML file, with ``extends: other.yaml`` merged underneath it."""
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' loops back to itself")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    parent = raw.pop("extends", None)
+    layer = OmegaConf.create(raw)
+    if parent is None:
+        return layer
+    parent_path = path.parent / parent
+    if not parent_path.is_file():
+        raise ConfigError(f"{path}: extends a file that does not exist: {parent_path}")
+    return OmegaConf.merge(_read_yaml(parent_path, seen + (path.resolve(),)), layer)
+
+
+def _one_line(err: OmegaConfBaseException, origin: str) -> ConfigError:
+    key = getattr(err, "full_key", None) or "?"
+    message = str(err).splitlines()[0]
+    if "not in" in message or type(err).__name__ == "ConfigKeyError":
+        return ConfigError(f"{origin}: unknown key '{key}'")
+    return ConfigError(f"{origin}: bad value for '{key}': {message}")
+
+
+def parse_overrides(overrides: list[str]) -> DictConfig:
+    """``section.key=value`` strings (values parsed as YAML) into a config layer."""
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"--set expects section.key=value, got '{item}'")
+    try:
+        return OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"--set: cannot parse {' '.join(overrides)}: {err}") from None
+
+
+def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] = None) -> ExperimentConfig:
+    """The fully resolved, type-checked experiment config.
+
+    The result is an OmegaConf-typed view of :class:`ExperimentConfig`: attribute access and
+    assignment are validated, and :func:`to_yaml` gives what is saved with a run.
+    """
+    path = resolve_config_path(name_or_path)
+    schema = OmegaConf.structured(ExperimentConfig)
+    try:
+        cfg = OmegaConf.merge(schema, _read_yaml(path))
+    except OmegaConfBaseException as err:
+        raise _one_line(err, str(path)) from None
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, parse_overrides(overrides))
+        except OmegaConfBaseException as err:
+            raise _one_line(err, "--set") from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]
+
+
+def validate(cfg: Any) -> None:
+    """Checks that involve more than one key, or value ranges types cannot express."""
+    unknown_sources = set(cfg.data.sources) - {"kaggle", "rsna"}
+    if unknown_sources or not cfg.data.sources:
+        raise ConfigError(f"data.sources must be a non-empty subset of [kaggle, rsna], got {list(cfg.data.sources)}")
+    if cfg.data.image_size < 64 or cfg.data.image_size % 32:
+        raise ConfigError(f"data.image_size must be a multiple of 32 and at least 64, got {cfg.data.image_size}")
+    low, high = cfg.data.augment.crop_scale
+    if not 0 < low <= high <= 1:
+        raise ConfigError(f"data.augment.crop_scale must satisfy 0 < low <= high <= 1, got {[low, high]}")
+    pos_weight = cfg.train.pos_weight
+    if isinstance(pos_weight, str) and pos_weight != "auto":
+        raise ConfigError(f"train.pos_weight must be a number, 'auto' or null, got '{pos_weight}'")
+    for name in ("val_fraction", "rsna_test_fraction"):
+        if not 0 < cfg.data[name] < 1:
+            raise ConfigError(f"data.{name} must be between 0 and 1, got {cfg.data[name]}")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
+        raise ConfigError("train.epochs and train.batch_size must be positive")
+
+
+def to_yaml(cfg: Any) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain containers (for W&B, checkpoints and JSON)."""
+    return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+
+
+def from_dict(values: dict) -> ExperimentConfig:
+    """Rebuild a typed config from :func:`to_dict` output (e.g. stored in a checkpoint)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), values)
+    except OmegaConfBaseException as err:
+        raise _one_line(err, "stored config") from None
+    validate(cfg)
+    return cfg  # type: ignore[return-value]

@@ -1,0 +1,105 @@
+"""Config loading: every shipped config resolves, and user mistakes fail in one named line."""
+from pathlib import Path
+
+import pytest
+
+from pylon.config import CONFIG_DIR, ConfigError, from_dict, load_config, to_dict, to_yaml
+
+SHIPPED = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_every_shipped_config_loads(name):
+    cfg = load_config(name)
+    assert cfg.name
+    assert cfg.data.image_size % 32 == 0
+
+
+def test_bare_name_resolves_in_configs_dir_with_or_without_suffix():
+    assert load_config("pylon_r50.yaml").model.arch == "pylon"
+    assert load_config("pylon_r50").train.epochs == 50
+
+
+def test_paper_config_follows_reference_recipe():
+    cfg = load_config("pylon_r50.yaml")
+    assert (cfg.model.backbone, cfg.model.weights, cfg.data.image_size) == ("resnet50", "imagenet", 256)
+    assert (cfg.train.epochs, cfg.train.batch_size, cfg.train.lr, cfg.train.optimizer) == (50, 64, 1e-4, "adam")
+    assert cfg.train.amp and set(cfg.data.sources) == {"kaggle", "rsna"}
+
+
+def test_baselines_extend_the_pylon_recipe_and_change_only_the_model():
+    pylon, base = to_dict(load_config("pylon_r50.yaml")), to_dict(load_config("baseline_r50.yaml"))
+    assert base["model"]["arch"] == "baseline"
+    for section in ("data", "train", "eval", "logging"):
+        assert base[section] == pylon[section]
+    assert load_config("baseline_r18.yaml").model.backbone == "resnet18"
+
+
+def test_overrides_are_typed_and_applied():
+    cfg = load_config("pylon_r50.yaml", ["train.epochs=5", "data.sources=[kaggle]", "train.pos_weight=auto"])
+    assert cfg.train.epochs == 5 and list(cfg.data.sources) == ["kaggle"] and cfg.train.pos_weight == "auto"
+    assert load_config("pylon_r50.yaml", ["train.pos_weight=2.5"]).train.pos_weight == 2.5
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        (["train.epoch=5"], "unknown key 'train.epoch'"),
+        (["model.decoder.n_dec=3"], "unknown key 'model.decoder.n_dec'"),
+        (["train.epochs=many"], "bad value for 'train.epochs'"),
+        (["model.arch=vit"], "bad value for 'model.arch'"),
+        (["data.image_size=100"], "data.image_size must be a multiple of 32"),
+        (["data.sources=[nih]"], "data.sources"),
+        (["train.pos_weight=lots"], "train.pos_weight"),
+        (["train.epochs"], "--set expects section.key=value"),
+    ],
+)
+def test_bad_overrides_fail_in_one_line_naming_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config("pylon_r50.yaml", overrides)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_key_in_file_is_named_with_the_file(tmp_path):
+    path = write(tmp_path, "train:\n  epochs: 3\n  learning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml: unknown key 'train\.learning_rate'"):
+        load_config(path)
+
+
+def test_unknown_section_is_rejected(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key 'optim'"):
+        load_config(write(tmp_path, "optim:\n  lr: 0.1\n"))
+
+
+def test_missing_file_lists_known_configs():
+    with pytest.raises(ConfigError, match="config file not found: nope.yaml .*pylon_r50.yaml"):
+        load_config("nope.yaml")
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"c\.yaml: line 2 is not valid YAML"):
+        load_config(write(tmp_path, "train:\n  epochs: 3: 4\n"))
+
+
+def test_extends_is_relative_to_the_file_and_detects_loops(tmp_path):
+    write(tmp_path, "name: base\ntrain:\n  epochs: 7\n", "base.yaml")
+    child = load_config(write(tmp_path, "extends: base.yaml\nname: child\n"))
+    assert (child.name, child.train.epochs) == ("child", 7)
+    write(tmp_path, "extends: b.yaml\n", "a.yaml")
+    write(tmp_path, "extends: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="loops back"):
+        load_config(tmp_path / "a.yaml")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config("baseline_r18.yaml", ["train.epochs=2"])
+    saved = write(tmp_path, to_yaml(cfg), "resolved.yaml")
+    assert to_dict(load_config(saved)) == to_dict(cfg)
+    assert to_dict(from_dict(to_dict(cfg))) == to_dict(cfg)
