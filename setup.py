@@ -22,6 +22,7 @@ setup(
         "pylibjpeg-libjpeg==2.5.0",
         "pylibjpeg-openjpeg==2.6.0",
         "pylibjpeg-rle==2.2.0",
+        "pyjpegls==1.5.1",
         "albumentations==2.0.8",
         "opencv-python-headless==5.0.0.93",
         "pandas==3.1.1",

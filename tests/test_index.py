@@ -1,0 +1,303 @@
+"""index_rsna and index_kaggle on small generated trees laid out like the official downloads."""
+from __future__ import annotations
+
+import csv
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pylon.data import (
+    DatasetLayoutError,
+    index_kaggle,
+    index_kaggle_with_report,
+    index_rsna,
+    index_rsna_with_report,
+    write_dicom,
+)
+from pylon.data.kaggle import parse_patient
+from pylon.data.rsna import parse_age
+
+SIZE = 128  # image side in the generated RSNA tree; boxes are checked against it
+
+# (patientId, x, y, width, height, Target) rows; empty strings where the official file has none
+LABEL_ROWS = [
+    ("neg", "", "", "", "", "0"),
+    ("multi", "10", "20", "30", "40", "1"),
+    ("multi", "60", "20", "30", "40", "1"),
+    ("multi", "30", "70", "20", "20.5", "1"),
+    ("one", "5", "5", "50", "60", "1"),
+    ("nobox", "", "", "", "", "1"),
+    ("sizes", "10", "10", "20", "20", "1"),
+    ("sizes", "10", "10", "0", "20", "1"),
+    ("sizes", "10", "10", "20", "-5", "1"),
+    ("clip", "100", "-10", "50", "30", "1"),
+    ("outside", "200", "10", "20", "20", "1"),
+    ("outside", "1", "2", "3", "4", "1"),
+    ("negbox", "10", "10", "20", "20", "0"),
+    ("gone", "10", "10", "20", "20", "1"),
+    ("conflict", "", "", "", "", "0"),
+    ("conflict", "10", "10", "20", "20", "1"),
+    ("dup", "10", "10", "20", "20", "1"),
+    ("dup", "10", "10", "20", "20", "1"),
+    ("badtarget", "", "", "", "", "2"),
+    ("badvalue", "abc", "10", "20", "20", "1"),
+    ("badvalue", "40", "40", "10", "10", "1"),
+    ("incomplete", "", "10", "20", "20", "1"),
+    ("", "", "", "", "", "0"),
+    ("old", "", "", "", "", "0"),
+    ("broken", "", "", "", "", "0"),
+]
+HEADERS = {  # patientId -> (view, age string, sex)
+    "neg": ("PA", "045Y", "M"),
+    "multi": ("AP", "58", "F"),
+    "one": ("PA", "006M", "F"),
+    "old": ("AP", "148", "M"),
+}
+CLASSES = {"neg": "Normal", "multi": "Lung Opacity", "negbox": "Lung Opacity"}
+
+
+def write_rsna_tree(root: Path, pixels: np.ndarray) -> Path:
+    images = root / "stage_2_train_images"
+    images.mkdir(parents=True)
+    with open(root / "stage_2_train_labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patientId", "x", "y", "width", "height", "Target"])
+        writer.writerows(LABEL_ROWS)
+    with open(root / "stage_2_detailed_class_info.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["patientId", "class"])
+        writer.writerows(CLASSES.items())
+    patients = {row[0] for row in LABEL_ROWS if row[0]} - {"gone", "broken"} | {"unlabelled"}
+    for patient in sorted(patients):
+        view, age, sex = HEADERS.get(patient, ("PA", "030Y", "M"))
+        write_dicom(images / f"{patient}.dcm", pixels, transfer_syntax="explicit-little",
+                    patient_id=patient, view=view, age=age, sex=sex)
+    (images / "broken.dcm").write_bytes(b"not a dicom file" * 10)
+    return root
+
+
+@pytest.fixture
+def rsna_tree(tmp_path, phantom) -> Path:
+    return write_rsna_tree(tmp_path / "rsna", phantom(SIZE, SIZE))
+
+
+def test_rsna_records_boxes_and_header_fields(rsna_tree):
+    records, report = index_rsna_with_report(rsna_tree)
+    by_id = {r.id: r for r in records}
+    assert set(by_id) == {"neg", "multi", "one", "nobox", "sizes", "clip", "outside", "negbox",
+                          "dup", "badvalue", "incomplete", "old"}
+    assert [r.id for r in records] == sorted(by_id)
+    for record in records:
+        assert record.source == "rsna" and record.patient_id == record.id and record.split is None
+        assert Path(record.path).is_absolute() and Path(record.path).is_file()
+        assert Path(record.path).name == f"{record.id}.dcm"
+
+    assert by_id["neg"].label == 0 and by_id["neg"].boxes == ()
+    assert by_id["multi"].label == 1
+    assert by_id["multi"].boxes == ((10, 20, 30, 40), (60, 20, 30, 40), (30, 70, 20, 20.5))
+    assert by_id["one"].boxes == ((5, 5, 50, 60),)
+    assert by_id["nobox"].label == 1 and by_id["nobox"].boxes == ()
+    assert by_id["sizes"].boxes == ((10, 10, 20, 20),)
+    assert by_id["clip"].boxes == ((100, 0, SIZE - 100, 20),)
+    assert by_id["outside"].boxes == ((1, 2, 3, 4),)
+    assert by_id["negbox"].label == 0 and by_id["negbox"].boxes == ()
+    assert by_id["dup"].boxes == ((10, 10, 20, 20),)
+    assert by_id["badvalue"].boxes == ((40, 40, 10, 10),)
+    assert by_id["incomplete"].label == 1 and by_id["incomplete"].boxes == ()
+
+    assert (by_id["neg"].view, by_id["neg"].age, by_id["neg"].sex) == ("PA", 45, "M")
+    assert (by_id["multi"].view, by_id["multi"].age, by_id["multi"].sex) == ("AP", 58, "F")
+    assert by_id["one"].age == 0
+    assert by_id["old"].age is None
+    assert by_id["multi"].detail_class == "Lung Opacity" and by_id["clip"].detail_class is None
+
+    assert report.n_images == len(records)
+    assert report.n_positive == sum(r.label for r in records)
+    assert report.n_boxes == sum(len(r.boxes) for r in records)
+
+
+def test_rsna_report_counts_every_malformed_kind(rsna_tree, caplog):
+    with caplog.at_level(logging.WARNING, logger="pylon.data.rsna"):
+        _, report = index_rsna_with_report(rsna_tree)
+    assert dict(report.issues) == {
+        "non_positive_box_size": 2,
+        "box_clipped": 1,
+        "box_outside_image": 1,
+        "negative_with_box": 1,
+        "missing_image": 1,
+        "conflicting_target": 1,
+        "duplicate_box": 1,
+        "bad_target": 1,
+        "bad_box_value": 1,
+        "incomplete_box": 1,
+        "missing_patient_id": 1,
+        "positive_without_box": 2,  # 'nobox' and 'incomplete'
+        "unreadable_header": 1,
+        "implausible_age": 1,
+        "image_without_label": 2,  # 'unlabelled', and 'badtarget' whose only row was dropped
+        "detail_class_conflict": 1,  # 'negbox' is Target 0 but 'Lung Opacity'
+    }
+    assert report.examples["missing_image"] == ["gone"]
+    assert report.examples["conflicting_target"] == ["conflict"]
+    logged = caplog.text
+    for kind in report.issues:
+        assert kind in logged
+    for kind in report.issues:
+        assert kind in report.summary() and report.policy[kind] in report.summary()
+
+
+def test_rsna_header_cache_is_used_and_invalidated(rsna_tree, tmp_path):
+    cache = tmp_path / "cache" / "rsna_headers.csv"
+    first = index_rsna(rsna_tree, header_cache=cache)
+    assert cache.is_file()
+    # Edit the cached view of one file: a second run must take it from the cache...
+    with open(cache, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    for row in rows:
+        if row["file"] == "neg.dcm":
+            row["view"] = "LL"
+    with open(cache, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    second = {r.id: r for r in index_rsna(rsna_tree, header_cache=cache)}
+    assert second["neg"].view == "LL"
+    # ...until the file changes (new mtime), when the header is read again.
+    dicom = rsna_tree / "stage_2_train_images" / "neg.dcm"
+    stat = dicom.stat()
+    os.utime(dicom, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    third = {r.id: r for r in index_rsna(rsna_tree, header_cache=cache)}
+    assert third["neg"].view == "PA"
+    assert [r.id for r in first] == sorted(third)
+
+
+def test_rsna_threaded_header_reading_matches_sequential(tmp_path, phantom):
+    root = tmp_path / "many"
+    images = root / "stage_2_train_images"
+    images.mkdir(parents=True)
+    rows = []
+    for i in range(80):  # above the size where threads are used
+        view = "AP" if i % 3 else "PA"
+        write_dicom(images / f"p{i:03d}.dcm", phantom(8, 8), transfer_syntax="explicit-little",
+                    patient_id=f"p{i:03d}", view=view, age=20 + i)
+        rows.append((f"p{i:03d}", "", "", "", "", "0"))
+    with open(root / "stage_2_train_labels.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("patientId", "x", "y", "width", "height", "Target"), *rows])
+    threaded = index_rsna(root, workers=4)
+    sequential = index_rsna(root, workers=1)
+    assert threaded == sequential
+    assert [r.age for r in threaded] == list(range(20, 100))
+
+
+def test_rsna_layout_errors(tmp_path, rsna_tree):
+    with pytest.raises(DatasetLayoutError, match="stage_2_train_labels.csv"):
+        index_rsna(tmp_path / "nowhere")
+    (rsna_tree / "stage_2_train_labels.csv").write_text("patientId,x,y,w,h,Target\nA,,,,,0\n")
+    with pytest.raises(DatasetLayoutError, match=r"lacks column\(s\) \['width', 'height'\]"):
+        index_rsna(rsna_tree)
+
+
+@pytest.mark.parametrize(
+    "text,years",
+    [("045Y", 45), ("58", 58), ("006M", 0), ("018M", 1), ("010W", 0), ("400D", 1), ("", None),
+     (None, None), ("abc", None)],
+)
+def test_parse_age(text, years):
+    assert parse_age(text) == years
+
+
+# ---------------------------------------------------------------- Kaggle
+
+KAGGLE_FILES = {
+    "train/PNEUMONIA": ["person1_bacteria_1.jpeg", "person1_bacteria_2.jpeg", "person3_virus_15.jpeg",
+                        "person447_virus_921_1.jpeg", "IM-0200-0001.jpeg", ".DS_Store", "notes.txt"],
+    "train/NORMAL": ["IM-0115-0001.jpeg", "IM-0115-0002.jpeg", "NORMAL2-IM-1427-0001.jpeg",
+                     "NORMAL2-IM-0588-0001-0002.jpeg", "person9_bacteria_40.jpeg", "scan 01.png"],
+    "train/OTHER": ["x.jpeg"],
+    "val/NORMAL": ["NORMAL2-IM-1430-0001.jpeg"],
+    "val/PNEUMONIA": ["person1946_bacteria_4874.jpeg"],
+    "test/PNEUMONIA": ["person1_virus_6.jpeg", "person1_virus_7.jpg"],
+    "test/NORMAL": ["IM-0001-0001.jpeg", "IM-0001-0001.png"],
+}
+
+
+def write_kaggle_tree(root: Path) -> Path:
+    tiny = Image.fromarray(np.full((8, 8), 128, np.uint8))
+    for folder, names in KAGGLE_FILES.items():
+        directory = root / "chest_xray" / folder
+        directory.mkdir(parents=True)
+        for name in names:
+            if name.endswith((".jpeg", ".jpg", ".png")):
+                tiny.save(directory / name, format="PNG" if name.endswith(".png") else "JPEG")
+            else:
+                (directory / name).write_text("x")
+    return root
+
+
+def test_kaggle_records(tmp_path):
+    root = write_kaggle_tree(tmp_path / "kaggle")
+    records, report = index_kaggle_with_report(root)
+    by_id = {r.id: r for r in records}
+    assert len(records) == 17
+    assert len(by_id) == 17
+    assert by_id["kaggle/train/PNEUMONIA/person1_bacteria_1"].patient_id == "kaggle-person1"
+    assert by_id["kaggle/test/PNEUMONIA/person1_virus_6"].patient_id == "kaggle-person1"
+    assert by_id["kaggle/train/PNEUMONIA/person447_virus_921_1"].patient_id == "kaggle-person447"
+    assert by_id["kaggle/train/NORMAL/IM-0115-0002"].patient_id == "kaggle-IM-0115"
+    assert by_id["kaggle/train/NORMAL/NORMAL2-IM-1427-0001"].patient_id == "kaggle-NORMAL2-IM-1427"
+    assert by_id["kaggle/train/NORMAL/NORMAL2-IM-0588-0001-0002"].patient_id == "kaggle-NORMAL2-IM-0588"
+    assert by_id["kaggle/train/NORMAL/scan 01"].patient_id == "kaggle-scan 01"
+    # same stem twice in one folder: the second gets its extension in the id
+    assert {"kaggle/test/NORMAL/IM-0001-0001", "kaggle/test/NORMAL/IM-0001-0001.png"} <= set(by_id)
+
+    assert by_id["kaggle/train/PNEUMONIA/person1_bacteria_1"].detail_class == "bacteria"
+    assert by_id["kaggle/train/PNEUMONIA/person3_virus_15"].detail_class == "virus"
+    assert by_id["kaggle/train/PNEUMONIA/IM-0200-0001"].detail_class is None
+    assert by_id["kaggle/train/NORMAL/person9_bacteria_40"].detail_class == "normal"
+    for record in records:
+        split, folder = record.id.split("/")[1:3]
+        assert record.split == split and record.source == "kaggle" and record.boxes == ()
+        assert record.label == (folder == "PNEUMONIA")
+        assert record.detail_class in ("bacteria", "virus", None) if record.label else record.detail_class == "normal"
+        assert Path(record.path).is_absolute() and Path(record.path).is_file()
+
+    assert dict(report.issues) == {
+        "unparseable_name": 1,
+        "label_name_conflict": 1,
+        "duplicate_id": 1,
+        "skipped_file": 1,
+        "unknown_folder": 1,
+        "patient_in_train_and_test": 1,
+    }
+    assert report.examples["patient_in_train_and_test"] == ["kaggle-person1"]
+    assert report.n_images == 17 and report.n_positive == 8
+
+
+def test_kaggle_root_may_be_the_chest_xray_folder(tmp_path):
+    root = write_kaggle_tree(tmp_path / "kaggle")
+    assert index_kaggle(root / "chest_xray") == index_kaggle(root)
+
+
+def test_kaggle_layout_error(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetLayoutError, match="chest_xray"):
+        index_kaggle(tmp_path / "empty")
+
+
+@pytest.mark.parametrize(
+    "stem,patient,detail",
+    [
+        ("person1_bacteria_1", "kaggle-person1", "bacteria"),
+        ("person1_virus_7", "kaggle-person1", "virus"),
+        ("IM-0115-0001", "kaggle-IM-0115", None),
+        ("NORMAL2-IM-1427-0001", "kaggle-NORMAL2-IM-1427", None),
+        ("person12", None, None),
+        ("IM-0115", None, None),
+    ],
+)
+def test_parse_patient(stem, patient, detail):
+    assert parse_patient(stem) == (patient, detail)

@@ -1,0 +1,71 @@
+"""Readers and indexers on the real RSNA and Kaggle samples (skipped where they are absent)."""
+from __future__ import annotations
+
+import csv
+from collections import Counter, defaultdict
+
+import numpy as np
+import pydicom
+from pydicom.pixels import pixel_array
+
+from pylon.data import index_kaggle_with_report, index_rsna_with_report, read_image, split_records
+
+
+def test_real_rsna_dicoms_decode(rsna_sample):
+    paths = sorted((rsna_sample / "stage_2_train_images").glob("*.dcm"))
+    assert len(paths) == 16
+    for path in paths:
+        image = read_image(path)
+        assert image.dtype == np.uint8 and image.shape == (1024, 1024)
+        assert 20 < image.mean() < 235 and image.std() > 20  # a radiograph, not a flat field
+        # an independent decoder (libjpeg via pylibjpeg) agrees up to IDCT rounding
+        reference = pixel_array(pydicom.dcmread(path), decoding_plugin="pylibjpeg")
+        assert np.abs(image.astype(int) - reference.astype(int)).max() <= 2
+
+
+def test_real_rsna_index(rsna_sample, tmp_path):
+    records, report = index_rsna_with_report(rsna_sample, header_cache=tmp_path / "headers.csv")
+    assert len(records) == 16
+    assert sum(r.label for r in records) == 5
+    assert sum(len(r.boxes) for r in records) == 10
+    assert not report.issues, report.summary()
+    with open(rsna_sample / "stage_2_train_labels.csv", newline="") as handle:
+        expected = defaultdict(list)
+        for row in csv.DictReader(handle):
+            if row["Target"] == "1":
+                expected[row["patientId"]].append(tuple(float(row[k]) for k in ("x", "y", "width", "height")))
+    assert {r.id: list(r.boxes) for r in records if r.label} == dict(expected)
+    assert {r.view for r in records} == {"AP", "PA"}
+    assert all(isinstance(r.age, int) and 0 < r.age < 100 for r in records)
+    assert {r.sex for r in records} <= {"M", "F"}
+    assert all(r.detail_class for r in records)
+    # the header fields equal what pydicom reads directly
+    for record in records:
+        ds = pydicom.dcmread(record.path, stop_before_pixels=True)
+        assert (record.view, record.age, record.sex) == (ds.ViewPosition, int(ds.PatientAge), ds.PatientSex)
+    cached, _ = index_rsna_with_report(rsna_sample, header_cache=tmp_path / "headers.csv")
+    assert cached == records
+
+
+def test_real_kaggle_index_and_split(kermany):
+    records, report = index_kaggle_with_report(kermany)
+    counts = Counter((r.split, r.label) for r in records)
+    assert counts[("test", 0)] == 234 and counts[("test", 1)] == 390
+    assert counts[("train", 0)] + counts[("train", 1)] == 5216
+    assert counts[("train", 0)] == 1341
+    assert "unparseable_name" not in report.issues
+    assert Counter(r.detail_class for r in records if r.label) == Counter(
+        {"bacteria": 2530 + 242, "virus": 1345 + 148}
+    )
+
+    # The official split puts some children (same personN) in both train and test; the
+    # report counts them, and split_records keeps them out of train/val.
+    test_patients = {r.patient_id for r in records if r.split == "test"}
+    shared = {r.patient_id for r in records if r.split == "train"} & test_patients
+    assert report.issues.get("patient_in_train_and_test", 0) == len(shared)
+    result = split_records(records, seed=0)
+    assert Counter(r.label for r in result if r.split == "test") == Counter({0: 234, 1: 390})
+    train_val = {r.patient_id for r in result if r.split in ("train", "val")}
+    assert not train_val & test_patients
+    n_dropped = sum(1 for r in records if r.split == "train" and r.patient_id in shared)
+    assert len(result) == len(records) - n_dropped

@@ -1,0 +1,160 @@
+"""split_records: patient-level, stratified, seeded, Kaggle's official test kept, no leakage."""
+from __future__ import annotations
+
+import random
+from collections import Counter, defaultdict
+
+import pytest
+
+from pylon.data import (
+    PatientLeakageError,
+    Record,
+    assert_no_patient_leakage,
+    merge_sources,
+    select_sources,
+    split_records,
+)
+
+
+def rsna_records(n_patients: int = 400, positive_every: int = 4) -> list[Record]:
+    return [
+        Record(id=f"r{i}", patient_id=f"r{i}", source="rsna", path=f"r{i}.dcm",
+               label=int(i % positive_every == 0))
+        for i in range(n_patients)
+    ]
+
+
+def kaggle_records(n_patients: int = 300, n_test_patients: int = 60, n_overlap: int = 5) -> list[Record]:
+    """Patients with 1-4 images each; the first n_test_patients are in the official test,
+    of which n_overlap also have official train images (as in the real data)."""
+    rng = random.Random(7)
+    records = []
+    for p in range(n_patients):
+        label = int(p % 3 != 0)  # about two thirds pneumonia, like the real set
+        folder = "PNEUMONIA" if label else "NORMAL"
+        if p < n_test_patients:
+            splits = ["test"] * rng.randint(1, 3) + (["train"] * 2 if p < n_overlap else [])
+        else:
+            splits = [("val" if p % 50 == 0 else "train")] * rng.randint(1, 4)
+        for k, split in enumerate(splits):
+            records.append(Record(id=f"kaggle/{split}/{folder}/person{p}_{k}", patient_id=f"kaggle-person{p}",
+                                  source="kaggle", path=f"{p}_{k}.jpeg", label=label, split=split))
+    return records
+
+
+def patients_by_split(records: list[Record]) -> dict[str, set[str]]:
+    result = defaultdict(set)
+    for record in records:
+        result[record.split].add(record.patient_id)
+    return result
+
+
+def test_every_record_is_split_without_leakage():
+    records = merge_sources(kaggle_records(n_overlap=0), rsna_records())
+    result = split_records(records, seed=3)
+    assert [r.id for r in result] == [r.id for r in records]  # order and membership kept
+    assert all(r.split in ("train", "val", "test") for r in result)
+    parts = patients_by_split(result)
+    assert not (parts["train"] & parts["val"] or parts["train"] & parts["test"] or parts["val"] & parts["test"])
+    assert_no_patient_leakage(result)
+    # nothing else about a record changes
+    assert [r.with_split(None) for r in result] == [r.with_split(None) for r in records]
+
+
+def test_rsna_split_is_stratified_and_sized():
+    records = rsna_records(n_patients=1000, positive_every=4)  # 250 positive, 750 negative
+    result = split_records(records, val_fraction=0.1, rsna_test_fraction=0.2, seed=0)
+    counts = Counter((r.split, r.label) for r in result)
+    assert counts[("test", 1)] == 50 and counts[("test", 0)] == 150
+    assert counts[("val", 1)] == 20 and counts[("val", 0)] == 60  # 10% of the remaining 80%
+    assert counts[("train", 1)] == 180 and counts[("train", 0)] == 540
+
+
+def test_kaggle_official_test_is_kept_and_val_carved_from_pool():
+    records = kaggle_records(n_overlap=0)
+    result = split_records(records, val_fraction=0.2, seed=1)
+    official = {r.id for r in records if r.split == "test"}
+    assert {r.id for r in result if r.split == "test"} == official
+    pool = [r for r in records if r.split != "test"]
+    pool_patients = {r.patient_id: r.label for r in pool}
+    val_patients = {r.patient_id: r.label for r in result if r.split == "val"}
+    for label in (0, 1):
+        n_pool = sum(1 for v in pool_patients.values() if v == label)
+        n_val = sum(1 for v in val_patients.values() if v == label)
+        assert n_val == round(0.2 * n_pool)
+    # the official val images are pooled, not kept as val
+    official_val = {r.id for r in records if r.split == "val"}
+    assert any(r.split == "train" for r in result if r.id in official_val)
+
+
+def test_kaggle_patients_in_official_train_and_test(caplog):
+    records = kaggle_records(n_overlap=5)
+    leaking = {f"kaggle-person{p}" for p in range(5)}
+    outside = {r.id for r in records if r.patient_id in leaking and r.split != "test"}
+    assert len(outside) == 10
+
+    dropped = split_records(records, seed=0)
+    assert {r.id for r in dropped} == {r.id for r in records} - outside
+    assert "5 patients" in caplog.text and "dropped" in caplog.text
+
+    moved = split_records(records, seed=0, on_test_overlap="test")
+    assert len(moved) == len(records)
+    assert all(r.split == "test" for r in moved if r.id in outside)
+
+    with pytest.raises(PatientLeakageError, match="kaggle-person0"):
+        split_records(records, seed=0, on_test_overlap="error")
+
+
+def test_deterministic_by_seed_and_independent_of_input_order():
+    records = merge_sources(kaggle_records(), rsna_records())
+    first = split_records(records, seed=11)
+    assert split_records(records, seed=11) == first
+    shuffled = list(records)
+    random.Random(0).shuffle(shuffled)
+    assert {r.id: r.split for r in split_records(shuffled, seed=11)} == {r.id: r.split for r in first}
+    other = split_records(records, seed=12)
+    assert [r.split for r in other] != [r.split for r in first]
+
+
+def test_split_is_stable_when_patients_are_added():
+    base = rsna_records(n_patients=1000)
+    before = {r.id: r.split for r in split_records(base, seed=0)}
+    extra = [Record(id=f"new{i}", patient_id=f"new{i}", source="rsna", path="x", label=i % 2) for i in range(10)]
+    after = {r.id: r.split for r in split_records(base + extra, seed=0)}
+    moved = sum(before[i] != after[i] for i in before)
+    assert moved <= 20  # a handful at the cut points, not a reshuffle
+
+
+def test_resplitting_a_split_is_a_no_op():
+    records = merge_sources(kaggle_records(n_overlap=0), rsna_records())
+    once = split_records(records, seed=5)
+    assert split_records(once, seed=5) == once
+
+
+def test_leakage_check_names_the_patient():
+    records = [
+        Record(id="a1", patient_id="pa", source="rsna", path="a1", label=0, split="train"),
+        Record(id="b1", patient_id="pb", source="rsna", path="b1", label=1, split="train"),
+        Record(id="b2", patient_id="pb", source="rsna", path="b2", label=1, split="test"),
+    ]
+    with pytest.raises(PatientLeakageError, match=r"pb: test \(b2\), train \(b1\)"):
+        assert_no_patient_leakage(records)
+    assert_no_patient_leakage(records[:2])
+
+
+def test_argument_checks():
+    records = rsna_records(10)
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_records(records, val_fraction=1.5)
+    with pytest.raises(ValueError, match="on_test_overlap"):
+        split_records(records, on_test_overlap="ignore")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="r1"):
+        merge_sources(records, records[1:2])
+
+
+def test_select_sources():
+    records = merge_sources(kaggle_records(), rsna_records(20))
+    assert {r.source for r in select_sources(records, ["rsna"])} == {"rsna"}
+    assert len(select_sources(records, ["rsna", "kaggle"])) == len(records)
+    with pytest.raises(ValueError, match="nih"):
+        select_sources(records, ["nih"])
