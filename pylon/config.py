@@ -44,11 +44,17 @@ class ModelConfig:
 
 @dataclass
 class AugmentConfig:
+    """Defaults are the reference implementation's training augmentation."""
+
     enabled: bool = True
-    rotate_limit: float = 10.0
+    rotate_limit: float = 90.0
+    p_rotate: float = 0.5
     crop_scale: tuple[float, float] = (0.7, 1.0)
-    brightness: float = 0.2
-    contrast: float = 0.2
+    crop_ratio: tuple[float, float] = (0.75, 1.3333333333333333)
+    hflip: float = 0.5
+    brightness: float = 0.5
+    contrast: float = 0.5
+    p_brightness_contrast: float = 0.5
 
 
 @dataclass
