@@ -158,7 +158,9 @@ def heatmaps(model: nn.Module, images: torch.Tensor, method: str, target: int = 
         if method in ("pylon", "cam"):
             with torch.no_grad():
                 raw = model(x).heatmap[:, target].float()
-            maps = torch.sigmoid(raw) if method == "pylon" else _minmax(raw)
+            # float64: a float32 sigmoid saturates to exactly 1.0 above a logit of ~17, and a
+            # confident model's maxima would then tie and the argmax drift to the first of them.
+            maps = torch.sigmoid(raw.double()) if method == "pylon" else _minmax(raw)
         else:
             maps = _gradient_cam(model, x, target, method)
     return maps.cpu()

@@ -50,7 +50,8 @@ def test_every_method_gives_finite_maps_at_its_native_resolution(method, baselin
     model = pylon_model if method in methods_for(pylon_model) and method != "center" else baseline
     maps = heatmaps(model, images, method)
     assert tuple(maps.shape) == EXPECTED_SHAPES[method]
-    assert maps.dtype == torch.float32 and maps.device.type == "cpu"
+    assert maps.dtype == (torch.float64 if method == "pylon" else torch.float32)
+    assert maps.device.type == "cpu"
     assert torch.isfinite(maps).all()
     assert maps.min() >= 0 and maps.max() <= 1
 
@@ -58,7 +59,7 @@ def test_every_method_gives_finite_maps_at_its_native_resolution(method, baselin
 def test_pylon_method_is_the_sigmoid_of_the_decoder_logits_without_a_graph(pylon_model, images):
     pylon_model.eval()
     with torch.no_grad():
-        expected = torch.sigmoid(pylon_model(images).heatmap[:, 0])
+        expected = torch.sigmoid(pylon_model(images).heatmap[:, 0].double())
     seen = []
     hook = pylon_model.head.register_forward_hook(lambda m, i, o: seen.append(o.requires_grad))
     try:
@@ -152,7 +153,7 @@ def test_target_selects_the_class_of_a_multi_output_model(images):
     torch.manual_seed(7)
     model = PylonConfig(n_in=1, n_out=3, backbone="resnet18", weights=None).make_model().eval()
     with torch.no_grad():
-        expected = torch.sigmoid(model(images).heatmap[:, 2])
+        expected = torch.sigmoid(model(images).heatmap[:, 2].double())
     torch.testing.assert_close(heatmaps(model, images, "pylon", target=2), expected)
     with pytest.raises(ValueError, match=r"target=3.*\[0, 3\)"):
         heatmaps(model, images, "pylon", target=3)
@@ -167,3 +168,15 @@ def test_bad_requests_are_rejected_clearly(baseline, pylon_model, images):
         heatmaps(baseline, images.to(torch.uint8), "cam")
     with pytest.raises(ValueError, match=r"\(N, 1, H, W\)"):
         heatmaps(baseline, images[0], "cam")
+
+
+def test_pylon_maps_keep_confident_peaks_apart(images):
+    """Logits above ~17 all round to 1.0 in a float32 sigmoid; the peak must survive."""
+    torch.manual_seed(0)
+    model = PylonConfig(n_in=1, n_out=1, backbone="resnet18", weights=None).make_model().eval()
+    with torch.no_grad():
+        model.head.bias += 25.0 - model(images).heatmap.max()
+        raw = model(images).heatmap[:, 0]
+    assert (torch.sigmoid(raw.float()) == 1.0).sum() > 2 * len(raw)  # float32 would tie
+    maps = heatmaps(model, images, "pylon")
+    assert torch.equal(maps.flatten(1).argmax(1), raw.flatten(1).argmax(1))
