@@ -1,0 +1,50 @@
+"""Apply a trained run to image files: python predict.py IMAGE... [--run runs/<name>] [--out DIR]
+
+DICOM, JPEG and PNG. For each image: the pneumonia probability, the heatmap's peak in the
+original image's pixels and an overlay PNG; a CSV of the results in --out (default
+<run>/predict/). Unreadable files are reported and skipped; the exit code is then 1.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Optional, Sequence
+
+from pylon import cli
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="DICOM, JPEG or PNG files")
+    parser.add_argument("--run", metavar="RUN_DIR", help="the run folder (default: the most recent run in --runs-dir)")
+    parser.add_argument("--runs-dir", default="runs", help="where runs live when --run is not given (default: runs)")
+    parser.add_argument("--out", type=Path, help="output folder (default: <run>/predict)")
+    parser.add_argument("--method", help="heatmap method (default: the model's own: pylon, or cam for baselines)")
+    parser.add_argument("--boxes-csv", type=Path, metavar="CSV",
+                        help="RSNA stage_2_train_labels.csv-style boxes to draw when an image's patientId (file name) is in it")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run's train.device)")
+    args = parser.parse_args(argv)
+
+    from pylon.evaluation import (load_trained_run, predict_files, predictions_table, read_boxes_csv,
+                                  write_predictions_csv)
+    from pylon.runs import find_run
+
+    run = find_run(args.run, args.runs_dir)
+    boxes = read_boxes_csv(args.boxes_csv) if args.boxes_csv else None
+    trained = load_trained_run(run, device=args.device)
+    out = args.out or run.root / "predict"
+    results = predict_files(trained, args.images, out, method=args.method, boxes_by_id=boxes)
+    csv_path = write_predictions_csv(results, out / "predictions.csv")
+    print(predictions_table(results))
+    print()
+    print("outputs:")
+    for path in [csv_path] + [r.overlay for r in results if r.overlay is not None]:
+        print(f"  {path}")
+    failed = sum(r.error is not None for r in results)
+    if failed:
+        print(f"{failed} of {len(results)} file(s) could not be read (errors above)")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    cli.run(main)

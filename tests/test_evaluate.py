@@ -1,0 +1,227 @@
+"""evaluate.py on tiny real runs: the session's ``tiny_run`` (PYLON-R18, 64 px, offline W&B)
+and a baseline ResNet-18 twin trained here on the same ``tiny_data``."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from conftest import load_script, quiet_wandb_env, run_folders, tiny_overrides
+from pylon.config import ConfigError, load_config
+from pylon.data.pipeline import prepare_data
+from pylon.evaluation import THRESHOLD_METRICS, threshold_metric_rows
+from pylon.metrics import classification_metrics, pointing_game, youden_threshold
+
+evaluate = load_script("evaluate")
+
+CONTRACT_KEYS = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "n")
+CLASSIFICATION_FIGURES = ("roc.png", "pr.png", "confusion.png", "calibration.png", "learning_curves.png",
+                          "failures_misclassified.png")
+LOCALIZATION_FIGURES = ("overlays.png", "failures_localization.png")
+
+
+def run_evaluate(run: Path, *args: str) -> dict:
+    assert evaluate.main(["--run", str(run), *args]) == 0
+    return json.loads((run / "eval" / "metrics.json").read_text())
+
+
+def copy_run(run: Path, dest: Path, wandb_mode: str = "disabled", **config_changes: dict) -> Path:
+    """A copy of a run (config, checkpoint, history, W&B files) with config sections changed;
+    W&B is switched off unless asked for, to keep the tests fast."""
+    target = dest / run.name
+    shutil.copytree(run, target, ignore=shutil.ignore_patterns("eval", "last.pt"))
+    config = yaml.safe_load((target / "config.yaml").read_text())
+    config["logging"]["wandb_mode"] = wandb_mode
+    for section, values in config_changes.items():
+        config[section].update(values)
+    (target / "config.yaml").write_text(yaml.safe_dump(config))
+    return target
+
+
+def run_data(run: Path):
+    return prepare_data(load_config(run / "config.yaml").data, progress=False)
+
+
+@pytest.fixture(scope="module")
+def pylon_eval(tiny_run, tmp_path_factory):
+    """The tiny PYLON run evaluated with --localization, W&B offline (resuming its run)."""
+    work = tmp_path_factory.mktemp("pylon-eval")
+    run = copy_run(tiny_run, work, wandb_mode="offline")
+    with pytest.MonkeyPatch.context() as env:
+        for key, value in quiet_wandb_env(work / "wandb-home").items():
+            env.setenv(key, value)
+        metrics = run_evaluate(run, "--localization")
+    return run, metrics
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tiny_data, tmp_path_factory) -> Path:
+    runs = tmp_path_factory.mktemp("baseline-runs")
+    overrides = tiny_overrides(tiny_data, runs, "train.epochs=1", "train.max_steps_per_epoch=2")
+    args = ["--config", "demo_baseline.yaml", "--set", *overrides]
+    assert load_script("train").main(args) == 0
+    (run,) = run_folders(runs)
+    return run
+
+
+def check_block(block: dict, n: int) -> None:
+    for key in CONTRACT_KEYS:
+        assert key in block, key
+    assert block["n"] == n and isinstance(block["n"], int)
+    for key in ("accuracy", "sensitivity", "specificity", "f1", "precision", "ece"):
+        assert block[key] is None or 0.0 <= block[key] <= 1.0, (key, block[key])
+    for key, (low, high) in block["ci"].items():
+        assert low is None or low <= high, key
+
+
+def test_metrics_json_has_the_contract_keys_and_consistent_counts(pylon_eval):
+    run, metrics = pylon_eval
+    data = run_data(run)
+    test = data.records("test")
+    c = metrics["classification"]
+    check_block(c, len(test))
+    assert isinstance(c["auroc"], float) and c["split"] == "test"
+    assert set(c["ci"]) == {"auroc", *THRESHOLD_METRICS}
+    assert set(c["by_source"]) == {"kaggle", "rsna"}
+    for source, block in c["by_source"].items():
+        check_block(block, sum(r.source == source for r in test))
+    assert sum(b["n"] for b in c["by_source"].values()) == c["n"]
+    views = {r.view for r in test if r.source == "rsna"}
+    assert set(c["by_view"]) == views
+    for view, block in c["by_view"].items():
+        check_block(block, sum(r.source == "rsna" and r.view == view for r in test))
+    youden = c["threshold_youden"]
+    assert youden["chosen_on"] == "val" and 0.0 <= youden["threshold"] <= 1.0
+    assert set(youden["ci"]) == set(THRESHOLD_METRICS)
+
+    for name in CLASSIFICATION_FIGURES + LOCALIZATION_FIGURES:
+        path = run / "eval" / name
+        assert path.is_file() and Image.open(path).size[0] > 100, name
+    predictions = pd.read_csv(run / "eval" / "predictions.csv")
+    assert list(predictions.columns) == ["id", "source", "view", "label", "prob", "split"]
+    assert (predictions.split == "test").sum() == c["n"]
+    assert (predictions.split == "val").sum() == len(data.rows["val"])
+
+
+def test_classification_numbers_are_those_of_the_saved_predictions(pylon_eval):
+    run, metrics = pylon_eval
+    c = metrics["classification"]
+    predictions = pd.read_csv(run / "eval" / "predictions.csv")
+    val, test = predictions[predictions.split == "val"], predictions[predictions.split == "test"]
+    # The operating point is chosen on val, never on test.
+    threshold = youden_threshold(val.label, val.prob)
+    assert c["threshold_youden"]["threshold"] == pytest.approx(threshold, abs=1e-7)
+    at_youden = classification_metrics(test.label, test.prob, threshold)
+    for key in ("accuracy", "sensitivity", "specificity", "f1", "tp", "fp", "tn", "fn"):
+        assert c["threshold_youden"][key] == pytest.approx(at_youden[key]), key
+    assert c["auroc"] == pytest.approx(roc_auc_score(test.label, test.prob))
+    kaggle = test[test.source == "kaggle"]
+    assert c["by_source"]["kaggle"]["accuracy"] == pytest.approx(((kaggle.prob >= 0.5) == kaggle.label).mean())
+
+
+def test_localization_scores_pylon_and_center_in_both_frames(pylon_eval):
+    run, metrics = pylon_eval
+    data = run_data(run)
+    boxed = [r for r in data.rows["test"] if data.cache.records[r].boxes]
+    assert boxed, "the tiny data set must put boxed RSNA images in test"
+    loc = metrics["localization"]
+    assert set(loc) == {"pylon", "center"}
+    for method, entry in loc.items():
+        assert entry["n"] == len(boxed)
+        for key in ("point_acc", "pointing_game_15px"):
+            assert 0.0 <= entry[key] <= 1.0
+            low, high = entry["ci"][key]
+            assert low <= entry[key] <= high
+
+    # The centre baseline, recomputed from the records: its point is the middle pixel of the
+    # 64 px input, and it is scored against cache-frame boxes, then in the 1024 px original.
+    size = data.cache.image_size
+    centre = np.array([[size / 2 - 0.5, size / 2 - 0.5]] * len(boxed))
+    in_input = pointing_game(centre, [data.cache.boxes_in_cache_frame(r) for r in boxed], tolerance=0)
+    original = np.concatenate([data.cache.to_original(r, c[None]) for r, c in zip(boxed, centre)])
+    in_original = pointing_game(original, [data.cache.records[r].boxes for r in boxed], tolerance=15)
+    assert loc["center"]["point_acc"] == pytest.approx(in_input.accuracy)
+    assert loc["center"]["pointing_game_15px"] == pytest.approx(in_original.accuracy)
+
+    frame = pd.read_csv(run / "eval" / "localization.csv")
+    assert len(frame) == 2 * len(boxed)
+    # RSNA originals are 1024 px and the cache stretches them to 64 px: one factor of 16.
+    assert np.allclose(frame.point_x, frame.point_x_input * 1024 / size)
+    assert np.allclose(frame.point_y, frame.point_y_input * 1024 / size)
+    pylon_rows = frame[frame.method == "pylon"]
+    assert pylon_rows.point_acc_hit.mean() == pytest.approx(loc["pylon"]["point_acc"])
+
+
+def test_evaluation_continues_the_runs_wandb_run(pylon_eval):
+    run, _ = pylon_eval
+    folders = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(folders) == 2  # training's, then evaluation's
+    assert len({f.name.rsplit("-", 1)[1] for f in folders}) == 1  # one W&B run id: resumed
+    assert all(next(f.glob("run-*.wandb")).stat().st_size > 0 for f in folders)
+
+
+def test_baseline_run_scores_every_cam_method(baseline_run, tmp_path):
+    run = copy_run(baseline_run, tmp_path)
+    metrics = run_evaluate(run, "--localization", "--set", "eval.bootstrap=50")
+    assert set(metrics["localization"]) == {"cam", "gradcam", "gradcam++", "center"}
+    n_boxed = sum(bool(r.boxes) for r in run_data(run).records("test"))
+    for entry in metrics["localization"].values():
+        assert entry["n"] == n_boxed > 0
+        assert 0 <= entry["point_acc"] <= 1 and 0 <= entry["pointing_game_15px"] <= 1
+    overlay = Image.open(run / "eval" / "overlays.png")
+    assert overlay.size[0] > 4 * overlay.size[1] / n_boxed  # image + four method columns
+
+
+def test_methods_from_config_and_center_always_added(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path)
+    metrics = run_evaluate(run, "--localization", "--set", "eval.methods=[pylon]", "eval.n_overlays=2")
+    assert set(metrics["localization"]) == {"pylon", "center"}
+    table = capsys.readouterr().out
+    assert "method" in table and "point_acc" in table and "pointing_game_15px" in table
+    with pytest.raises(ConfigError, match="gradcam.*not available"):
+        evaluate.main(["--run", str(run), "--localization", "--set", "eval.methods=[gradcam]"])
+
+
+def test_a_split_without_boxes_gives_an_empty_localization_with_a_note(tiny_run, tmp_path, capsys):
+    run = copy_run(tiny_run, tmp_path, data={"sources": ["kaggle"]})
+    metrics = run_evaluate(run, "--localization")
+    assert metrics["localization"] == {}
+    assert "no images with boxes" in metrics["localization_note"]
+    assert "no images with boxes in the test split" in capsys.readouterr().out
+    assert set(metrics["classification"]["by_source"]) == {"kaggle"}
+    assert metrics["classification"]["by_view"] == {}
+
+
+def test_val_split_and_latest_run_and_user_errors(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    assert evaluate.main(["--runs-dir", str(tmp_path), "--split", "val"]) == 0  # the latest (only) run
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["split"] == "val" and "same (val) split" in metrics["classification"]["threshold_youden"]["note"]
+    assert metrics["classification"]["n"] == len(run_data(run).rows["val"])
+    assert "localization" not in metrics
+    with pytest.raises(ConfigError, match="model.backbone"):
+        evaluate.main(["--run", str(run), "--set", "model.backbone=resnet34"])
+    with pytest.raises(ConfigError, match="not a run folder"):
+        evaluate.main(["--run", str(tmp_path / "nowhere")])
+    edited = copy_run(tiny_run, tmp_path / "edited", model={"backbone": "resnet34"})
+    with pytest.raises(ConfigError, match="disagree on model.backbone"):
+        evaluate.main(["--run", str(edited)])
+
+
+def test_vectorised_threshold_metrics_match_classification_metrics():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, size=(50, 40))
+    probs = rng.random((50, 40))
+    labels[0] = 0  # a row without positives: sensitivity undefined
+    calls = probs >= 0.4
+    for name in THRESHOLD_METRICS:
+        rows = threshold_metric_rows(labels, calls, name)
+        expected = [classification_metrics(y, p, 0.4)[name] for y, p in zip(labels, probs)]
+        np.testing.assert_allclose(rows, expected, equal_nan=True)

@@ -1,0 +1,143 @@
+"""predict.py on a tiny real run: DICOM / PNG / JPEG files written here, a corrupt file, the
+real RSNA samples, and agreement with the evaluation pipeline's cached inputs."""
+from __future__ import annotations
+
+import csv
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import load_script, make_phantom
+from pylon.checkpoint import load_checkpoint, save_checkpoint
+from pylon.config import ConfigError
+from pylon.data import write_dicom
+from pylon.data.cache import pixel_mean_std, resize_image
+from pylon.data.pipeline import prepare_data
+from pylon.evaluation import _heatmap_on_original, input_normalization, load_trained_run, predict_split
+from pylon.plots import BOX_COLOUR
+from pylon.runs import RunPaths
+
+predict = load_script("predict")
+
+
+def run_predict(run: Path, out: Path, *args) -> tuple[int, pd.DataFrame]:
+    code = predict.main([*map(str, args), "--run", str(run), "--out", str(out)])
+    return code, pd.read_csv(out / "predictions.csv", keep_default_na=False)
+
+
+def green_pixels(path: Path) -> int:
+    return int(np.all(np.asarray(Image.open(path).convert("RGB")) == BOX_COLOUR, axis=-1).sum())
+
+
+def test_dicom_png_jpeg_are_predicted_and_a_corrupt_file_is_reported(tiny_run, tmp_path, capsys):
+    run = tiny_run
+    phantom = make_phantom(300, 400)  # non-square: the stretch resize must map the peak back
+    files = {
+        "chest.dcm": write_dicom(tmp_path / "in" / "chest.dcm", make_phantom(512, 512), transfer_syntax="rle"),
+        "chest.png": tmp_path / "in" / "chest.png",
+        "chest.jpg": tmp_path / "in" / "chest.jpg",
+        "broken.dcm": tmp_path / "in" / "broken.dcm",
+    }
+    Image.fromarray(phantom).save(files["chest.png"])
+    Image.fromarray(phantom).save(files["chest.jpg"], quality=92)
+    files["broken.dcm"].write_bytes(b"\x00" * 128 + b"DICM" + b"not a dataset")
+    order = ["chest.dcm", "broken.dcm", "chest.png", "chest.jpg"]
+
+    code, table = run_predict(run, tmp_path / "out", *[files[n] for n in order])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert f"cannot read image {files['broken.dcm']}" in err
+    assert list(table.file) == [str(files[n]) for n in order]
+    broken = table[table.id == "broken"].iloc[0]
+    assert "cannot read image" in broken.error and broken.probability == ""
+    good = table[table.error == ""]
+    assert len(good) == 3 and set(good.method) == {"pylon"}
+    for row in good.itertuples():
+        assert 0.0 <= float(row.probability) <= 1.0
+        height, width = (512, 512) if row.id == "chest" and row.file.endswith(".dcm") else phantom.shape
+        assert 0 <= float(row.peak_x) <= width and 0 <= float(row.peak_y) <= height
+        overlay = Image.open(row.overlay)
+        assert overlay.size == (width, height)
+    assert len(set(good.overlay)) == 3  # the same stem twice does not overwrite an overlay
+    # PNG and JPEG of the same pixels give nearly the same answer.
+    png, jpg = good[good.file.str.endswith(".png")].iloc[0], good[good.file.str.endswith(".jpg")].iloc[0]
+    assert float(png.probability) == pytest.approx(float(jpg.probability), abs=0.05)
+
+
+def test_probabilities_equal_the_evaluation_pipeline_on_the_original_files(tiny_run, tmp_path):
+    """predict.py reads and resizes each file itself; the result must be what the model saw
+    from the cache during evaluation."""
+    run = tiny_run
+    trained = load_trained_run(RunPaths(run))
+    data = prepare_data(trained.cfg.data, progress=False)
+    expected = predict_split(trained, data, "test")
+    paths = [r.path for r in expected.records]
+    code, table = run_predict(run, tmp_path / "out", *paths)
+    assert code == 0 and list(table.file) == paths
+    np.testing.assert_allclose(table.probability.astype(float), expected.probs, atol=1e-5)
+
+
+def test_boxes_csv_draws_ground_truth_for_listed_patients(tiny_run, tiny_data, tmp_path):
+    run = tiny_run
+    labels = tiny_data / "rsna" / "stage_2_train_labels.csv"
+    with open(labels, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    positive = next(r["patientId"] for r in rows if r["Target"] == "1")
+    image = tiny_data / "rsna" / "stage_2_train_images" / f"{positive}.dcm"
+    _, with_boxes = run_predict(run, tmp_path / "with", image, "--boxes-csv", labels)
+    _, without = run_predict(run, tmp_path / "without", image)
+    assert green_pixels(Path(with_boxes.overlay[0])) > 100
+    assert green_pixels(Path(without.overlay[0])) == 0
+    with pytest.raises(ConfigError, match="boxes-csv"):
+        predict.main([str(image), "--run", str(run), "--boxes-csv", str(tmp_path / "missing.csv")])
+    with pytest.raises(ConfigError, match="gradcam"):
+        predict.main([str(image), "--run", str(run), "--method", "gradcam", "--out", str(tmp_path / "x")])
+
+
+def test_real_rsna_dicoms(tiny_run, rsna_sample, tmp_path):
+    run = tiny_run
+    images = sorted((rsna_sample / "stage_2_train_images").glob("*.dcm"))
+    code, table = run_predict(run, tmp_path / "out", *images, "--boxes-csv", rsna_sample / "stage_2_train_labels.csv")
+    assert code == 0 and len(table) == len(images) == 16
+    probs = table.probability.astype(float)
+    assert ((probs >= 0) & (probs <= 1)).all()
+    assert ((table.peak_x.astype(float) >= 0) & (table.peak_x.astype(float) <= 1024)).all()
+    positives = set(pd.read_csv(rsna_sample / "stage_2_train_labels.csv").query("Target == 1").patientId)
+    for row in table.itertuples():
+        assert Image.open(row.overlay).size == (1024, 1024)
+        assert (green_pixels(Path(row.overlay)) > 0) == (row.id in positives)
+
+
+def test_normalisation_from_the_checkpoint_or_recomputed_from_the_training_split(tiny_run, tmp_path):
+    source = tiny_run
+    run = tmp_path / source.name
+    shutil.copytree(source, run, ignore=shutil.ignore_patterns("eval", "last.pt"))
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    config["data"]["normalize_from_train"] = True
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    paths = RunPaths(run)
+
+    trained = load_trained_run(paths)
+    data = prepare_data(trained.cfg.data, progress=False)
+    assert input_normalization(trained) == pytest.approx(pixel_mean_std(data.cache, data.rows["train"]))
+
+    state = load_checkpoint(paths.best)
+    state["normalization"] = {"mean": 0.25, "std": 0.5}
+    save_checkpoint(paths.best, state)
+    assert input_normalization(load_trained_run(paths)) == (0.25, 0.5)
+
+
+def test_letterboxed_heatmaps_are_cut_to_the_image_before_overlaying():
+    image = make_phantom(60, 120)
+    _, geometry = resize_image(image, 64, "letterbox")  # 64 x 32 content, 16 px bars above and below
+    heat = torch.zeros(16, 16)
+    heat[4:12, :] = 1.0  # the content rows of a 1/4-resolution map
+    cut = _heatmap_on_original(heat, geometry, 64)
+    assert cut.shape == (32, 64)
+    assert cut.min() > 0.5  # no padding rows left in
