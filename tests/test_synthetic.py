@@ -91,10 +91,10 @@ def test_default_kaggle_plan_has_real_proportions() -> None:
     per_split = defaultdict(int)
     for plan in plans:
         per_split[plan.split, plan.folder] += 1
-    assert 250 <= len(plans) <= 350
+    assert 400 <= len(plans) <= 520
     assert per_split["val", "NORMAL"] == 4 and per_split["val", "PNEUMONIA"] == 4
     assert 0.15 < (per_split["test", "NORMAL"] + per_split["test", "PNEUMONIA"]) / len(plans) < 0.3
-    assert len({p.patient_index for p in plans}) == 120
+    assert len({p.patient_index for p in plans}) == 200
     assert len({p.relative_path for p in plans}) == len(plans)
 
 

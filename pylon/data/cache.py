@@ -54,6 +54,7 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import shutil
 import time
@@ -361,7 +362,10 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
             for result in results:
                 _collect(result, geometry, failures, bar)
         else:
-            with futures.ProcessPoolExecutor(max_workers=workers) as pool:
+            # forkserver, not fork: a process that already ran multithreaded OpenCV or torch
+            # code (e.g. the demo generator just before) can deadlock children it forks.
+            context = multiprocessing.get_context("forkserver")
+            with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
                 pending = [pool.submit(_cache_chunk, images_path, image_size, resize, c) for c in chunks]
                 for done in futures.as_completed(pending):
                     _collect(done.result(), geometry, failures, bar)

@@ -683,10 +683,10 @@ class DemoSettings:
     """Everything that determines the generated files (recorded in the completion marker)."""
 
     seed: int = 0
-    n_kaggle_patients: int = 120
+    n_kaggle_patients: int = 200
     kaggle_val_images: int = 8
     kaggle_test_fraction: float = 0.2
-    n_rsna: int = 200
+    n_rsna: int = 360
     rsna_positive_fraction: float = 0.35
     rsna_monochrome1_fraction: float = 0.05
     rsna_transfer_syntax: str = "jpeg-baseline"
@@ -948,6 +948,16 @@ def is_complete(out: Path, settings: DemoSettings) -> bool:
         return False
     expected = _marker_content(settings)
     return all(recorded.get(key) == value for key, value in expected.items())
+
+
+def is_generated_demo(out: Path | str) -> bool:
+    """True when `out` holds a finished demo set from this generator version, whatever its
+    size settings (so a set made with custom sizes is not silently replaced)."""
+    try:
+        recorded = json.loads((Path(out) / MARKER_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return recorded.get("generator_version") == GENERATOR_VERSION
 
 
 def generate_demo(
