@@ -60,3 +60,105 @@ def make_phantom(height: int = 48, width: int = 64, max_value: int = 255, dtype=
 @pytest.fixture
 def phantom() -> Callable[..., np.ndarray]:
     return make_phantom
+
+
+def load_script(name: str):
+    """A top-level script (train.py, evaluate.py, predict.py) imported as a module, so tests
+    can call its ``main(argv)`` in-process."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ---------------------------------------------------------------------------------------------
+# Training runs: a tiny generated data set, the train.py command line, W&B's own reader
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TRAIN_PY = REPO_ROOT / "train.py"
+
+
+def quiet_wandb_env(home: Path) -> dict[str, str]:
+    """Environment that keeps W&B offline, silent, and its caches/staging under ``home``."""
+    env = {
+        "WANDB_MODE": "offline",
+        "WANDB_ERROR_REPORTING": "false",
+        "WANDB_SILENT": "true",
+    }
+    for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
+        env[name] = str(home / name.lower())
+    return env
+
+
+def read_wandb_records(wandb_dir: Path) -> list[dict]:
+    """Every record of a run's .wandb transaction log, decoded by wandb itself."""
+    import json
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_dir)],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small generated demo set (``<dir>/kaggle``, ``<dir>/rsna``): about 37 train, 6 val and
+    8 test images; its 64 px cache goes to ``<dir>/../cache`` (see ``tiny_overrides``)."""
+    from pylon.data.synthetic import generate_demo
+
+    root = tmp_path_factory.mktemp("tiny") / "demo"
+    generate_demo(root, n_kaggle_patients=16, n_rsna=16, progress=False)
+    return root
+
+
+def tiny_overrides(data_root: Path, runs_dir: Path, *extra: str) -> list[str]:
+    """``--set`` values for a run of seconds on ``tiny_data`` (later values win)."""
+    return [
+        "data.image_size=64",
+        "data.generate_demo=false",
+        f"data.kaggle_root={data_root / 'kaggle'}",
+        f"data.rsna_root={data_root / 'rsna'}",
+        f"data.cache_dir={data_root.parent / 'cache'}",
+        "data.num_workers=0",
+        "train.epochs=2",
+        "train.batch_size=8",
+        "logging.wandb_mode=disabled",
+        f"logging.runs_dir={runs_dir}",
+        *extra,
+    ]
+
+
+def train_cli(args: list[str], *, cwd: Path, env: dict[str, str] | None = None,
+              timeout: float = 300) -> "subprocess.CompletedProcess[str]":
+    """``python train.py ARGS`` run in ``cwd`` (a scratch folder: W&B's caches go there too),
+    with one torch thread."""
+    import subprocess
+    import sys
+
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **quiet_wandb_env(Path(cwd) / ".wandb-home"), **(env or {})}
+    return subprocess.run([sys.executable, str(TRAIN_PY), *args], cwd=cwd, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def run_folders(runs_dir: Path) -> list[Path]:
+    return sorted(p for p in Path(runs_dir).iterdir() if p.is_dir()) if Path(runs_dir).is_dir() else []
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data: Path, tmp_path_factory) -> Path:
+    """A finished 2-epoch PYLON-R18 run at 64 px on ``tiny_data`` with offline W&B (train loss
+    logged every step). Read-only: copy it before resuming or changing it."""
+    work = tmp_path_factory.mktemp("tiny_run")
+    overrides = tiny_overrides(tiny_data, work / "runs", "logging.wandb_mode=offline", "logging.log_every_steps=1")
+    done = train_cli(["--config", "demo.yaml", "--set", *overrides], cwd=work)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (work / "train_stdout.txt").write_text(done.stdout)  # beside runs/, for tests of the summary
+    (run,) = run_folders(work / "runs")
+    return run

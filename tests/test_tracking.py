@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -21,6 +18,8 @@ from pylon.tracking import (
     resolve_mode,
 )
 
+from conftest import read_wandb_records
+
 
 @pytest.fixture(autouse=True)
 def offline_wandb(tmp_path, monkeypatch):
@@ -31,16 +30,6 @@ def offline_wandb(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
-
-
-def read_wandb_records(wandb_dir: Path) -> list[dict]:
-    """Every record of the run's .wandb transaction log, decoded by wandb itself."""
-    done = subprocess.run(
-        [sys.executable, "-m", "wandb", "leet", "inspect", "--json", str(wandb_dir)],
-        capture_output=True, text=True, timeout=120,
-    )
-    assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
 
 
 def history_rows(records: list[dict]) -> list[dict]:

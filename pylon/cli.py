@@ -1,0 +1,54 @@
+"""What the three scripts share: config arguments and turning user mistakes into one line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Callable, NoReturn, Optional, Sequence
+
+
+def add_config_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
+    parser.add_argument(
+        "--config",
+        required=required,
+        help="a YAML file, or a bare name looked up in configs/ (e.g. pylon_r50.yaml)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override config values, e.g. --set train.epochs=5 data.image_size=512",
+    )
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions that mean 'the input is wrong', shown as one line instead of a traceback."""
+    from pylon.config import ConfigError
+
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for module, names in (
+        ("pylon.models.backbone", ("WeightsUnavailableError", "WeightsFileError")),
+        ("pylon.checkpoint", ("CheckpointError",)),
+        ("pylon.engine", ("TrainingDiverged",)),
+    ):
+        mod = sys.modules.get(module)
+        errors += [getattr(mod, n) for n in names if mod is not None and hasattr(mod, n)]
+    return tuple(errors)
+
+
+def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> NoReturn:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        code = main(argv)
+    except KeyboardInterrupt:
+        print("interrupted; resume with: python train.py --resume", file=sys.stderr)
+        code = 130
+    except Exception as err:  # noqa: BLE001 - only user errors are caught, the rest re-raised
+        if not isinstance(err, user_errors()):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        code = 2
+    sys.exit(code)

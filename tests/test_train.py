@@ -1,0 +1,362 @@
+"""train.py end to end on a tiny generated data set: the run folder contract, exact resume and
+reproducibility, W&B records, stop rules, encoder freezing, and user mistakes on the command line.
+
+Runs that only need the Python API go through ``train.main`` in this process (seconds);
+anything about exit codes and what the user sees runs the real command in a subprocess.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib.util
+import json
+import math
+import re
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from conftest import TRAIN_PY, read_wandb_records, run_folders, tiny_overrides, train_cli
+from pylon.checkpoint import CheckpointError, load_checkpoint, load_model_weights, restore_training_state
+from pylon.config import load_config, to_dict
+from pylon.data.pipeline import prepare_data
+from pylon.engine import TrainingDiverged, build_optimizer, build_scheduler, seed_everything
+from pylon.models import build_model_from_config
+from pylon.runs import RunPaths
+
+HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "val_sensitivity",
+                   "val_specificity", "lr"]
+
+
+def _load_train_module():
+    spec = importlib.util.spec_from_file_location("train_cli_under_test", TRAIN_PY)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_module = _load_train_module()
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process runs share two cores with the other test worker: threads would only fight."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def train(*argv: str) -> int:
+    """train.py's main() in this process."""
+    return train_module.main(list(argv))
+
+
+def only_run(runs_dir: Path) -> RunPaths:
+    (root,) = run_folders(runs_dir)
+    return RunPaths(root)
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path)["model"]
+
+
+def assert_same_tensors(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} of {len(a)} tensors differ, e.g. {differ[:3]}"
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def copy_run(run: Path, dest: Path) -> RunPaths:
+    return RunPaths(Path(shutil.copytree(run, dest / run.name)))
+
+
+def n_train_images(tiny_data: Path, tmp_path: Path) -> int:
+    cfg = load_config("demo.yaml", tiny_overrides(tiny_data, tmp_path))
+    return len(prepare_data(cfg.data, progress=False).rows["train"])
+
+
+def error_lines(stderr: str) -> list[str]:
+    """What stays visible on a terminal: progress bars redraw with \r and ANSI cursor moves."""
+    visible = (re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", line.split("\r")[-1]).strip() for line in stderr.split("\n"))
+    return [line for line in visible if line]
+
+
+# ---------------------------------------------------------------------------------------------
+# The run folder
+
+
+def test_run_folder_follows_the_contract(tiny_run, tiny_data, tmp_path):
+    run = RunPaths(tiny_run)
+    for path in (run.config, run.best, run.last, run.history):
+        assert path.is_file(), f"{path} missing"
+
+    # config.yaml: fully resolved (no 'extends'), loads back to the config the run used.
+    assert "extends" not in run.config.read_text()
+    cfg = load_config(run.config)
+    last = load_checkpoint(run.last)
+    assert to_dict(cfg) == last["config"]
+    assert (cfg.name, cfg.model.backbone, cfg.data.image_size, cfg.train.epochs) == ("demo", "resnet18", 64, 2)
+
+    # history.csv: one row per epoch with the documented columns.
+    history = pd.read_csv(run.history)
+    assert list(history.columns[: len(HISTORY_COLUMNS)]) == HISTORY_COLUMNS
+    assert history["epoch"].tolist() == [1, 2]
+    assert history[["train_loss", "val_loss", "lr"]].notna().all().all()
+
+    # best.pt: the epoch with the lowest val loss; loads strictly into the configured model.
+    best = load_checkpoint(run.best)
+    lowest = history.loc[history["val_loss"].idxmin()]
+    assert best["epoch"] == int(lowest["epoch"])
+    assert best["val_loss"] == pytest.approx(lowest["val_loss"], rel=1e-12)
+    assert best["val_metrics"]["n"] == 6  # every val image once, none padded
+    load_model_weights(build_model_from_config(cfg.model), run.best)
+
+    # last.pt: the whole resume state after the final epoch.
+    model = build_model_from_config(cfg.model)
+    optimizer = build_optimizer(model, cfg.train)
+    loop = restore_training_state(last, model=model, optimizer=optimizer, scheduler=build_scheduler(optimizer, cfg.train))
+    steps_per_epoch = n_train_images(tiny_data, tmp_path) // cfg.train.batch_size
+    assert loop["epoch"] == 2 and loop["global_step"] == 2 * steps_per_epoch
+    assert loop["stop_reason"] == "all epochs done"
+    assert loop["best_epoch"] == best["epoch"]
+
+
+def test_final_summary_names_best_epoch_and_paths(tiny_run):
+    stdout = (tiny_run.parent.parent / "train_stdout.txt").read_text().splitlines()
+    summary = json.loads(stdout[-1])
+    history = pd.read_csv(RunPaths(tiny_run).history)
+    assert summary["best_epoch"] == int(history.loc[history["val_loss"].idxmin(), "epoch"])
+    assert summary["best_val_loss"] == pytest.approx(history["val_loss"].min(), rel=1e-12)
+    assert {"best_val_auroc", "best_val_accuracy", "best_checkpoint", "last_checkpoint", "history"} <= set(summary)
+    assert not {k for k in summary if k.split("_")[-1] in ("tp", "fp", "tn", "fn", "note", "threshold")}
+    for key in ("best_checkpoint", "last_checkpoint", "history", "wandb_dir"):
+        assert Path(summary[key]).exists(), key
+    text = "\n".join(stdout)
+    assert f"best epoch {summary['best_epoch']} of 2" in text
+    assert f"wandb sync {summary['wandb_dir']}" in text  # offline: how to upload it later
+
+
+def test_wandb_offline_run_holds_the_logged_keys(tiny_run, tiny_data, tmp_path):
+    (wandb_dir,) = (tiny_run / "wandb").glob("offline-run-*")
+    rows = [r["history"]["item"] for r in read_wandb_records(wandb_dir) if r["type"] == "history"]
+    steps = n_train_images(tiny_data, tmp_path) // 8
+
+    per_step = [r for r in rows if "train/loss" in r]
+    assert [int(r["global_step"]) for r in per_step] == list(range(1, 2 * steps + 1))  # log_every_steps=1
+    assert all(math.isfinite(float(r["train/loss"])) and float(r["train/lr"]) > 0 for r in per_step)
+
+    history = pd.read_csv(RunPaths(tiny_run).history)
+    per_epoch = [r for r in rows if "val_loss" in r]
+    assert [int(r["epoch"]) for r in per_epoch] == [1, 2]
+    for row, (_, expected) in zip(per_epoch, history.iterrows()):
+        assert float(row["val_loss"]) == pytest.approx(expected["val_loss"])
+        assert {"val_auroc", "val_accuracy", "val_sensitivity", "val_specificity", "lr"} <= set(row)
+    # Plotted at the step the epoch ended on, not at the last per-step log.
+    assert [int(r["global_step"]) for r in per_epoch] == [steps, 2 * steps]
+
+    images = [r for r in rows if "val/heatmaps._type" in r]
+    assert len(images) == 2 and all(int(r["val/heatmaps.count"]) == 4 for r in images)
+
+
+# ---------------------------------------------------------------------------------------------
+# Exact resume and reproducibility
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resumed_run_and_repeated_run_match_uninterrupted_run(tiny_data, tmp_path, workers):
+    def runs_dir(name: str) -> Path:
+        return tmp_path / name
+
+    def overrides(name: str, *extra: str) -> list[str]:
+        return tiny_overrides(tiny_data, runs_dir(name), f"data.num_workers={workers}", *extra)
+
+    assert train("--config", "demo.yaml", "--set", *overrides("straight")) == 0
+    assert train("--config", "demo.yaml", "--set", *overrides("again")) == 0
+    assert train("--config", "demo.yaml", "--set", *overrides("resumed", "train.epochs=1")) == 0
+    resumed = only_run(runs_dir("resumed"))
+    assert load_checkpoint(resumed.last)["loop"]["epoch"] == 1
+    assert train("--resume", str(resumed.root), "--set", "train.epochs=2") == 0
+
+    straight, again = only_run(runs_dir("straight")), only_run(runs_dir("again"))
+    for other in (again, resumed):
+        a, b = load_checkpoint(straight.last), load_checkpoint(other.last)
+        assert_same_tensors(a["model"], b["model"])
+        assert a["loop"] == b["loop"]
+        assert_same_tensors(weights(straight.best), weights(other.best))
+        pd.testing.assert_frame_equal(
+            pd.read_csv(straight.history)[HISTORY_COLUMNS], pd.read_csv(other.history)[HISTORY_COLUMNS]
+        )
+    # The comparison means something only if training moved the weights.
+    cfg = load_config(straight.config)
+    seed_everything(cfg.train.seed)
+    initial = build_model_from_config(cfg.model).state_dict()
+    assert not torch.equal(initial["encoder.conv1.weight"], weights(straight.last)["encoder.conv1.weight"])
+
+
+def test_resume_without_argument_takes_the_latest_run_and_extends_it(tiny_data, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # --resume with no folder looks in ./runs
+    overrides = tiny_overrides(tiny_data, Path("runs"), "train.epochs=1")
+    assert train("--config", "demo.yaml", "--set", *overrides) == 0
+    older = only_run(Path("runs"))
+    older_last = sha256(older.last)
+    assert train("--config", "demo.yaml", "--set", *overrides, "train.seed=1") == 0
+    (newer,) = [RunPaths(p) for p in run_folders(Path("runs")) if p != older.root]
+
+    assert train("--resume", "--set", "train.epochs=2") == 0
+    assert load_checkpoint(newer.last)["loop"]["epoch"] == 2
+    assert len(pd.read_csv(newer.history)) == 2
+    assert load_config(newer.config).train.epochs == 2
+    assert sha256(older.last) == older_last
+    assert len(run_folders(Path("runs"))) == 2  # resumed in place, no new folder
+
+    # Asking again for the same number of epochs: nothing to do, and it says why.
+    capsys.readouterr()
+    newer_last = sha256(newer.last)
+    assert train("--resume", str(newer.root)) == 0
+    assert "has completed 2 epochs" in capsys.readouterr().out
+    assert sha256(newer.last) == newer_last
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop rules and encoder freezing
+
+
+def test_early_stopping_ends_the_run_and_cannot_be_extended(tiny_data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    assert train("--config", "demo.yaml", "--set",
+                 *tiny_overrides(tiny_data, runs, "train.epochs=8", "train.early_stop_patience=1")) == 0
+    run = only_run(runs)
+    val_loss = pd.read_csv(run.history)["val_loss"].tolist()
+    # Patience 1: every epoch but the last improved, the last did not, and it stopped there.
+    assert len(val_loss) < 8
+    assert all(b < a for a, b in zip(val_loss, val_loss[1:-1]))
+    assert val_loss[-1] >= min(val_loss[:-1])
+    loop = load_checkpoint(run.last)["loop"]
+    assert loop["epoch"] == len(val_loss)
+    assert loop["stop_reason"] == "early stop: no val-loss improvement for 1 epochs"
+
+    capsys.readouterr()
+    before = sha256(run.last)
+    assert train("--resume", str(run.root), "--set", "train.epochs=20") == 0
+    assert "stopped early (early stop" in capsys.readouterr().out
+    assert sha256(run.last) == before and len(pd.read_csv(run.history)) == len(val_loss)
+
+
+def test_learning_rate_below_min_lr_ends_the_run(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    extra = ("train.epochs=8", "train.plateau_patience=0", "train.plateau_factor=0.1", "train.min_lr=5e-4")
+    assert train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, *extra)) == 0
+    run = only_run(runs)
+    history = pd.read_csv(run.history)
+    last = load_checkpoint(run.last)
+    # Patience 0: the first epoch without improvement cuts lr 1e-3 -> 1e-4 < min_lr: stop.
+    assert len(history) < 8 and (history["lr"] == 1e-3).all()
+    assert history["val_loss"].iloc[-1] >= history["val_loss"].iloc[:-1].min()
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(1e-4)
+    assert last["loop"]["stop_reason"] == "learning rate 1.0e-04 fell below train.min_lr=5.0e-04"
+
+
+def test_freeze_encoder_epochs_keeps_encoder_fixed_then_trains_it(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    overrides = tiny_overrides(tiny_data, runs, "train.freeze_encoder_epochs=1", "train.epochs=1")
+    assert train("--config", "demo.yaml", "--set", *overrides) == 0
+    run = only_run(runs)
+    cfg = load_config(run.config)
+    seed_everything(cfg.train.seed)  # the engine builds the model right after seeding
+    initial = build_model_from_config(cfg.model).state_dict()
+    encoder = [k for k in initial if k.startswith("encoder.")]
+    rest = [k for k in initial if not k.startswith("encoder.") and initial[k].is_floating_point()]
+
+    stage_one = weights(run.last)
+    assert_same_tensors({k: initial[k] for k in encoder}, {k: stage_one[k] for k in encoder})  # BN stats too
+    assert any(not torch.equal(initial[k], stage_one[k]) for k in rest)
+
+    assert train("--resume", str(run.root), "--set", "train.epochs=2") == 0
+    stage_two = weights(run.last)
+    changed = [k for k in encoder if not torch.equal(stage_one[k], stage_two[k])]
+    assert "encoder.conv1.weight" in changed and "encoder.layer4.1.bn2.running_mean" in changed
+    lr = pd.read_csv(run.history)["lr"].tolist()
+    assert lr == pytest.approx([1e-3, 1e-3 * cfg.train.finetune_lr_factor])
+
+
+# ---------------------------------------------------------------------------------------------
+# What the user sees when something is wrong (real command, subprocess)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--config", "nope.yaml"], "error: config file not found: nope.yaml"),
+        (["--config", "demo.yaml", "--set", "train.epoch=1"], "error: --set: unknown key 'train.epoch'"),
+    ],
+)
+def test_config_mistakes_exit_2_with_one_line(tmp_path, args, message):
+    done = train_cli(args, cwd=tmp_path)
+    assert done.returncode == 2
+    (line,) = error_lines(done.stderr)
+    assert line.startswith(message)
+
+
+def test_paper_config_fails_fast_without_weights_or_data(tmp_path):
+    offline = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    done = train_cli(["--config", "pylon_r50.yaml"], cwd=tmp_path, env=offline)
+    assert done.returncode == 2, done.stderr
+    (line,) = error_lines(done.stderr)
+    assert line.startswith("error: ImageNet weights for resnet50") and "model.weights=null" in line
+    assert "local ResNet state dict" in line
+    # Before any data work: no cache, no run folder.
+    assert not (tmp_path / "datasets").exists() and not (tmp_path / "runs").exists()
+
+    # (resnet18 only to build faster: the data check does not depend on the model)
+    done = train_cli(["--config", "pylon_r50.yaml", "--set", "model.weights=null", "model.backbone=resnet18"],
+                     cwd=tmp_path, env=offline)
+    assert done.returncode == 2, done.stderr
+    (line,) = error_lines(done.stderr)
+    assert "data.kaggle_root" in line and "datasets/README.md" in line
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_unsafe_and_damaged_checkpoints(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    config_before = run.config.read_text()
+    good = load_checkpoint(run.last)
+    # A checkpoint that would run code when unpickled (argparse.Namespace stands in for any class).
+    torch.save({**good, "extra": argparse.Namespace(payload="anything")}, run.last)
+    done = train_cli(["--resume", str(run.root)], cwd=tmp_path)
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    last_line = error_lines(done.stderr)[-1]
+    assert last_line.startswith(f"error: {run.last}: refused to load") and "argparse.Namespace" in last_line
+
+    run.last.write_bytes((tiny_run / "checkpoints" / "last.pt").read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        train("--resume", str(run.root))
+    assert run.config.read_text() == config_before  # a refused resume changes nothing
+    assert not (run.root / "eval").exists() and len(pd.read_csv(run.history)) == 2
+
+
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_run, tiny_data, tmp_path):
+    # A learning rate this large blows the weights up after one step: the next loss is NaN.
+    with pytest.raises(TrainingDiverged, match=r"training \(epoch 1, step 2\) loss became nan.*none yet.*train\.lr"):
+        train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, tmp_path / "runs", "train.lr=1e30"))
+    assert not (only_run(tmp_path / "runs").checkpoints).exists()
+
+    # Resumed after two good epochs with inputs that overflow to inf (std ~ 1e-45): the
+    # third epoch diverges, and the epoch-2 checkpoints stay exactly as they were.
+    run = copy_run(tiny_run, tmp_path / "copy")
+    before = {p.name: sha256(p) for p in (run.last, run.best, run.history)}
+    done = train_cli(["--resume", str(run.root), "--set", "train.epochs=3", "data.std=1e-45"], cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    last_line = error_lines(done.stderr)[-1]
+    assert last_line.startswith("error: the training (epoch 3, step 1) loss became nan")
+    assert f"{run.last} (epoch 2)" in last_line
+    assert {p.name: sha256(p) for p in (run.last, run.best, run.history)} == before
+    assert load_checkpoint(run.last)["loop"]["epoch"] == 2

@@ -1,0 +1,63 @@
+"""Train a PYLON or baseline classifier: python train.py --config pylon_r50.yaml [--set k=v ...]
+
+Writes runs/<name>-<timestamp>/ with config.yaml, checkpoints/{best,last}.pt, history.csv and
+W&B files. Resume an interrupted run with --resume (the latest run under runs/) or
+--resume runs/<name>; --set train.epochs=N extends a finished run.
+Several GPUs: torchrun --nproc_per_node=N train.py --config ...
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any, Optional, Sequence
+
+from pylon import cli
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_config_args(parser, required=False)
+    parser.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        metavar="RUN_DIR",
+        help="continue a run from its checkpoints/last.pt (default: the latest run under runs/); "
+        "--set may change e.g. train.epochs",
+    )
+    args = parser.parse_args(argv)
+    if args.resume and args.config:
+        parser.error("--resume continues a run with its own config.yaml; change values with --set, not --config")
+    if not args.resume and not args.config:
+        parser.error("give --config NAME (e.g. --config pylon_r50.yaml) or --resume")
+
+    from pylon.config import LoggingConfig, load_config
+    from pylon.runs import find_run
+
+    run = None
+    if args.resume:
+        run = find_run(None if args.resume == "latest" else args.resume, LoggingConfig.runs_dir)
+        cfg = load_config(run.config, args.overrides)
+    else:
+        cfg = load_config(args.config, args.overrides)
+
+    from pylon.engine import fit, format_summary, is_main_process, shutdown_distributed
+
+    try:
+        summary = fit(cfg, run, resume=run is not None)
+    finally:
+        shutdown_distributed()
+    if is_main_process():
+        print(format_summary(summary))
+        print(json.dumps(_json_safe(summary)))
+    return 0
+
+
+def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:
+    """NaN/inf (e.g. AUROC on a one-class split) as null: strict JSON readers reject NaN."""
+    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
+
+
+if __name__ == "__main__":
+    cli.run(main)
