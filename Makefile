@@ -14,14 +14,22 @@ $(INSTALLED): setup.py
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(INSTALLED)
 
+# Generate the synthetic data, train PYLON and its ResNet baseline, evaluate both side by side.
 demo: $(INSTALLED)
-	$(PY) demo.py
+	$(PY) -m pylon.data.synthetic --out datasets/demo
+	$(PY) train.py --config demo.yaml
+	$(PY) evaluate.py --localization
+	$(PY) train.py --config demo_baseline.yaml
+	$(PY) evaluate.py --localization
 
 test: $(INSTALLED)
 	$(PY) -m pytest -n 2 -q
 
 bench: $(INSTALLED)
 	$(PY) bench/model_speed.py
+	$(PY) bench/loader_speed.py
+	$(PY) bench/heatmap_speed.py
+	$(PY) bench/train_speed.py
 
 clean:
 	rm -rf $(VENV) runs datasets/demo datasets/cache
