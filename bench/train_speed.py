@@ -3,7 +3,7 @@
 Two ways to feed the same training step (forward, BCE loss, backward, Adam step, loss read
 back as the engine does each step), alternating in one run (loader, bare, bare, loader, ...)
 so load drifts hit both alike:
-  loader  batches from pylon.data.pipeline.make_loader: the memory-mapped cache, the
+  loader  batches from pylon.data.pipeline.split_loader: the memory-mapped cache, the
           training augmentation, DataLoader workers, pinned copies to the device
   bare    one synthetic batch already on the device (the model's own rate)
 The loader overhead is how much longer a loader-fed step takes: (loader / bare - 1) * 100 %.
@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pylon.config import load_config  # noqa: E402
-from pylon.data.pipeline import PreparedData, make_loader, prepare_data, set_loader_epoch  # noqa: E402
+from pylon.data.pipeline import PreparedData, split_loader, prepare_data, set_loader_epoch  # noqa: E402
 from pylon.engine import amp_dtype, autocast, build_optimizer, resolve_device  # noqa: E402
 from pylon.models import build_model_from_config  # noqa: E402
 
@@ -144,11 +144,11 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
     data = prepare_data(cfg.data, progress=False)
     per_round = (args.warmup + args.steps) * args.batch
     data = long_epoch(data, per_round)
-    loader = make_loader(data, "train", cfg.data, args.batch, train=True, seed=0)
+    loader = split_loader(data, "train", cfg.data, args.batch, train=True, seed=0)
     # The same loader without workers: its time per batch is the CPU work the workers do.
     in_process_cfg = copy.deepcopy(cfg.data)
     in_process_cfg.num_workers = 0
-    in_process = make_loader(data, "train", in_process_cfg, args.batch, train=True, seed=0)
+    in_process = split_loader(data, "train", in_process_cfg, args.batch, train=True, seed=0)
 
     torch.manual_seed(0)
     model = build_model_from_config(cfg.model).to(device)

@@ -32,6 +32,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     for module, names in (
         ("pylon.models.backbone", ("WeightsUnavailableError", "WeightsFileError")),
         ("pylon.checkpoint", ("CheckpointError",)),
+        ("pylon.data.readers", ("ImageReadError", "DatasetLayoutError")),
         ("pylon.engine", ("TrainingDiverged",)),
     ):
         mod = sys.modules.get(module)

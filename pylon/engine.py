@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from pylon.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from pylon.config import ConfigError, to_dict, to_yaml
-from pylon.data.pipeline import PreparedData, make_loader, prepare_data, set_loader_epoch, train_prevalence
+from pylon.data.pipeline import PreparedData, split_loader, prepare_data, set_loader_epoch, train_prevalence
 from pylon.heatmaps import heatmaps, methods_for
 from pylon.metrics import classification_metrics
 from pylon.models import build_model_from_config
@@ -283,6 +283,12 @@ def _check_finite(loss: torch.Tensor, d: Dist, where: str, last: str) -> float:
     return _require_finite(float(value), where, last)
 
 
+def _batch_bar_disabled(progress: bool, is_main: bool) -> Optional[bool]:
+    """Per-batch bars only on a terminal (None = tqdm's own check): in a log file every refresh
+    would be a line, and the per-epoch line already says how the run goes."""
+    return None if progress and is_main else True
+
+
 def train_epoch(
     model: nn.Module,
     loader: Any,
@@ -309,7 +315,7 @@ def train_epoch(
         )
     # A context manager, so that a bar cut short by an error is cleared before the error shows.
     with tqdm(total=steps, desc=f"epoch {state.epoch + 1} train", leave=False,
-              disable=not (progress and d.is_main)) as bar:
+              disable=_batch_bar_disabled(progress, d.is_main)) as bar:
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
@@ -351,7 +357,7 @@ def predict(model: nn.Module, loader: Any, d: Dist, train_cfg: Any, loss_fn: nn.
     model.eval()
     dtype = amp_dtype(d.device, train_cfg)
     loss_sum, labels, probs, rows = 0.0, [], [], []
-    with tqdm(loader, desc=desc, leave=False, disable=not (progress and d.is_main)) as batches:
+    with tqdm(loader, desc=desc, leave=False, disable=_batch_bar_disabled(progress, d.is_main)) as batches:
         for batch in batches:
             images = batch["image"].to(d.device, non_blocking=True)
             target = batch["label"].to(d.device)
@@ -498,10 +504,10 @@ def fit(cfg: Any, run: Optional[RunPaths] = None, *, resume: bool = False, progr
         run.config.write_text(to_yaml(cfg))
 
     per_process_batch = cfg.train.batch_size // d.world_size
-    train_loader = make_loader(
+    train_loader = split_loader(
         data, "train", cfg.data, per_process_batch, train=True, seed=cfg.train.seed, rank=d.rank, world_size=d.world_size
     )
-    val_loader = make_loader(data, "val", cfg.data, cfg.eval.batch_size, train=False, rank=d.rank, world_size=d.world_size)
+    val_loader = split_loader(data, "val", cfg.data, cfg.eval.batch_size, train=False, rank=d.rank, world_size=d.world_size)
     tracker = Tracker(
         run.root,
         project=cfg.logging.project,
@@ -600,8 +606,11 @@ def _train(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, stat
             if d.is_main:
                 config_dict = to_dict(cfg)
                 if improved:
+                    # The normalisation travels with the weights: with data.normalize_from_train it
+                    # is computed, and predict.py must not need the training data to reproduce it.
                     save_checkpoint(run.best, {"model": unwrap(model).state_dict(), "config": config_dict,
-                                               "epoch": epoch + 1, "val_loss": val["loss"], "val_metrics": metrics})
+                                               "epoch": epoch + 1, "val_loss": val["loss"], "val_metrics": metrics,
+                                               "normalization": {"mean": float(data.mean), "std": float(data.std)}})
                 save_checkpoint(run.last, training_state(model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
                                                          scaler=scaler, config=config_dict, loop=vars(state)))
                 tracker.log_epoch(epoch + 1, row, step=state.global_step)

@@ -46,7 +46,7 @@ from pylon import plots
 from pylon.checkpoint import load_checkpoint, load_model_weights
 from pylon.config import ConfigError, load_config, to_dict
 from pylon.data.cache import Geometry, resize_image
-from pylon.data.pipeline import PreparedData, make_loader, prepare_data
+from pylon.data.pipeline import PreparedData, split_loader, prepare_data
 from pylon.data.readers import ImageReadError, read_image
 from pylon.data.records import Record
 from pylon.data.transforms import eval_transform
@@ -209,7 +209,7 @@ class SplitPredictions:
 def predict_split(trained: TrainedRun, data: PreparedData, split: str) -> SplitPredictions:
     if len(data.rows[split]) == 0:
         raise ConfigError(f"the {split} split is empty: nothing to evaluate")
-    loader = make_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
+    loader = split_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
     out = predict(trained.model, loader, trained.dist, trained.cfg.train, nn.BCEWithLogitsLoss(), desc=f"{split} predictions")
     rows = out["rows"]
     return SplitPredictions(
@@ -362,7 +362,7 @@ def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Seque
         return outcome
     # The same loader (transform, normalisation) as classification, over the boxed rows only.
     subset = replace(data, rows={**data.rows, "localization": rows})
-    loader = make_loader(subset, "localization", cfg.data, cfg.eval.batch_size, train=False)
+    loader = split_loader(subset, "localization", cfg.data, cfg.eval.batch_size, train=False)
     size = (cache.image_size, cache.image_size)
     gallery: dict[str, list] = {k: [] for k in ("images", "heatmaps", "boxes", "points", "hits", "captions")}
     n_kept_failures = 0

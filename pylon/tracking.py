@@ -258,14 +258,14 @@ class Tracker:
         step: int | None = None,
         *,
         class_labels: Mapping[int, str] | None = None,
-        alpha: float = 0.45,
+        alpha: float = 0.6,
         cmap: str = "jet",
     ) -> None:
         """Log example images with heatmap overlay and ground-truth boxes.
 
         Each item is ``(image, heatmap, boxes, caption)``: image uint8 (H, W) or (H, W, 3);
         heatmap None, a float map at any resolution (min-max scaled, colour-mapped and blended
-        at ``alpha``), or a ready-made uint8 (h, w, 3) overlay; boxes a list of (x, y, w, h)
+        at up to ``alpha`` by pylon.plots.overlay), or a ready-made uint8 (h, w, 3) overlay; boxes a list of (x, y, w, h)
         in the image's pixels, optionally with a 5th value: the class id (default: the
         first key of ``class_labels``, {1: 'pneumonia'}).
         """
@@ -422,7 +422,14 @@ def _prepare_image(
             f"image must be uint8 (H, W) or (H, W, 3), got {image.dtype} {image.shape}"
         )
     height, width = image.shape[:2]
-    shown = image if heatmap is None else overlay_heatmap(image, heatmap, alpha=alpha, cmap=cmap)
+    if heatmap is None:
+        shown = image
+    elif _is_rgb_uint8(heatmap):
+        shown = np.asarray(heatmap)  # a ready-made overlay
+    else:
+        from pylon.plots import overlay  # matplotlib/OpenCV only when images are logged
+
+        shown = overlay(image, heatmap, alpha=alpha, cmap=cmap, value_range=None)
     scale_x, scale_y = shown.shape[1] / width, shown.shape[0] / height
     box_data = []
     for box in boxes or ():
@@ -447,36 +454,9 @@ def _prepare_image(
     return shown, kwargs
 
 
-def overlay_heatmap(
-    image: np.ndarray, heatmap: np.ndarray, *, alpha: float = 0.45, cmap: str = "jet"
-) -> np.ndarray:
-    """Blend a colour-mapped heatmap over an image; returns uint8 (H, W, 3).
-
-    A float heatmap of any size is bilinearly resized to the image, min-max scaled and
-    colour-mapped; a uint8 (h, w, 3) heatmap is taken as an already-made overlay.
-    """
-    heatmap = np.asarray(heatmap)
-    if heatmap.dtype == np.uint8 and heatmap.ndim == 3 and heatmap.shape[2] == 3:
-        return heatmap
-    heatmap = np.squeeze(heatmap).astype(np.float32)
-    if heatmap.ndim != 2:
-        raise ValueError(
-            f"heatmap must be 2-D (h, w) or uint8 (h, w, 3), got shape {heatmap.shape}"
-        )
-    from matplotlib import colormaps
-    from PIL import Image
-
-    height, width = image.shape[:2]
-    if heatmap.shape != (height, width):
-        heatmap = np.asarray(Image.fromarray(heatmap).resize((width, height), Image.BILINEAR))
-    finite = np.isfinite(heatmap)
-    low = float(heatmap[finite].min()) if finite.any() else 0.0
-    high = float(heatmap[finite].max()) if finite.any() else 1.0
-    scaled = np.where(finite, (heatmap - low) / (high - low) if high > low else 0.0, 0.0)
-    colour = colormaps[cmap](scaled)[..., :3]
-    base = image if image.ndim == 3 else np.repeat(image[..., None], 3, axis=2)
-    blended = (1.0 - alpha) * base.astype(np.float32) / 255.0 + alpha * colour
-    return np.clip(blended * 255.0 + 0.5, 0, 255).astype(np.uint8)
+def _is_rgb_uint8(value: Any) -> bool:
+    array = np.asarray(value)
+    return array.dtype == np.uint8 and array.ndim == 3 and array.shape[2] == 3
 
 
 def _flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -12,8 +12,8 @@ from PIL import Image
 from pylon.tracking import (
     HISTORY_FILE,
     Tracker,
+    _prepare_image,
     latest_wandb_run_id,
-    overlay_heatmap,
     read_history,
     resolve_mode,
 )
@@ -270,17 +270,18 @@ def test_non_zero_rank_writes_nothing(tmp_path):
     assert not run_dir.exists()
 
 
-def test_overlay_heatmap_resizes_and_marks_the_hot_spot():
+def test_logged_overlay_resizes_and_marks_the_hot_spot():
     image = np.full((40, 60), 128, np.uint8)
     heatmap = np.zeros((10, 15), np.float32)
     heatmap[2, 11] = 5.0
-    overlay = overlay_heatmap(image, heatmap, alpha=0.5, cmap="jet")
+    labels = {1: "pneumonia"}
+    overlay, _ = _prepare_image((image, heatmap, [], "c"), labels, alpha=0.5, cmap="jet")
     assert overlay.shape == (40, 60, 3) and overlay.dtype == np.uint8
     red_minus_blue = overlay[..., 0].astype(int) - overlay[..., 2].astype(int)
     hot_y, hot_x = np.unravel_index(np.argmax(red_minus_blue), red_minus_blue.shape)
     assert abs(hot_y - 9.5) <= 3 and abs(hot_x - 46.5) <= 3  # centre of cell (2, 11) x4
-    assert red_minus_blue[35, 5] < 0  # cold corners are blue
+    assert (overlay[35, 5] == 128).all()  # cold regions show the plain radiograph
     ready = np.zeros((20, 30, 3), np.uint8)
-    assert overlay_heatmap(image, ready) is ready
+    assert _prepare_image((image, ready, [], "c"), labels, 0.5, "jet")[0] is ready
     with pytest.raises(ValueError, match="heatmap must be 2-D"):
-        overlay_heatmap(image, np.zeros((2, 3, 4), np.float32))
+        _prepare_image((image, np.zeros((2, 3, 4), np.float32), [], "c"), labels, 0.5, "jet")

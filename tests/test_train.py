@@ -117,6 +117,7 @@ def test_run_folder_follows_the_contract(tiny_run, tiny_data, tmp_path):
     assert best["epoch"] == int(lowest["epoch"])
     assert best["val_loss"] == pytest.approx(lowest["val_loss"], rel=1e-12)
     assert best["val_metrics"]["n"] == 6  # every val image once, none padded
+    assert best["normalization"] == {"mean": pytest.approx(cfg.data.mean), "std": pytest.approx(cfg.data.std)}
     load_model_weights(build_model_from_config(cfg.model), run.best)
 
     # last.pt: the whole resume state after the final epoch.

@@ -122,7 +122,7 @@ def train_prevalence(data: PreparedData) -> float:
     return prevalence(data.labels("train"))
 
 
-def make_loader(
+def split_loader(
     data: PreparedData,
     split: str,
     data_cfg: Any,
