@@ -19,7 +19,8 @@ from pylon.config import ConfigError
 from pylon.data import write_dicom
 from pylon.data.cache import pixel_mean_std, resize_image
 from pylon.data.pipeline import prepare_data
-from pylon.evaluation import _heatmap_on_original, input_normalization, load_trained_run, predict_split
+from pylon.evaluation import (_heatmap_on_original, input_normalization, load_trained_run, predict_split,
+                              stored_normalization)
 from pylon.plots import BOX_COLOUR
 from pylon.runs import RunPaths
 
@@ -123,14 +124,23 @@ def test_normalisation_from_the_checkpoint_or_recomputed_from_the_training_split
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     paths = RunPaths(run)
 
+    # The trainer stores what it used; a checkpoint without it (older runs) is recomputed.
+    state = load_checkpoint(paths.best)
+    assert stored_normalization(state) == pytest.approx(source_config_mean_std(source))
+    del state["normalization"]
+    save_checkpoint(paths.best, state)
     trained = load_trained_run(paths)
     data = prepare_data(trained.cfg.data, progress=False)
     assert input_normalization(trained) == pytest.approx(pixel_mean_std(data.cache, data.rows["train"]))
 
-    state = load_checkpoint(paths.best)
     state["normalization"] = {"mean": 0.25, "std": 0.5}
     save_checkpoint(paths.best, state)
     assert input_normalization(load_trained_run(paths)) == (0.25, 0.5)
+
+
+def source_config_mean_std(run: Path) -> tuple[float, float]:
+    data = yaml.safe_load((run / "config.yaml").read_text())["data"]
+    return data["mean"], data["std"]
 
 
 def test_letterboxed_heatmaps_are_cut_to_the_image_before_overlaying():
@@ -141,3 +151,16 @@ def test_letterboxed_heatmaps_are_cut_to_the_image_before_overlaying():
     cut = _heatmap_on_original(heat, geometry, 64)
     assert cut.shape == (32, 64)
     assert cut.min() > 0.5  # no padding rows left in
+
+
+def test_heatmap_grid_figure_draws_a_row_per_image_and_a_column_per_method(tiny_run, tmp_path):
+    grid = load_script("docs/heatmap_grid")
+    image = tmp_path / "phantom.png"
+    Image.fromarray(make_phantom(96, 80)).save(image)
+    one_row, two_rows = tmp_path / "one.png", tmp_path / "two.png"
+    assert grid.main([str(image), "--run", str(tiny_run), "--out", str(one_row)]) == 0
+    assert grid.main([str(image), str(image), "--run", str(tiny_run), "--out", str(two_rows)]) == 0
+    (h1, w1), (h2, w2) = (Image.open(p).size[::-1] for p in (one_row, two_rows))
+    assert w1 == w2 and h2 > 1.8 * h1  # image + PYLON columns; one more row
+    with pytest.raises(ConfigError, match="none of --methods gradcam applies"):
+        grid.main([str(image), "--run", str(tiny_run), "--methods", "gradcam", "--out", str(tmp_path / "x.png")])
