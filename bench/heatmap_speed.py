@@ -11,6 +11,10 @@ All maps come from ``pylon.heatmaps.heatmaps`` (what evaluation runs), on the sa
              target layer could cost.
   gradcam++  (with --plusplus) pytorch-grad-cam GradCAMPlusPlus
 
+Also timed: scoring --score-maps PYLON-sized maps (64x64 at 256 px, one to three boxes each)
+with ``pylon.metrics.point_accuracy``, the localization metric of evaluate.py (target: 6,000
+maps in under 10 s on a CPU).
+
 After --warmup rounds, each of --repeats rounds times every method once, in an order that
 rotates from round to round so drifting machine load hits all alike. The headline
 figures are medians; the fastest round of each method is shown too (on a machine shared
@@ -35,6 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pylon.heatmaps import heatmaps  # noqa: E402
+from pylon.metrics import point_accuracy  # noqa: E402
 from pylon.models import BaselineConfig, PylonConfig  # noqa: E402
 
 
@@ -46,6 +51,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
     parser.add_argument("--size", type=int, default=256, help="input height = width (default 256)")
     parser.add_argument("--plusplus", action="store_true", help="also time Grad-CAM++")
+    parser.add_argument("--score-maps", type=int, default=6000, help="maps scored by point_accuracy (default 6000)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     if args.threads < 1 or args.repeats < 1 or args.warmup < 0 or args.batch < 1:
@@ -53,6 +59,18 @@ def parse_args() -> argparse.Namespace:
     if args.size % 32 or args.size < 64:
         parser.error("--size must be a multiple of 32, at least 64")
     return args
+
+
+def time_point_accuracy(n: int, size: int, seed: int) -> float:
+    """Seconds to score ``n`` random maps at 1/4 of ``size`` against 1-3 random boxes each."""
+    rng = torch.Generator().manual_seed(seed)
+    maps = torch.rand(n, size // 4, size // 4, generator=rng)
+    corners = torch.randint(0, size // 2, (n, 3, 2), generator=rng).tolist()
+    counts = torch.randint(1, 4, (n,), generator=rng).tolist()
+    boxes = [[(x, y, size / 4, size / 4) for x, y in corners[i][:counts[i]]] for i in range(n)]
+    start = time.perf_counter()
+    point_accuracy(maps, boxes, image_size=(size, size))
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -105,6 +123,9 @@ def main() -> None:
     print(f"PYLON / Grad-CAM throughput: {ratio:.2f}x on medians, {ratio_fastest:.2f}x on fastest rounds "
           f"(target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
     print(f"PYLON / CAM (one baseline forward) throughput: {maps_per_s['pylon'] / maps_per_s['cam']:.2f}x")
+    score_s = time_point_accuracy(args.score_maps, args.size, args.seed)
+    print(f"point_accuracy: {args.score_maps} maps of {args.size // 4}x{args.size // 4} scored in {score_s:.2f} s "
+          f"(target for 6,000: < 10 s)")
     print(json.dumps({
         "bench": "heatmap_speed",
         "threads": args.threads,
@@ -119,6 +140,8 @@ def main() -> None:
         "pylon_over_cam": round(maps_per_s["pylon"] / maps_per_s["cam"], 3),
         "native_pixels": {"pylon": ph * pw, "gradcam": gh * gw},
         "target_met": ratio >= 2.0,
+        "point_accuracy_maps": args.score_maps,
+        "point_accuracy_seconds": round(score_s, 3),
     }))
 
 
