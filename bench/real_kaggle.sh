@@ -4,13 +4,14 @@
 #
 #   bench/real_kaggle.sh KAGGLE_ROOT [--set key=value ...]
 #   RSNA_ROOT=/path/to/rsna bench/real_kaggle.sh KAGGLE_ROOT    # also predict on RSNA DICOMs
+#   RUNS_DIR=/elsewhere bench/real_kaggle.sh KAGGLE_ROOT         # runs and log there (default runs/)
 #
 # KAGGLE_ROOT holds chest_xray/{train,test}/{NORMAL,PNEUMONIA}. Each model is sized
 # (configs/kaggle224_*.yaml) to train in under 30 minutes on 2 CPU cores; extra arguments go to
 # train.py as overrides. With RSNA_ROOT (stage_2_train_labels.csv + stage_2_train_images/), the
 # trained PYLON model also writes heatmap overlays with the official boxes drawn for every DICOM
 # there into <run>/predict/: a check of frames and orientation on adult films it never saw.
-# Everything is logged to runs/real_kaggle-<time>.log; the last lines are one JSON object per
+# Everything is logged to <RUNS_DIR>/real_kaggle-<time>.log; the last lines are one JSON object per
 # model with its run folder and training minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,14 +21,15 @@ shift
 [[ -d "$root/chest_xray" ]] || { echo "error: $root/chest_xray not found (see datasets/README.md)" >&2; exit 2; }
 python="${PYTHON:-.venv/bin/python}"
 export PYTHONUNBUFFERED=1  # epoch lines reach the log as they happen
-mkdir -p runs
-log="runs/real_kaggle-$(date +%Y%m%d-%H%M%S).log"
+runs_dir="${RUNS_DIR:-runs}"
+mkdir -p "$runs_dir"
+log="$runs_dir/real_kaggle-$(date +%Y%m%d-%H%M%S).log"
 results=()
 
 for config in kaggle224_pylon_r18.yaml kaggle224_baseline_r18.yaml; do
     echo "=== $config" | tee -a "$log"
     start=$(date +%s)
-    summary=$("$python" train.py --config "$config" --set "data.kaggle_root=$root" "$@" 2>>"$log" | tee -a "$log" | tail -n 1)
+    summary=$("$python" train.py --config "$config" --set "data.kaggle_root=$root" "logging.runs_dir=$runs_dir" "$@" 2>>"$log" | tee -a "$log" | tail -n 1)
     seconds=$(( $(date +%s) - start ))
     run=$("$python" -c 'import json, sys; print(json.loads(sys.argv[1])["run"])' "$summary")
     "$python" evaluate.py --run "$run" 2>>"$log" | tee -a "$log"
