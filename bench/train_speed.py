@@ -1,7 +1,7 @@
 """Sustained PYLON-R50 training speed through the real loader vs the bare model.
 
-Two ways to feed the same training step (forward, BCE loss, backward, Adam step, loss read
-back as the engine does each step), alternating in one run (loader, bare, bare, loader, ...)
+Two ways to feed the same training step (pylon.engine.train_step: forward, BCE loss, loss read
+back for the NaN check, backward, Adam step), alternating in one run (loader, bare, bare, loader, ...)
 so load drifts hit both alike:
   loader  batches from pylon.data.pipeline.split_loader: the memory-mapped cache, the
           training augmentation, DataLoader workers, pinned copies to the device
@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 from pylon.config import load_config  # noqa: E402
 from pylon.data.pipeline import PreparedData, split_loader, prepare_data, set_loader_epoch  # noqa: E402
-from pylon.engine import amp_dtype, autocast, build_optimizer, resolve_device  # noqa: E402
+from pylon.engine import Dist, amp_dtype, build_optimizer, resolve_device, train_step  # noqa: E402
 from pylon.models import build_model_from_config  # noqa: E402
 
 TARGET_OVERHEAD_PCT = 10.0
@@ -94,24 +94,13 @@ def long_epoch(data: PreparedData, images: int) -> PreparedData:
 
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, device: torch.device) -> Callable[[dict], None]:
-    dtype = amp_dtype(device, cfg.train)
-    channels_last = cfg.train.channels_last and device.type == "cuda"
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    """train.py's own optimizer step (pylon.engine.train_step), NaN check included."""
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.train) == torch.float16)
     loss_fn = nn.BCEWithLogitsLoss()
+    d = Dist(device=device)
 
     def step(batch: dict) -> None:
-        images = batch["image"].to(device, non_blocking=True)
-        if channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        labels = batch["label"].to(device, non_blocking=True)
-        with autocast(device, dtype):
-            logits = model(images).logits
-        loss = loss_fn(logits.float(), labels)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        float(loss.detach())  # the engine reads the loss every step (NaN check): a device sync
+        train_step(model, batch, optimizer, loss_fn, scaler, d, cfg.train, "benchmark", "none")
 
     return step
 

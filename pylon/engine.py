@@ -289,6 +289,28 @@ def _batch_bar_disabled(progress: bool, is_main: bool) -> Optional[bool]:
     return None if progress and is_main else True
 
 
+def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+               scaler: torch.amp.GradScaler, d: Dist, train_cfg: Any, where: str, last_checkpoint: str) -> float:
+    """One optimizer step on one batch (autocast, channels_last, clipping as configured); the loss."""
+    images = batch["image"].to(d.device, non_blocking=True)
+    if train_cfg.channels_last and d.device.type == "cuda":
+        images = images.contiguous(memory_format=torch.channels_last)
+    labels = batch["label"].to(d.device, non_blocking=True)
+    with autocast(d.device, amp_dtype(d.device, train_cfg)):
+        logits = model(images).logits
+    loss = loss_fn(logits.float(), labels)
+    # Checked before the step, so the weights that produced a NaN are never saved.
+    value = _check_finite(loss, d, where, last_checkpoint)
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if train_cfg.grad_clip:
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    return value
+
+
 def train_epoch(
     model: nn.Module,
     loader: Any,
@@ -304,8 +326,6 @@ def train_epoch(
     progress: bool = True,
 ) -> float:
     model.train()
-    dtype = amp_dtype(d.device, train_cfg)
-    channels_last = train_cfg.channels_last and d.device.type == "cuda"
     total, count = 0.0, 0
     steps = len(loader) if train_cfg.max_steps_per_epoch is None else min(len(loader), train_cfg.max_steps_per_epoch)
     if steps == 0:
@@ -319,25 +339,12 @@ def train_epoch(
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
-            images = batch["image"].to(d.device, non_blocking=True)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = batch["label"].to(d.device, non_blocking=True)
-            with autocast(d.device, dtype):
-                logits = model(images).logits
-            loss = loss_fn(logits.float(), labels)
-            # Checked before the step, so the weights that produced a NaN are never saved.
-            value = _check_finite(loss, d, f"training (epoch {state.epoch + 1}, step {step + 1})", last_checkpoint)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if train_cfg.grad_clip:
-                scaler.unscale_(optimizer)
-                nn.utils.clip_grad_norm_(model.parameters(), train_cfg.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
+            value = train_step(model, batch, optimizer, loss_fn, scaler, d, train_cfg,
+                               f"training (epoch {state.epoch + 1}, step {step + 1})", last_checkpoint)
             state.global_step += 1
-            total += value * len(labels)
-            count += len(labels)
+            n = len(batch["label"])
+            total += value * n
+            count += n
             lr = current_lr(optimizer)
             if state.global_step % log_every == 0:
                 tracker.log_step(state.global_step, **{"train/loss": value, "train/lr": lr})
@@ -549,6 +556,7 @@ def _train(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, stat
 
     train_model = prepare_stage(state.epoch)
     pos_prevalence = train_prevalence(data)
+    config_dict = to_dict(cfg)  # stored in every checkpoint
     epochs = tqdm(desc="epochs", initial=state.epoch, total=cfg.train.epochs, disable=not (progress and d.is_main))
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
@@ -604,7 +612,6 @@ def _train(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, stat
                 state.stop_reason = ALL_EPOCHS_DONE
 
             if d.is_main:
-                config_dict = to_dict(cfg)
                 if improved:
                     # The normalisation travels with the weights: with data.normalize_from_train it
                     # is computed, and predict.py must not need the training data to reproduce it.
