@@ -35,8 +35,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from pylon.config import ConfigError
-    from pylon.data import eval_transform, read_image, resize_image
-    from pylon.evaluation import input_normalization, load_trained_run
+    from pylon.data import read_image
+    from pylon.evaluation import file_preprocessing, load_trained_run
     from pylon.heatmaps import heatmaps, methods_for
     from pylon.metrics import argmax_points
     from pylon.plots import OverlayRow, plot_overlay_grid
@@ -47,12 +47,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     shown_size = None  # every column is drawn on the first run's input; points are scaled to it
     for run_dir in args.runs:
         trained = load_trained_run(find_run(run_dir, "runs"), device="cpu")
-        size, resize = int(trained.cfg.data.image_size), str(trained.cfg.data.resize)
+        size = int(trained.cfg.data.image_size)
         shown_size = shown_size or size
-        mean, std = input_normalization(trained)
-        transform = eval_transform(size, mean=mean, std=std)
-        resized = [resize_image(image, size, resize)[0] for image in originals]
-        batch = torch.stack([transform(image=image)["image"] for image in resized])
+        preprocess = file_preprocessing(trained)
+        prepared = [preprocess(image) for image in originals]
+        resized = [image for image, _, _ in prepared]
+        batch = torch.stack([tensor for _, _, tensor in prepared])
         with torch.no_grad():
             probs = torch.sigmoid(trained.model(batch).logits[:, 0]).tolist()
         label = "PYLON" if trained.cfg.model.arch == "pylon" else trained.cfg.model.backbone.replace("resnet", "ResNet")

@@ -750,6 +750,20 @@ def _save_overlay(path: Path, image: np.ndarray, heatmap: np.ndarray, boxes: Seq
     return path
 
 
+def file_preprocessing(trained: TrainedRun) -> Callable[[np.ndarray], tuple[np.ndarray, Geometry, torch.Tensor]]:
+    """The run's own input pipeline for an original image: the cache's resize (``data.image_size``,
+    ``data.resize``) and the training normalisation. Returns (resized uint8, geometry, tensor)."""
+    mean, std = input_normalization(trained)
+    size, resize = int(trained.cfg.data.image_size), str(trained.cfg.data.resize)
+    transform = eval_transform(size, mean=mean, std=std)
+
+    def preprocess(original: np.ndarray) -> tuple[np.ndarray, Geometry, torch.Tensor]:
+        resized, geometry = resize_image(original, size, resize)
+        return resized, geometry, transform(image=resized)["image"]
+
+    return preprocess
+
+
 def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, method: Optional[str] = None,
                   boxes_by_id: Optional[Mapping[str, Sequence]] = None,
                   report_error: Callable[[str], None] = lambda m: tqdm.write(f"error: {m}", file=sys.stderr)) -> list[ImagePrediction]:
@@ -763,9 +777,8 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
     method = method or methods_for(trained.model)[0]
     if method not in methods_for(trained.model):
         raise ConfigError(f"--method {method}: not available for this {cfg.model.arch} model; use one of {methods_for(trained.model)}")
-    mean, std = input_normalization(trained)
-    size, resize = int(cfg.data.image_size), str(cfg.data.resize)
-    transform = eval_transform(size, mean=mean, std=std)
+    preprocess = file_preprocessing(trained)
+    size = int(cfg.data.image_size)
     out.mkdir(parents=True, exist_ok=True)
     results: list[ImagePrediction] = []
     taken: set = set()
@@ -782,8 +795,8 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
                 item.error = str(err)
                 report_error(item.error)
                 continue
-            resized, geometry = resize_image(original, size, resize)
-            loaded.append((item, original, geometry, transform(image=resized)["image"]))
+            _, geometry, tensor = preprocess(original)
+            loaded.append((item, original, geometry, tensor))
         if not loaded:
             continue
         batch = torch.stack([t for *_, t in loaded]).to(trained.device)
