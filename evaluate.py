@@ -1,10 +1,17 @@
-"""Evaluate a trained run: python evaluate.py [--run runs/<name>] [--localization] [--split test|val]
+"""Evaluate a trained run: python evaluate.py [--run runs/<name>] [--localization] [--split test|val|all]
 
 With no --run, the most recent run. Rebuilds the run's data (same split and cache), loads
-checkpoints/best.pt and writes <run>/eval/: metrics.json (classification at 0.5 and at the
-Youden threshold chosen on val, with bootstrap 95% intervals, per source and per RSNA view;
-with --localization, point_acc and pointing_game_15px per heatmap method), predictions.csv
-and figures. Change evaluation settings with --set eval.key=value (e.g. eval.methods=[pylon]).
+checkpoints/best.pt and writes <run>/eval/ (or --out DIR): metrics.json (classification at 0.5
+and at the Youden threshold chosen on val, with bootstrap 95% intervals, per source and per
+RSNA view; with --localization, point_acc, pointing_game_15px, energy_in_box and
+laterality_acc per heatmap method, overall and per view, beside the image-blind prior and
+center baselines), predictions.csv and figures. Change evaluation settings with
+--set eval.key=value (e.g. eval.methods=[pylon]).
+
+Score a trained run on another data set, with the run's stored normalisation, threshold and
+box prior (nothing is estimated from the new data):
+  python evaluate.py --localization --run RUN --set data.sources=[rsna] data.rsna_root=/some/rsna \
+      eval.split=all --out DIR
 """
 from __future__ import annotations
 
@@ -20,7 +27,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--runs-dir", default="runs", help="where runs live when --run is not given (default: runs)")
     parser.add_argument("--localization", action="store_true",
                         help="also score heatmaps against the boxes (every method the model supports, or eval.methods)")
-    parser.add_argument("--split", choices=("test", "val"), help="the split to evaluate (default: eval.split, test)")
+    parser.add_argument("--split", choices=("test", "val", "all"),
+                        help="the split to evaluate (default: eval.split, test); all = every image of the "
+                             "configured sources, for scoring the run on another data set")
+    parser.add_argument("--out", metavar="DIR",
+                        help="where metrics.json and the figures go (default: <run>/eval/)")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
                         help="override evaluation settings, e.g. --set eval.bootstrap=2000 train.device=cpu")
     args = parser.parse_args(argv)
@@ -31,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     run = find_run(args.run, args.runs_dir)
     overrides = list(args.overrides) + ([f"eval.split={args.split}"] if args.split else [])
     print(f"evaluating {run.root}")
-    result = evaluate_run(run, overrides=overrides, localization=args.localization)
+    result = evaluate_run(run, overrides=overrides, localization=args.localization, out=args.out)
     print()
     print(result.text)
     print()

@@ -104,7 +104,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    split: Literal["val", "test"] = "test"
+    split: Literal["val", "test", "all"] = "test"  # all: every image of the sources, no split (external data)
     batch_size: int = 32
     methods: list[str] = field(default_factory=list)
     bootstrap: int = 1000

@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 from pylon.checkpoint import load_checkpoint, restore_training_state, save_checkpoint, training_state
 from pylon.config import ConfigError, to_dict, to_yaml
 from pylon.data.pipeline import PreparedData, split_loader, prepare_data, set_loader_epoch, train_prevalence
-from pylon.heatmaps import heatmaps, methods_for
-from pylon.metrics import classification_metrics
+from pylon.heatmaps import box_prior, heatmaps, methods_for
+from pylon.metrics import classification_metrics, youden_threshold
 from pylon.models import build_model_from_config
 from pylon.runs import RunPaths, new_run
 from pylon.tracking import Tracker
@@ -540,6 +540,10 @@ def fit(cfg: Any, run: Optional[RunPaths] = None, *, resume: bool = False, progr
     return summary
 
 
+def _youden_or_none(labels: np.ndarray, probs: np.ndarray) -> Optional[float]:
+    return youden_threshold(labels, probs) if 0 < int(np.sum(labels)) < len(labels) else None
+
+
 def _train(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
            train_loader, val_loader, progress) -> None:
     """The epoch loop of ``fit``; updates ``state`` and writes checkpoints and history."""
@@ -557,6 +561,9 @@ def _train(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, stat
     train_model = prepare_stage(state.epoch)
     pos_prevalence = train_prevalence(data)
     config_dict = to_dict(cfg)  # stored in every checkpoint
+    # Image-blind localization baseline, from the training split only; it travels with the
+    # weights so that scoring the run on other data never looks at that data's boxes.
+    prior = box_prior([data.cache.boxes_in_cache_frame(int(r)) for r in data.rows["train"]], data.cache.image_size)
     epochs = tqdm(desc="epochs", initial=state.epoch, total=cfg.train.epochs, disable=not (progress and d.is_main))
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
@@ -615,9 +622,12 @@ def _train(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, stat
                 if improved:
                     # The normalisation travels with the weights: with data.normalize_from_train it
                     # is computed, and predict.py must not need the training data to reproduce it.
+                    # So is the operating point chosen on val, for data that has no val split.
                     save_checkpoint(run.best, {"model": unwrap(model).state_dict(), "config": config_dict,
                                                "epoch": epoch + 1, "val_loss": val["loss"], "val_metrics": metrics,
-                                               "normalization": {"mean": float(data.mean), "std": float(data.std)}})
+                                               "normalization": {"mean": float(data.mean), "std": float(data.std)},
+                                               "threshold_youden": _youden_or_none(val["labels"], val["probs"]),
+                                               "prior": prior})
                 save_checkpoint(run.last, training_state(model=unwrap(model), optimizer=optimizer, scheduler=scheduler,
                                                          scaler=scaler, config=config_dict, loop=vars(state)))
                 tracker.log_epoch(epoch + 1, row, step=state.global_step)

@@ -46,7 +46,7 @@ from pylon import plots
 from pylon.checkpoint import load_checkpoint, load_model_weights
 from pylon.config import ConfigError, load_config, to_dict
 from pylon.data.cache import Geometry, resize_image
-from pylon.data.pipeline import PreparedData, split_loader, prepare_data
+from pylon.data.pipeline import ALL, PreparedData, split_loader, prepare_data
 from pylon.data.readers import ImageReadError, read_image
 from pylon.data.records import Record
 from pylon.data.transforms import eval_transform
@@ -57,8 +57,10 @@ from pylon.metrics import (
     auroc_rows,
     bootstrap_ci,
     classification_metrics,
+    energy_in_box,
     expected_calibration_error,
     jsonable,
+    laterality_hits,
     mean_rows,
     point_accuracy,
     pointing_game,
@@ -77,6 +79,7 @@ ALLOWED_OVERRIDES = (
     "train.device",
     "train.amp",
     "data.num_workers",
+    "data.sources",
     "data.cache_dir",
     "data.kaggle_root",
     "data.rsna_root",
@@ -270,13 +273,23 @@ def group_block(labels: np.ndarray, probs: np.ndarray, youden: Optional[float], 
     return block
 
 
-def classification_report(evaluated: SplitPredictions, val: SplitPredictions, n_boot: int, seed: int) -> dict:
-    """The ``classification`` section of metrics.json (see the module docstring)."""
+def run_threshold(trained: TrainedRun, val: Optional[SplitPredictions]) -> tuple[Optional[float], Optional[str]]:
+    """The Youden threshold chosen on the run's val split: stored with the best checkpoint by
+    training, else recomputed from ``val``. (threshold, None) or (None, why there is none)."""
+    if "threshold_youden" in trained.checkpoint_info:
+        stored = trained.checkpoint_info["threshold_youden"]
+        return (None, "no Youden threshold: the val split had one class") if stored is None else (float(stored), None)
+    if val is None:
+        return None, "no Youden threshold: the checkpoint does not store one and the run's val split is not evaluated"
     try:
-        youden: Optional[float] = youden_threshold(val.labels, val.probs)
-        youden_note = None
+        return youden_threshold(val.labels, val.probs), None
     except ValueError as err:
-        youden, youden_note = None, f"no Youden threshold: on the val split, {err}"
+        return None, f"no Youden threshold: on the val split, {err}"
+
+
+def classification_report(evaluated: SplitPredictions, youden: Optional[float], youden_note: Optional[str],
+                          n_boot: int, seed: int) -> dict:
+    """The ``classification`` section of metrics.json (see the module docstring)."""
     y, p = evaluated.labels, evaluated.probs
     report = {"split": evaluated.split, **group_block(y, p, youden, n_boot, seed)}
     report.update(loss=evaluated.loss, bootstrap_resamples=n_boot)
@@ -284,7 +297,6 @@ def classification_report(evaluated: SplitPredictions, val: SplitPredictions, n_
         report["threshold_youden"] = {
             "threshold": youden,
             "chosen_on": "val",
-            "n_chosen_on": int(val.labels.size),
             **report["threshold_youden"],
         }
         if evaluated.split == "val":
@@ -316,6 +328,8 @@ class MethodHits:
     points_original: list = field(default_factory=list)  # (x, y) in original-image pixels
     point_acc: list = field(default_factory=list)  # bool per image
     pointing: list = field(default_factory=list)  # bool per image
+    energy: list = field(default_factory=list)  # energy_in_box per image
+    laterality: list = field(default_factory=list)  # 1.0 / 0.0, nan when boxes are on both sides
 
 
 @dataclass
@@ -336,22 +350,23 @@ def short_id(record: Record) -> str:
     return record.id.rsplit("/", 1)[-1][:14]
 
 
-def resolve_methods(model: nn.Module, requested: Sequence[str]) -> list[str]:
-    """``eval.methods`` (or every supported method when empty), with ``center`` always added."""
-    supported = methods_for(model)
+def resolve_methods(model: nn.Module, requested: Sequence[str], has_prior: bool = True) -> list[str]:
+    """``eval.methods`` (or every supported method when empty), with the image-blind ``prior``
+    (when the run has one) and ``center`` baselines always added."""
+    supported = [m for m in methods_for(model) if has_prior or m != "prior"]
     if not requested:
-        return list(supported)
+        return supported
     unknown = [m for m in requested if m not in supported]
     if unknown:
         raise ConfigError(
-            f"eval.methods: {unknown} not available for a {type(model).__name__}; it supports {supported}"
+            f"eval.methods: {unknown} not available for this {type(model).__name__} run; it supports {supported}"
         )
-    methods = list(dict.fromkeys(requested))
-    return methods if "center" in methods else methods + ["center"]
+    baselines = [m for m in ("prior", "center") if m in supported]
+    return list(dict.fromkeys([*requested, *baselines]))
 
 
 def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Sequence[str],
-             probs_by_row: Mapping[int, float]) -> LocalizationOutcome:
+             probs_by_row: Mapping[int, float], prior: Optional[torch.Tensor] = None) -> LocalizationOutcome:
     """Score every method on every boxed image of ``split``, one batched pass over the images."""
     cfg, cache = trained.cfg, data.cache
     rows = np.array([r for r in data.rows[split] if len(cache.records[r].boxes)], dtype=np.int64)
@@ -372,7 +387,7 @@ def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Seque
         boxes_original = [np.asarray(cache.records[r].boxes, dtype=np.float64) for r in batch_rows]
         maps = {}
         for method in methods:
-            maps[method] = heatmaps(trained.model, batch["image"], method).float().numpy()
+            maps[method] = heatmaps(trained.model, batch["image"], method, prior=prior).float().numpy()
             scored = point_accuracy(maps[method], boxes_input, size, tolerance=0.0)
             original = np.concatenate([cache.to_original(r, p[None]) for r, p in zip(batch_rows, scored.points)])
             pointed = pointing_game(original, boxes_original, tolerance=outcome.tolerance_px)
@@ -381,6 +396,8 @@ def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Seque
             record.points_original += original.tolist()
             record.point_acc += scored.hits.tolist()
             record.pointing += pointed.hits.tolist()
+            record.energy += energy_in_box(maps[method], boxes_input, size).tolist()
+            record.laterality += laterality_hits(scored.points, boxes_input, size[1]).tolist()
         first = len(outcome.hits[methods[0]].point_acc) - len(batch_rows)
         for k, row in enumerate(batch_rows):
             index = first + k
@@ -410,19 +427,41 @@ def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Seque
     return outcome
 
 
-def localization_report(outcome: LocalizationOutcome, n_boot: int, seed: int) -> dict:
-    """The ``localization`` section of metrics.json, keyed by method."""
+LOCALIZATION_METRICS = ("point_acc", POINTING_KEY, "energy_in_box", "laterality_acc")
+
+
+def localization_block(hits: MethodHits, keep: np.ndarray, n_boot: int, seed: int) -> dict:
+    """The four localization metrics of the images in ``keep`` (bool mask), with 95% intervals.
+
+    ``n`` counts the boxed images; ``n_laterality`` those whose boxes are all on one side.
+    """
+    values = {
+        "point_acc": np.asarray(hits.point_acc, dtype=np.float64)[keep],
+        POINTING_KEY: np.asarray(hits.pointing, dtype=np.float64)[keep],
+        "energy_in_box": np.asarray(hits.energy, dtype=np.float64)[keep],
+        "laterality_acc": np.asarray(hits.laterality, dtype=np.float64)[keep],
+    }
+    values["laterality_acc"] = values["laterality_acc"][np.isfinite(values["laterality_acc"])]
+    entry: dict[str, Any] = {}
+    for key, array in values.items():
+        entry[key] = float(array.mean()) if array.size else math.nan
+        if n_boot >= 1 and array.size:
+            entry.setdefault("ci", {})[key] = list(bootstrap_ci(mean_rows, array, n_boot=n_boot, seed=seed, vectorized=True))
+    entry["n"] = int(keep.sum())
+    entry["n_laterality"] = int(values["laterality_acc"].size)
+    return entry
+
+
+def localization_report(outcome: LocalizationOutcome, views: Sequence[Optional[str]], n_boot: int, seed: int) -> dict:
+    """The ``localization`` section of metrics.json, keyed by method; ``views`` per scored image."""
+    views = np.array([v or "" for v in views])
     report = {}
     for method in outcome.methods:
         hits = outcome.hits[method]
-        entry: dict[str, Any] = {}
-        for key, values in (("point_acc", hits.point_acc), (POINTING_KEY, hits.pointing)):
-            array = np.asarray(values, dtype=bool)
-            entry[key] = float(array.mean()) if array.size else math.nan
-            if n_boot >= 1 and array.size:
-                entry.setdefault("ci", {})[key] = list(bootstrap_ci(mean_rows, array, n_boot=n_boot, seed=seed, vectorized=True))
-        entry["n"] = len(hits.point_acc)
+        entry = localization_block(hits, np.ones(len(views), dtype=bool), n_boot, seed)
         entry["pointing_tolerance_px"] = outcome.tolerance_px
+        entry["by_view"] = {view: localization_block(hits, views == view, n_boot, seed)
+                            for view in sorted(set(views) - {""})}
         report[method] = entry
     return report
 
@@ -439,6 +478,7 @@ def localization_frame(outcome: LocalizationOutcome, cache: Any) -> pd.DataFrame
                 "point_x": hits.points_original[i][0], "point_y": hits.points_original[i][1],
                 "point_x_input": hits.points_input[i][0], "point_y_input": hits.points_input[i][1],
                 "point_acc_hit": bool(hits.point_acc[i]), f"{POINTING_KEY}_hit": bool(hits.pointing[i]),
+                "energy_in_box": hits.energy[i], "laterality_hit": hits.laterality[i],
             })
     return pd.DataFrame(records)
 
@@ -550,10 +590,15 @@ def classification_table(report: Mapping[str, Any]) -> str:
 
 
 def localization_table(report: Mapping[str, Any]) -> str:
-    header = f"{'method':<10} | {'point_acc [95% CI]':<24} | {POINTING_KEY + ' [95% CI]':<32} | {'n':>4}"
+    """Every method's four metrics with intervals, overall and per view."""
+    header = (f"{'method':<10} {'view':<4} {'n':>4} | {'point_acc':<21} | {'pointing_15px':<21} | "
+              f"{'energy_in_box':<21} | {'laterality (n)':<27}")
     lines = [header, "-" * len(header)]
     for method, entry in report.items():
-        lines.append(f"{method:<10} | {_fmt_ci(entry, 'point_acc'):<24} | {_fmt_ci(entry, POINTING_KEY):<32} | {entry['n']:>4}")
+        for view, block in [("all", entry), *entry.get("by_view", {}).items()]:
+            laterality = f"{_fmt_ci(block, 'laterality_acc')} ({block['n_laterality']})"
+            lines.append(f"{method:<10} {view:<4} {block['n']:>4} | {_fmt_ci(block, 'point_acc'):<21} | "
+                         f"{_fmt_ci(block, POINTING_KEY):<21} | {_fmt_ci(block, 'energy_in_box'):<21} | {laterality:<27}")
     return "\n".join(lines)
 
 
@@ -575,7 +620,7 @@ def summary_scalars(values: Mapping[str, Any], prefix: str = "") -> dict[str, An
 
 
 def log_to_wandb(trained: TrainedRun, metrics: Mapping[str, Any], per_image: pd.DataFrame,
-                 figures: Sequence[Path]) -> Optional[Path]:
+                 figures: Sequence[Path], prefix: str = "eval/") -> Optional[Path]:
     """Summary, per-image table and figures into the run's W&B run (never fatal)."""
     from PIL import Image
 
@@ -595,10 +640,10 @@ def log_to_wandb(trained: TrainedRun, metrics: Mapping[str, Any], per_image: pd.
     )
     try:
         if tracker.active:
-            tracker.summary(**summary_scalars(jsonable(metrics), "eval/"))
-            tracker.log_table(f"eval/{metrics['split']}_per_image", per_image)
+            tracker.summary(**summary_scalars(jsonable(metrics), prefix))
+            tracker.log_table(f"{prefix}{metrics['split']}_per_image", per_image)
             items = [(np.asarray(Image.open(p).convert("RGB")), None, [], p.name) for p in figures]
-            tracker.log_images("eval/figures", items)
+            tracker.log_images(f"{prefix}figures", items)
     finally:
         tracker.finish()
     return tracker.wandb_dir
@@ -615,27 +660,33 @@ class EvaluationResult:
 
 
 def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: bool = False,
-                 echo: Callable[[str], None] = print) -> EvaluationResult:
-    """Everything evaluate.py does; returns metrics.json's content and the files written."""
+                 out: Optional[Path] = None) -> EvaluationResult:
+    """Everything evaluate.py does; returns metrics.json's content and the files written.
+
+    ``eval.split=all`` scores every readable image of the configured sources (another data
+    set, e.g. ``--set data.rsna_root=...``) with what the run stored at training time: input
+    normalisation, val-chosen threshold and box prior; nothing is estimated from the new data.
+    """
     trained = load_trained_run(run, overrides)
     cfg = trained.cfg
     split, n_boot, seed = cfg.eval.split, int(cfg.eval.bootstrap), int(cfg.train.seed)
-    methods = resolve_methods(trained.model, list(cfg.eval.methods)) if localization else []
-    data = prepare_data(cfg.data)
-    stored = stored_normalization(trained.checkpoint_info)
-    if stored is not None and not np.allclose(stored, (data.mean, data.std), rtol=0, atol=1e-6):
-        log.warning("checkpoint normalisation %s differs from the data's %s", stored, (data.mean, data.std))
-    out = run.eval_dir
+    prior = trained.checkpoint_info.get("prior")
+    methods = resolve_methods(trained.model, list(cfg.eval.methods), prior is not None) if localization else []
+    mean, std = input_normalization(trained)
+    data = replace(prepare_data(cfg.data, split=split != ALL), mean=mean, std=std)
+    out = run.eval_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    val = predict_split(trained, data, "val")
+    val = None if split == ALL else predict_split(trained, data, "val")
     evaluated = val if split == "val" else predict_split(trained, data, split)
-    classification = classification_report(evaluated, val, n_boot, seed)
+    youden, youden_note = run_threshold(trained, val)
+    classification = classification_report(evaluated, youden, youden_note, n_boot, seed)
     metrics: dict[str, Any] = {
         "run": str(run.root),
         "checkpoint": str(run.best),
         "checkpoint_epoch": trained.checkpoint_info.get("epoch"),
         "split": split,
+        "data": {source: str(Path(cfg.data[f"{source}_root"]).resolve()) for source in cfg.data.sources},
         "classification": classification,
     }
     figures = classification_figures(evaluated, classification, run.history, out)
@@ -648,14 +699,15 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     outputs: list[Path] = []
     if localization:
         probs_by_row = dict(zip(evaluated.rows.tolist(), evaluated.probs.tolist()))
-        outcome = localize(trained, data, split, methods, probs_by_row)
+        outcome = localize(trained, data, split, methods, probs_by_row, prior)
         if outcome.rows.size == 0:
             note = f"no images with boxes in the {split} split: localization not scored"
             metrics["localization"] = {}
             metrics["localization_note"] = note
             text.append(note)
         else:
-            metrics["localization"] = localization_report(outcome, n_boot, seed)
+            views = [data.cache.records[int(r)].view for r in outcome.rows]
+            metrics["localization"] = localization_report(outcome, views, n_boot, seed)
             if outcome.tolerance_px != 15.0:
                 metrics["localization_note"] = f"{POINTING_KEY} uses a tolerance of {outcome.tolerance_px:g} px (eval.pointing_tolerance_px)"
             figures += localization_figures(outcome, out)
@@ -668,16 +720,20 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
                 per_image[f"{POINTING_KEY}_{method}"] = per_image["id"].map(hits[f"{POINTING_KEY}_hit"])
             text.append(f"localization on {split} (images with >= 1 box; point_acc: argmax inside a box at "
                         f"the {data.cache.image_size}px input; {POINTING_KEY}: within "
-                        f"{outcome.tolerance_px:g}px of a box in the original image)\n"
+                        f"{outcome.tolerance_px:g}px of a box in the original image; energy_in_box: "
+                        f"share of the min-max scaled map inside the boxes; laterality: peak on the boxes' side "
+                        f"of the midline, images with boxes on one side only)\n"
                         + localization_table(metrics["localization"]))
 
-    predictions = pd.concat([val.frame(), evaluated.frame()] if split != "val" else [val.frame()], ignore_index=True)
+    scored = [val] if val is not None else []
+    scored += [evaluated] if evaluated is not val else []
+    predictions = pd.concat([p.frame() for p in scored], ignore_index=True)
     predictions.to_csv(out / "predictions.csv", index=False)
     metrics_path = out / "metrics.json"
     metrics_path.write_text(json.dumps(jsonable(metrics), indent=2) + "\n")
     outputs = [metrics_path, out / "predictions.csv", *outputs, *figures]
 
-    wandb_dir = log_to_wandb(trained, metrics, per_image, figures)
+    wandb_dir = log_to_wandb(trained, metrics, per_image, figures, prefix="eval/" if split != ALL else "eval_external/")
     if wandb_dir is not None:
         outputs.append(wandb_dir)
     return EvaluationResult(jsonable(metrics), outputs, "\n\n".join(text))
@@ -802,7 +858,7 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
         batch = torch.stack([t for *_, t in loaded]).to(trained.device)
         with torch.no_grad(), autocast(trained.device, dtype):
             probs = torch.sigmoid(trained.model(batch).logits[:, 0].float()).cpu().numpy()
-        maps = heatmaps(trained.model, batch, method)
+        maps = heatmaps(trained.model, batch, method, prior=trained.checkpoint_info.get("prior"))
         points = argmax_points(maps, (size, size))
         for (item, original, geometry, _), prob, heat, point in zip(loaded, probs, maps, points):
             peak = geometry.points_to_original(point)[0]

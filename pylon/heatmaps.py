@@ -26,6 +26,10 @@ Methods and what they return, (N, h, w) float32 on the CPU, one map per image fo
 * ``"center"`` (any model): a cone peaking at the image centre, at the input size; its
   first maximum is the pixel whose centre is nearest the image centre (for even sizes, the
   top-left of the middle four). The "no model" localization baseline.
+* ``"prior"`` (any model, given ``prior``): the mean box mask of the training split's
+  positive images (``box_prior``), the same map for every image, at the input size. It
+  ignores the image, yet on real films it points into a box far more often than the
+  centre does: a method localizes only where it beats it.
 
 The model is run in eval mode and every submodule's train/eval flag is restored afterwards.
 Gradient methods need autograd, so they switch it on even inside ``torch.no_grad`` /
@@ -36,16 +40,20 @@ step's ``backward`` and ``optimizer.step``.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, List
+from typing import Iterator, List, Optional, Sequence
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from pylon.metrics import box_mask
 from pylon.models import BaselineClassifier, Pylon
 
-PYLON_METHODS = ("pylon", "center")
-BASELINE_METHODS = ("cam", "gradcam", "gradcam++", "center")
-METHODS = ("pylon", "cam", "gradcam", "gradcam++", "center")
+# The image-blind baselines come last: every model gets them.
+PYLON_METHODS = ("pylon", "prior", "center")
+BASELINE_METHODS = ("cam", "gradcam", "gradcam++", "prior", "center")
+METHODS = ("pylon", "cam", "gradcam", "gradcam++", "prior", "center")
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -85,6 +93,18 @@ def center_map(n: int, height: int, width: int) -> torch.Tensor:
     dist = torch.hypot(ys[:, None] - height / 2.0, xs[None, :] - width / 2.0)
     cone = 1.0 - dist / dist.max().clamp_min(1e-12)
     return cone.expand(n, height, width).clone()
+
+
+def box_prior(boxes: Sequence[Sequence[Sequence[float]]], image_size: int) -> Optional[torch.Tensor]:
+    """(S, S) float32 mean of the box masks of the images that have boxes, or None if none has.
+
+    ``boxes``: one list of ``(x, y, w, h)`` per image, in the ``image_size`` network-input frame.
+    Computed from the training split only, it is stored with the run (``best.pt``).
+    """
+    masks = [box_mask(b, (image_size, image_size)) for b in boxes if len(b)]
+    if not masks:
+        return None
+    return torch.from_numpy(np.mean(masks, axis=0, dtype=np.float64).astype(np.float32))
 
 
 def _minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -135,11 +155,13 @@ def _check_images(images: torch.Tensor, n_in: int) -> torch.Tensor:
     return images
 
 
-def heatmaps(model: nn.Module, images: torch.Tensor, method: str, target: int = 0) -> torch.Tensor:
+def heatmaps(model: nn.Module, images: torch.Tensor, method: str, target: int = 0,
+             prior: Optional[torch.Tensor] = None) -> torch.Tensor:
     """(N, h, w) float32 CPU heatmaps of ``images`` for class ``target`` by ``method``.
 
     ``images``: (N, n_in, H, W) float, normalised as for the model. See the module docstring
     for each method's values and resolution; ``methods_for(model)`` lists the valid methods.
+    ``prior``: the run's ``box_prior``, needed by (only) the ``"prior"`` method.
     """
     model = _unwrap(model)
     supported = methods_for(model)
@@ -153,6 +175,13 @@ def heatmaps(model: nn.Module, images: torch.Tensor, method: str, target: int = 
 
     if method == "center":
         return center_map(n, height, width)
+    if method == "prior":
+        if prior is None:
+            raise ValueError("the 'prior' method needs the run's box prior (its training split had no boxes)")
+        prior = prior.float().cpu()
+        if tuple(prior.shape) != (height, width):
+            prior = F.interpolate(prior[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+        return prior.expand(n, height, width).clone()
     x = x.to(next(model.parameters()).device)
     with _eval_mode(model):
         if method in ("pylon", "cam"):

@@ -26,6 +26,13 @@ Localization (section 5 of the design):
 * ``pointing_game``: a point hits when its Euclidean distance to the nearest box is at
   most ``tolerance`` (0 inside a box). Images without boxes are not counted.
 * ``point_accuracy`` = ``argmax_points`` + ``pointing_game`` (default tolerance 0).
+* ``energy_in_box`` (the energy-based pointing game of Score-CAM, Wang et al. 2020): the share
+  of a map's mass inside the boxes, after bilinear upsampling to the image size and min-max
+  scaling to [0, 1], so that a constant offset carries no energy; a constant map counts as
+  uniform (its energy is the boxes' area share).
+* ``laterality_hits``: on images whose boxes all lie on one side of the vertical midline
+  (by box centre), whether the point is on that side. A constant point cannot score well on
+  both sides at once, which is where an image-blind prior fails.
 """
 from __future__ import annotations
 
@@ -450,6 +457,22 @@ def argmax_points(heatmaps: Any, image_size: Sequence[int]) -> np.ndarray:
     return np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float64)
 
 
+def box_mask(boxes: Sequence[Sequence[float]], image_size: Sequence[int]) -> np.ndarray:
+    """(H, W) bool: the pixels whose centre lies in any of the ``(x, y, w, h)`` boxes (edges count).
+
+    For integer boxes this is exactly the rasterised ``mask[y:y + h, x:x + w]``.
+    """
+    height, width = _check_image_size(image_size)
+    centres_x = np.arange(width) + 0.5
+    centres_y = np.arange(height) + 0.5
+    mask = np.zeros((height, width), dtype=bool)
+    for x, y, w, h in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
+        cols = (centres_x >= x) & (centres_x <= x + w)
+        rows = (centres_y >= y) & (centres_y <= y + h)
+        mask |= rows[:, None] & cols[None, :]
+    return mask
+
+
 def point_accuracy(
     heatmaps: Any,
     boxes: Boxes,
@@ -474,3 +497,42 @@ def point_accuracy(
     else:
         _check_image_size(image_size)
     return pointing_game(points, boxes, tolerance=tolerance)
+
+
+def energy_in_box(heatmaps: Any, boxes: Boxes, image_size: Sequence[int]) -> np.ndarray:
+    """(N,) share of each min-max scaled, upsampled map's mass inside its boxes; nan without boxes."""
+    height, width = _check_image_size(image_size)
+    maps = _heatmap_tensor(heatmaps).double()
+    _flatten_boxes(boxes, maps.shape[0])  # validates the boxes
+    shares = np.full(maps.shape[0], np.nan)
+    for i, image_boxes in enumerate(boxes):
+        if image_boxes is None or len(image_boxes) == 0:
+            continue
+        heat = maps[i]
+        if tuple(heat.shape) != (height, width):
+            heat = F.interpolate(heat[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+        low, high = heat.min(), heat.max()
+        if not torch.isfinite(high - low):
+            raise ValueError(f"heatmap {i} contains NaN/inf")
+        scaled = (heat - low) / (high - low) if high > low else torch.ones_like(heat)
+        inside = torch.from_numpy(box_mask(image_boxes, (height, width)))
+        shares[i] = float(scaled[inside].sum() / scaled.sum())
+    return shares
+
+
+def laterality_hits(points_xy: ArrayLike, boxes: Boxes, width: float) -> np.ndarray:
+    """(N,) 1.0 / 0.0: the point is on the side of the midline ``width / 2`` where all the
+    image's box centres lie; nan when the image has no boxes or boxes on both sides."""
+    pts = _to_numpy(points_xy).astype(np.float64)
+    coords, owner = _flatten_boxes(boxes, pts.shape[0])
+    midline = float(width) / 2.0
+    centre_x = (coords[:, 0] + coords[:, 2]) / 2.0
+    n = pts.shape[0]
+    n_boxes = np.bincount(owner, minlength=n)
+    n_left = np.bincount(owner, weights=centre_x < midline, minlength=n)
+    n_right = np.bincount(owner, weights=centre_x > midline, minlength=n)
+    hits = np.full(n, np.nan)
+    left, right = (n_boxes > 0) & (n_left == n_boxes), (n_boxes > 0) & (n_right == n_boxes)
+    hits[left] = pts[left, 0] < midline
+    hits[right] = pts[right, 0] > midline
+    return hits

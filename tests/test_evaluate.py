@@ -16,8 +16,10 @@ from sklearn.metrics import roc_auc_score
 from conftest import load_script, quiet_wandb_env, run_folders, tiny_overrides
 from pylon.config import ConfigError, load_config
 from pylon.data.pipeline import prepare_data
+from pylon.checkpoint import load_checkpoint
 from pylon.evaluation import THRESHOLD_METRICS, threshold_metric_rows
-from pylon.metrics import classification_metrics, pointing_game, youden_threshold
+from pylon.heatmaps import box_prior
+from pylon.metrics import argmax_points, classification_metrics, pointing_game, youden_threshold
 
 evaluate = load_script("evaluate")
 
@@ -126,19 +128,23 @@ def test_classification_numbers_are_those_of_the_saved_predictions(pylon_eval):
     assert c["by_source"]["kaggle"]["accuracy"] == pytest.approx(((kaggle.prob >= 0.5) == kaggle.label).mean())
 
 
-def test_localization_scores_pylon_and_center_in_both_frames(pylon_eval):
+def test_localization_scores_pylon_and_the_image_blind_baselines_in_both_frames(pylon_eval):
     run, metrics = pylon_eval
     data = run_data(run)
     boxed = [r for r in data.rows["test"] if data.cache.records[r].boxes]
     assert boxed, "the tiny data set must put boxed RSNA images in test"
     loc = metrics["localization"]
-    assert set(loc) == {"pylon", "center"}
+    assert set(loc) == {"pylon", "prior", "center"}
+    views = {data.cache.records[r].view for r in boxed}
     for method, entry in loc.items():
         assert entry["n"] == len(boxed)
-        for key in ("point_acc", "pointing_game_15px"):
+        for key in ("point_acc", "pointing_game_15px", "energy_in_box"):
             assert 0.0 <= entry[key] <= 1.0
             low, high = entry["ci"][key]
             assert low <= entry[key] <= high
+        assert entry["n_laterality"] <= entry["n"]
+        assert set(entry["by_view"]) == views
+        assert sum(block["n"] for block in entry["by_view"].values()) == entry["n"]
 
     # The centre baseline, recomputed from the records: its point is the middle pixel of the
     # 64 px input, and it is scored against cache-frame boxes, then in the 1024 px original.
@@ -150,8 +156,16 @@ def test_localization_scores_pylon_and_center_in_both_frames(pylon_eval):
     assert loc["center"]["point_acc"] == pytest.approx(in_input.accuracy)
     assert loc["center"]["pointing_game_15px"] == pytest.approx(in_original.accuracy)
 
+    # The prior is the training split's mean box mask, stored with the run: its point is fixed.
+    prior = box_prior([data.cache.boxes_in_cache_frame(r) for r in data.rows["train"]], size)
+    prior_point = argmax_points(prior[None], (size, size))[0]
+    in_box = pointing_game([prior_point] * len(boxed), [data.cache.boxes_in_cache_frame(r) for r in boxed], tolerance=0)
+    assert loc["prior"]["point_acc"] == pytest.approx(in_box.accuracy)
+
     frame = pd.read_csv(run / "eval" / "localization.csv")
-    assert len(frame) == 2 * len(boxed)
+    assert len(frame) == 3 * len(boxed)
+    assert np.allclose(frame[frame.method == "prior"][["point_x_input", "point_y_input"]], prior_point)
+    assert frame[frame.method == "pylon"].energy_in_box.mean() == pytest.approx(loc["pylon"]["energy_in_box"])
     # RSNA originals are 1024 px and the cache stretches them to 64 px: one factor of 16.
     assert np.allclose(frame.point_x, frame.point_x_input * 1024 / size)
     assert np.allclose(frame.point_y, frame.point_y_input * 1024 / size)
@@ -170,21 +184,22 @@ def test_evaluation_continues_the_runs_wandb_run(pylon_eval):
 def test_baseline_run_scores_every_cam_method(baseline_run, tmp_path):
     run = copy_run(baseline_run, tmp_path)
     metrics = run_evaluate(run, "--localization", "--set", "eval.bootstrap=50")
-    assert set(metrics["localization"]) == {"cam", "gradcam", "gradcam++", "center"}
+    assert set(metrics["localization"]) == {"cam", "gradcam", "gradcam++", "prior", "center"}
     n_boxed = sum(bool(r.boxes) for r in run_data(run).records("test"))
     for entry in metrics["localization"].values():
         assert entry["n"] == n_boxed > 0
         assert 0 <= entry["point_acc"] <= 1 and 0 <= entry["pointing_game_15px"] <= 1
     overlay = Image.open(run / "eval" / "overlays.png")
-    assert overlay.size[0] > 4 * overlay.size[1] / n_boxed  # image + four method columns
+    assert overlay.size[0] > 5 * overlay.size[1] / n_boxed  # image + five method columns
 
 
-def test_methods_from_config_and_center_always_added(tiny_run, tmp_path, capsys):
+def test_methods_from_config_and_the_baselines_always_added(tiny_run, tmp_path, capsys):
     run = copy_run(tiny_run, tmp_path)
     metrics = run_evaluate(run, "--localization", "--set", "eval.methods=[pylon]", "eval.n_overlays=2")
-    assert set(metrics["localization"]) == {"pylon", "center"}
+    assert set(metrics["localization"]) == {"pylon", "prior", "center"}
     table = capsys.readouterr().out
-    assert "method" in table and "point_acc" in table and "pointing_game_15px" in table
+    for column in ("method", "point_acc", "pointing_game_15px", "energy_in_box", "laterality"):
+        assert column in table
     with pytest.raises(ConfigError, match="gradcam.*not available"):
         evaluate.main(["--run", str(run), "--localization", "--set", "eval.methods=[gradcam]"])
 
@@ -213,6 +228,43 @@ def test_val_split_and_latest_run_and_user_errors(tiny_run, tmp_path):
     edited = copy_run(tiny_run, tmp_path / "edited", model={"backbone": "resnet34"})
     with pytest.raises(ConfigError, match="disagree on model.backbone"):
         evaluate.main(["--run", str(edited)])
+
+
+def external_rsna_roots(tiny_data: Path) -> list[Path]:
+    """RSNA-layout folders to score a run on: the generated one, and real DICOMs when present."""
+    from conftest import realdata_root
+
+    real = realdata_root() / "rsna_sample"
+    return [tiny_data / "rsna"] + ([real] if real.is_dir() else [])
+
+
+def test_external_evaluation_scores_every_image_with_the_runs_stored_threshold_and_prior(tiny_run, tiny_data,
+                                                                                        tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    stored = load_checkpoint(run / "checkpoints" / "best.pt")
+    size = load_config(run / "config.yaml").data.image_size
+    prior_point = argmax_points(stored["prior"][None], (size, size))[0]
+    for i, root in enumerate(external_rsna_roots(tiny_data)):
+        out = tmp_path / f"external-{i}"
+        assert evaluate.main(["--localization", "--run", str(run), "--set", "data.sources=[rsna]",
+                              f"data.rsna_root={root}", "eval.split=all", "eval.bootstrap=20", "--out", str(out)]) == 0
+        metrics = json.loads((out / "metrics.json").read_text())
+        labels = pd.read_csv(root / "stage_2_train_labels.csv")
+        patients = labels.groupby("patientId").Target.max()
+        c = metrics["classification"]
+        assert metrics["split"] == "all" and c["n"] == len(patients) and c["n_pos"] == patients.sum()
+        check_block(c, len(patients))
+        assert set(c["by_source"]) == {"rsna"}
+        assert c["threshold_youden"]["threshold"] == pytest.approx(stored["threshold_youden"])
+        loc = metrics["localization"]
+        assert set(loc) == {"pylon", "prior", "center"}
+        assert all(entry["n"] == patients.sum() for entry in loc.values())
+        frame = pd.read_csv(out / "localization.csv")
+        assert np.allclose(frame[frame.method == "prior"][["point_x_input", "point_y_input"]], prior_point)
+        predictions = pd.read_csv(out / "predictions.csv")
+        assert set(predictions.split) == {"all"} and len(predictions) == len(patients)
+        assert (out / "overlays.png").is_file()
+    assert not (run / "eval").exists()  # the in-distribution evaluation folder is left alone
 
 
 def test_vectorised_threshold_metrics_match_classification_metrics():

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pylon.heatmaps import heatmaps, methods_for
+from pylon.heatmaps import box_prior, heatmaps, methods_for
 from pylon.metrics import argmax_points
 from pylon.models import BaselineConfig, PylonConfig
 
@@ -39,8 +39,8 @@ EXPECTED_SHAPES = {
 
 
 def test_methods_for(baseline, pylon_model):
-    assert methods_for(pylon_model) == ["pylon", "center"]
-    assert methods_for(baseline) == ["cam", "gradcam", "gradcam++", "center"]
+    assert methods_for(pylon_model) == ["pylon", "prior", "center"]
+    assert methods_for(baseline) == ["cam", "gradcam", "gradcam++", "prior", "center"]
     with pytest.raises(TypeError, match="Linear"):
         methods_for(torch.nn.Linear(2, 2))
 
@@ -116,6 +116,33 @@ def test_center_map_peaks_at_the_image_centre(baseline):
         assert (x, y) == (width / 2 - 0.5, height / 2 - 0.5)
 
 
+def test_box_prior_is_the_mean_box_mask_of_the_boxed_images():
+    boxes = [
+        [(0, 0, 4, 4)],  # top-left quarter
+        [(0, 0, 4, 8), (4, 4, 4, 4)],  # left half + bottom-right quarter: 3/4 of the image
+        [],  # no boxes (a negative): not part of the mean
+    ]
+    prior = box_prior(boxes, 8)
+    expected = np.zeros((8, 8))
+    expected[:4, :4] += 1
+    expected[:, :4] += 1
+    expected[4:, 4:] += 1
+    np.testing.assert_allclose(prior.numpy(), expected / 2)
+    assert box_prior([[], []], 8) is None
+
+
+def test_prior_method_is_the_same_map_for_every_image_at_the_input_size(pylon_model, baseline, images):
+    prior = box_prior([[(8, 16, 16, 32)]], 32)  # stored at another size: resized to the input
+    for model in (pylon_model, baseline):
+        maps = heatmaps(model, images, "prior", prior=prior)
+        assert tuple(maps.shape) == (2, 64, 64)
+        assert torch.equal(maps[0], maps[1])
+        x, y = argmax_points(maps, (64, 64))[0]
+        assert 16 <= x <= 48 and 32 <= y <= 96
+    with pytest.raises(ValueError, match="box prior"):
+        heatmaps(pylon_model, images, "prior")
+
+
 @pytest.fixture(scope="module")
 def frozen_baseline():
     torch.manual_seed(5)
@@ -131,7 +158,7 @@ def test_gradient_methods_work_inside_inference_mode_and_with_a_frozen_encoder(f
 
 def test_model_modes_are_restored(frozen_baseline, images):
     model = frozen_baseline
-    for method in methods_for(model):
+    for method in set(methods_for(model)) - {"prior"}:  # the image-blind methods never run the model
         model.train()  # the frozen encoder stays in eval, the rest trains
         before = {name: m.training for name, m in model.named_modules()}
         assert not before["encoder"] and before[""]
@@ -160,7 +187,7 @@ def test_target_selects_the_class_of_a_multi_output_model(images):
 
 
 def test_bad_requests_are_rejected_clearly(baseline, pylon_model, images):
-    with pytest.raises(ValueError, match="'gradcam' is not available for Pylon.*'pylon', 'center'"):
+    with pytest.raises(ValueError, match="'gradcam' is not available for Pylon.*'pylon', 'prior', 'center'"):
         heatmaps(pylon_model, images, "gradcam")
     with pytest.raises(ValueError, match="'pylon' is not available for BaselineClassifier"):
         heatmaps(baseline, images, "pylon")

@@ -15,11 +15,14 @@ from pylon.metrics import (
     argmax_points,
     auroc_rows,
     bootstrap_ci,
+    box_mask,
     by_group,
     calibration_bins,
     classification_metrics,
+    energy_in_box,
     expected_calibration_error,
     jsonable,
+    laterality_hits,
     mean_rows,
     point_accuracy,
     pointing_game,
@@ -34,6 +37,17 @@ def peak_map(height: int, width: int, row: int, col: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- point accuracy
+
+
+def test_box_mask_is_the_rasterised_mask_for_integer_boxes_and_pixel_centres_otherwise():
+    expected = np.zeros((6, 8), dtype=bool)
+    expected[1:4, 2:7] = True
+    expected[5:6, 0:1] = True
+    np.testing.assert_array_equal(box_mask([(2, 1, 5, 3), (0, 5, 1, 1)], (6, 8)), expected)
+    # A box from 1.6 to 2.4 holds no pixel centre; one from 2.2 to 2.7 holds column/row 2's.
+    assert not box_mask([(1.6, 1.6, 0.8, 0.8)], (4, 4)).any()
+    assert np.argwhere(box_mask([(2.2, 2.2, 0.5, 0.5)], (4, 4))).tolist() == [[2, 2]]
+    assert not box_mask([], (4, 4)).any()
 
 
 def test_point_is_the_pixel_centre_and_box_edges_are_inclusive():
@@ -299,3 +313,51 @@ def test_auroc_rows_matches_sklearn_with_ties_and_flags_one_class_rows():
     for row in range(4):
         assert got[row] == pytest.approx(roc_auc_score(y[row], s[row]))
     assert math.isnan(got[4])
+
+
+# ---------------------------------------------------------------------------- energy, laterality
+
+
+def test_energy_of_a_map_entirely_inside_the_box_is_one():
+    heat = np.zeros((1, 16, 16))
+    heat[0, 4:8, 2:10] = 3.0
+    assert energy_in_box(heat, [[(2, 4, 8, 4)]], (16, 16))[0] == pytest.approx(1.0)
+
+
+def test_constant_map_energy_is_the_box_area_share_whatever_its_offset():
+    boxes = [[(0, 0, 16, 8), (0, 0, 4, 4)]]  # overlapping boxes count once: half the image
+    for value in (0.0, 0.7, 5.0):
+        assert energy_in_box(np.full((1, 4, 4), value), boxes, (16, 16))[0] == pytest.approx(0.5)
+
+
+def test_energy_is_min_max_scaled_so_an_offset_carries_no_energy():
+    heat = np.full((1, 8, 8), 10.0)
+    heat[0, 0, 0] = 11.0  # only this pixel carries energy after scaling
+    assert energy_in_box(heat, [[(0, 0, 1, 1)]], (8, 8))[0] == pytest.approx(1.0)
+    assert energy_in_box(heat, [[(4, 4, 4, 4)]], (8, 8))[0] == pytest.approx(0.0)
+
+
+def test_energy_upsamples_bilinearly_to_the_box_frame_and_skips_images_without_boxes():
+    heat = np.zeros((2, 2, 2))
+    heat[:, 0, 0] = 1.0  # top-left cell of a 2x2 map
+    up = torch.nn.functional.interpolate(torch.tensor(heat[:1, None]), size=(8, 8), mode="bilinear",
+                                         align_corners=False)[0, 0].numpy()
+    up = (up - up.min()) / (up.max() - up.min())
+    shares = energy_in_box(heat, [[(0, 0, 4, 4)], []], (8, 8))
+    assert shares[0] == pytest.approx(up[:4, :4].sum() / up.sum())
+    assert math.isnan(shares[1])
+
+
+def test_laterality_counts_one_sided_images_only():
+    boxes = [
+        [(0, 0, 10, 10), (20, 50, 20, 20)],  # both centres left of x=50
+        [(60, 0, 10, 10)],  # right
+        [(60, 0, 10, 10)],  # right, missed
+        [(10, 0, 10, 10), (70, 0, 10, 10)],  # both sides: not counted
+        [(45, 0, 10, 10)],  # centred on the midline: not counted
+        [],  # no boxes
+    ]
+    points = [(30, 90), (99, 0), (10, 10), (10, 10), (10, 10), (10, 10)]
+    hits = laterality_hits(points, boxes, width=100)
+    np.testing.assert_array_equal(hits[:3], [1.0, 1.0, 0.0])
+    assert np.isnan(hits[3:]).all()

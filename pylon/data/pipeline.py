@@ -27,6 +27,7 @@ from pylon.data.transforms import eval_transform, train_transform
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+ALL = "all"  # every image of the sources, unsplit: external evaluation
 
 
 @dataclass
@@ -78,8 +79,8 @@ def _maybe_generate_demo(data_cfg: Any) -> None:
         generate_demo(demo_root)
 
 
-def index_sources(data_cfg: Any) -> list[Record]:
-    """Every configured source, indexed and split by patient."""
+def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
+    """Every configured source, indexed and (unless ``split=False``) split by patient."""
     if data_cfg.generate_demo:
         _maybe_generate_demo(data_cfg)
     records: list[Record] = []
@@ -88,6 +89,8 @@ def index_sources(data_cfg: Any) -> list[Record]:
     if "rsna" in data_cfg.sources:
         rsna_root = _require_root("rsna_root", data_cfg.rsna_root, "stage_2_train_labels.csv")
         records += index_rsna(rsna_root, header_cache=Path(data_cfg.cache_dir) / "rsna_headers.csv")
+    if not split:
+        return [r.with_split(ALL) for r in records]
     return split_records(
         records,
         val_fraction=data_cfg.val_fraction,
@@ -96,8 +99,10 @@ def index_sources(data_cfg: Any) -> list[Record]:
     )
 
 
-def prepare_data(data_cfg: Any, *, progress: bool = True) -> PreparedData:
-    records = index_sources(data_cfg)
+def prepare_data(data_cfg: Any, *, progress: bool = True, split: bool = True) -> PreparedData:
+    """The cached data of ``data_cfg``, split by patient; with ``split=False`` every readable
+    image is in one ``"all"`` split (scoring a trained run on another data set)."""
+    records = index_sources(data_cfg, split=split)
     cache = build_cache(
         records,
         Path(data_cfg.cache_dir),
@@ -107,10 +112,12 @@ def prepare_data(data_cfg: Any, *, progress: bool = True) -> PreparedData:
         progress=progress,
     )
     split_of = np.array([r.split for r in cache.records])
-    rows = {split: np.flatnonzero(split_of == split) for split in SPLITS}
-    for split in ("train", "val"):
-        if len(rows[split]) == 0:
-            raise ConfigError(f"the {split} split is empty: check data.sources and the data roots")
+    if not split:
+        return PreparedData(cache, {ALL: np.arange(len(cache.records))}, float(data_cfg.mean), float(data_cfg.std))
+    rows = {name: np.flatnonzero(split_of == name) for name in SPLITS}
+    for name in ("train", "val"):
+        if len(rows[name]) == 0:
+            raise ConfigError(f"the {name} split is empty: check data.sources and the data roots")
     mean, std = data_cfg.mean, data_cfg.std
     if data_cfg.normalize_from_train:
         mean, std = pixel_mean_std(cache, rows["train"])

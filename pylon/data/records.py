@@ -8,7 +8,7 @@ Box = tuple[float, float, float, float]
 """(x, y, w, h) in pixels of the image the box belongs to."""
 
 Source = Literal["kaggle", "rsna"]
-Split = Literal["train", "val", "test"]
+Split = Literal["train", "val", "test", "all"]
 
 
 @dataclass(frozen=True)
