@@ -1,0 +1,63 @@
+"""bench/real_rsna.sh, the command behind the README's real localization tables, end to end on
+the tiny generated set: an RSNA-only baseline and a merged PYLON run train, evaluate with
+--localization, and one table compares their heatmap methods with the image-blind baselines."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import REPO_ROOT, quiet_wandb_env
+from pylon.config import load_config
+
+SCRIPT = REPO_ROOT / "bench" / "real_rsna.sh"
+CONFIGS = ("real_rsna_pylon_r18", "real_rsna_baseline_r18", "real_merged_pylon_r18", "real_merged_baseline_r18")
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_real_configs_train_from_scratch_on_the_same_rsna_split(name):
+    cfg = load_config(f"{name}.yaml")
+    assert cfg.model.weights is None and cfg.model.backbone == "resnet18"
+    assert cfg.model.arch == ("baseline" if "baseline" in name else "pylon")
+    assert list(cfg.data.sources) == (["rsna"] if "rsna_" in name else ["kaggle", "rsna"])
+    # One RSNA split for all four (it depends on these alone), with 50+ boxed test films of 238.
+    assert (cfg.data.rsna_test_fraction, cfg.data.val_fraction, cfg.data.split_seed) == (0.3, 0.1, 0)
+    assert round(238 * cfg.data.rsna_test_fraction) >= 50
+
+
+def test_script_trains_evaluates_and_tabulates(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    env = {
+        **os.environ,
+        **quiet_wandb_env(tmp_path / "wandb-home"),
+        "PYTHON": sys.executable,
+        "RUNS_DIR": str(runs),
+        "CONFIGS": "real_rsna_baseline_r18 real_merged_pylon_r18",
+        "OMP_NUM_THREADS": "1",
+    }
+    overrides = ["--set", "data.image_size=64", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
+                 "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8",
+                 "logging.wandb_mode=disabled", "eval.bootstrap=20"]
+    done = subprocess.run(["bash", str(SCRIPT), str(tiny_data / "kaggle"), str(tiny_data / "rsna"), *overrides],
+                          env=env, capture_output=True, text=True, timeout=600)
+    logs = sorted(runs.glob("real_rsna-*.log"))
+    assert done.returncode == 0, done.stderr[-2000:] + (logs[-1].read_text()[-3000:] if logs else "")
+
+    (baseline_run,) = runs.glob("real_rsna_baseline_r18-*")
+    (pylon_run,) = runs.glob("real_merged_pylon_r18-*")
+    for run, methods, sources in ((baseline_run, {"cam", "gradcam", "gradcam++"}, ["rsna"]),
+                                  (pylon_run, {"pylon"}, ["kaggle", "rsna"])):
+        config = yaml.safe_load((run / "config.yaml").read_text())
+        assert config["data"]["sources"] == sources
+        metrics = json.loads((run / "eval" / "metrics.json").read_text())
+        assert set(metrics["localization"]) == methods | {"prior", "center"}
+    table = done.stdout[done.stdout.index("| run | method"):]
+    for method in ("pylon", "cam", "gradcam", "gradcam++", "prior", "center"):
+        assert f"| {method} | all |" in table
+    assert "| real_merged_pylon_r18 | " in table and "| real_rsna_baseline_r18 | " in table
+    assert "source alone" in table
