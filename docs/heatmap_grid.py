@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"--run {run_dir}: none of --methods {' '.join(args.methods)} applies to this "
                               f"{trained.cfg.model.arch} model; it has {' '.join(methods_for(trained.model))}")
         for method in methods:
-            maps = heatmaps(trained.model, batch, method)
+            maps = heatmaps(trained.model, batch, method, prior=trained.checkpoint_info.get("prior"))
             points = argmax_points(maps, (size, size)) * (shown_size / size)
             column = label if method == "pylon" else f"{label} {method}"
             for row, heat, point in zip(rows, maps, points):
