@@ -12,11 +12,14 @@ normalisation; ``pylon.data.pipeline``), loads ``checkpoints/best.pt`` safely an
   image and method), figures (ROC, PR, confusion matrices, calibration, learning curves,
   overlay grid, failure galleries).
 
-Localization follows DESIGN.md section 5: ``point_acc`` takes the argmax of the heatmap
+Localization (the README's evaluation protocol): ``point_acc`` takes the argmax of the heatmap
 upsampled to the network input and counts a hit inside a box of the same (cache) frame;
 ``pointing_game_15px`` maps that same point into the original image through the cache
 geometry and counts a hit within ``eval.pointing_tolerance_px`` of an original-frame box.
-Only images with at least one box are scored, and the ``center`` baseline is always included.
+``energy_in_box`` and ``laterality_acc`` are scored on the same maps. Only images with at
+least one box are scored, and the image-blind ``prior`` (stored with the run) and ``center``
+baselines are always included. ``eval.split=all`` scores another data set with the run's
+stored normalisation, threshold and prior.
 
 Every metric comes from ``pylon.metrics``; the only arithmetic here is a vectorised form of
 the confusion-matrix ratios, so that bootstrap intervals over thousands of resamples take

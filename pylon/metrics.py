@@ -11,7 +11,7 @@ Classification (binary: label 1 = pneumonia, ``probs`` = P(label 1)):
 * ``bootstrap_ci``: percentile bootstrap intervals for any metric (vectorised metrics such
   as ``mean_rows`` and ``auroc_rows`` evaluate all resamples in a few array operations).
 
-Localization (section 5 of the design):
+Localization (the README's evaluation protocol):
 
 * Coordinates are continuous image coordinates: the image covers ``[0, W] x [0, H]`` and
   pixel (row ``r``, column ``c``) is the unit square ``[c, c + 1] x [r, r + 1]``. The point a

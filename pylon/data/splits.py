@@ -1,6 +1,6 @@
 """Patient-level, label-stratified, seeded train/val/test splits, and the leakage check.
 
-Rules (DESIGN.md section 5):
+Rules:
 - Kaggle keeps its official test split. Its official train and val images are pooled and
   `val_fraction` of the pool's patients become val.
 - RSNA (and any other source) has no official split: `rsna_test_fraction` of its patients
