@@ -438,12 +438,8 @@ def localization_block(hits: MethodHits, keep: np.ndarray, n_boot: int, seed: in
 
     ``n`` counts the boxed images; ``n_laterality`` those whose boxes are all on one side.
     """
-    values = {
-        "point_acc": np.asarray(hits.point_acc, dtype=np.float64)[keep],
-        POINTING_KEY: np.asarray(hits.pointing, dtype=np.float64)[keep],
-        "energy_in_box": np.asarray(hits.energy, dtype=np.float64)[keep],
-        "laterality_acc": np.asarray(hits.laterality, dtype=np.float64)[keep],
-    }
+    per_image = (hits.point_acc, hits.pointing, hits.energy, hits.laterality)
+    values = {key: np.asarray(v, dtype=np.float64)[keep] for key, v in zip(LOCALIZATION_METRICS, per_image)}
     values["laterality_acc"] = values["laterality_acc"][np.isfinite(values["laterality_acc"])]
     entry: dict[str, Any] = {}
     for key, array in values.items():
@@ -675,8 +671,10 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     split, n_boot, seed = cfg.eval.split, int(cfg.eval.bootstrap), int(cfg.train.seed)
     prior = trained.checkpoint_info.get("prior")
     methods = resolve_methods(trained.model, list(cfg.eval.methods), prior is not None) if localization else []
-    mean, std = input_normalization(trained)
-    data = replace(prepare_data(cfg.data, split=split != ALL), mean=mean, std=std)
+    data = prepare_data(cfg.data, split=split != ALL)
+    stored = stored_normalization(trained.checkpoint_info)
+    if stored is not None:  # the model's own input contract, whatever data it now sees
+        data = replace(data, mean=stored[0], std=stored[1])
     out = run.eval_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -728,8 +726,7 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
                         f"of the midline, images with boxes on one side only)\n"
                         + localization_table(metrics["localization"]))
 
-    scored = [val] if val is not None else []
-    scored += [evaluated] if evaluated is not val else []
+    scored = [evaluated] if split in ("val", ALL) else [val, evaluated]
     predictions = pd.concat([p.frame() for p in scored], ignore_index=True)
     predictions.to_csv(out / "predictions.csv", index=False)
     metrics_path = out / "metrics.json"
