@@ -16,7 +16,7 @@ $(INSTALLED): setup.py
 
 # Generate the synthetic data, train PYLON and its ResNet baseline, evaluate both side by side.
 demo: $(INSTALLED)
-	$(PY) -m pylon.data.synthetic --out datasets/demo
+	$(PY) -m pylon.demo --out datasets/demo
 	$(PY) train.py --config demo.yaml
 	$(PY) evaluate.py --localization
 	$(PY) train.py --config demo_baseline.yaml

@@ -25,21 +25,34 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run's train.device)")
     args = parser.parse_args(argv)
 
-    from pylon.evaluation import (load_trained_run, predict_files, predictions_table, read_boxes_csv,
-                                  write_predictions_csv)
+    import pandas as pd
+
+    from pylon.inference import load_run, predict_files
     from pylon.runs import find_run
 
     run = find_run(args.run, args.runs_dir)
-    boxes = read_boxes_csv(args.boxes_csv) if args.boxes_csv else None
-    trained = load_trained_run(run, device=args.device)
+    boxes = None
+    if args.boxes_csv:
+        from pylon.data.sources.rsna import read_labels
+
+        if not args.boxes_csv.is_file():
+            raise FileNotFoundError(f"--boxes-csv {args.boxes_csv}: file not found")
+        _, boxes = read_labels(args.boxes_csv)
+    trained = load_run(run, device=args.device)
     out = args.out or run.root / "predict"
     results = predict_files(trained, args.images, out, method=args.method, boxes_by_id=boxes)
-    csv_path = write_predictions_csv(results, out / "predictions.csv")
-    print(predictions_table(results))
-    print()
-    print("outputs:")
-    for path in [csv_path] + [r.overlay for r in results if r.overlay is not None]:
-        print(f"  {path}")
+    table = pd.DataFrame([{"file": r.path, "id": r.id, "probability": r.probability, "peak_x": r.peak_x,
+                           "peak_y": r.peak_y, "method": r.method, "overlay": r.overlay or "", "error": r.error or ""}
+                          for r in results])
+    table.to_csv(out / "predictions.csv", index=False)
+    print(f"{'file':<40} {'P(pneumonia)':>12}  {'peak (x, y) px':<18} overlay")
+    for r in results:
+        name = Path(r.path).name if len(Path(r.path).name) <= 40 else "..." + Path(r.path).name[-37:]
+        if r.error:
+            print(f"{name:<40} {'failed':>12}  {'':<18} (see the error above)")
+        else:
+            print(f"{name:<40} {r.probability:>12.4f}  {f'({r.peak_x:.0f}, {r.peak_y:.0f})':<18} {r.overlay}")
+    print(f"\npredictions: {out / 'predictions.csv'}")
     failed = sum(r.error is not None for r in results)
     if failed:
         print(f"{failed} of {len(results)} file(s) could not be read (errors above)")

@@ -42,10 +42,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     else:
         cfg = load_config(args.config, args.overrides)
 
-    from pylon.engine import fit, format_summary, is_main_process, shutdown_distributed
+    from pylon.distributed import is_main_process, shutdown_distributed
+    from pylon.engine import fit, format_summary
 
     try:
-        summary = fit(cfg, run, resume=run is not None)
+        summary = fit(cfg, run)
     finally:
         shutdown_distributed()
     if is_main_process():

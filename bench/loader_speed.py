@@ -38,11 +38,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from pylon.config import AugmentConfig, DataConfig  # noqa: E402
 from pylon.data.cache import ImageCache, build_cache, resize_image  # noqa: E402
-from pylon.data.dataset import CxrDataset, collate, seed_worker  # noqa: E402
+from pylon.data.dataset import CxrDataset, collate, reseed, seed_worker  # noqa: E402
+from pylon.data.dataset import train_transform as _train_transform  # noqa: E402
 from pylon.data.readers import read_image  # noqa: E402
-from pylon.data.records import Record  # noqa: E402
-from pylon.data.transforms import reseed, train_transform  # noqa: E402
+from pylon.data.records import Box, Record  # noqa: E402
+
+
+def train_transform(image_size: int):
+    """The default training augmentation with the reference normalisation."""
+    return _train_transform(image_size, AugmentConfig(), mean=DataConfig.mean, std=DataConfig.std)
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,20 +102,21 @@ def fullsize_kaggle_files(folder: Path, n: int) -> list[Record]:
 
 def generated_rsna_files(folder: Path, n: int) -> list[Record]:
     """1024x1024 JPEG-baseline DICOMs like the RSNA challenge files."""
-    from pylon.data.dicom_writer import write_dicom
+    from pylon.demo import write_dicom
 
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True, exist_ok=True)
     records = []
     for i in range(n):
-        path = write_dicom(folder / f"rsna_{i}.dcm", _texture(rng, 1024, 1024), transfer_syntax="jpeg-baseline")
-        boxes = ((300.0, 300.0, 200.0, 250.0),) if i % 3 == 0 else ()
+        path = folder / f"rsna_{i}.dcm"
+        write_dicom(path, _texture(rng, 1024, 1024), {"PatientID": f"rp{i}"})
+        boxes = (Box(300.0, 300.0, 200.0, 250.0),) if i % 3 == 0 else ()
         records.append(Record(f"r{i}", f"rp{i}", "rsna", str(path), int(bool(boxes)), boxes))
     return records
 
 
 def load_records(args: argparse.Namespace, scratch: Path) -> tuple[list[Record], list[Record], str]:
-    from pylon.data import index_kaggle, index_rsna
+    from pylon.data.sources import kaggle as kaggle_source, rsna as rsna_source
 
     real = realdata_root()
     kaggle_root = args.kaggle_root or (real / "kermany_224" if (real / "kermany_224").is_dir() else None)
@@ -118,8 +125,8 @@ def load_records(args: argparse.Namespace, scratch: Path) -> tuple[list[Record],
         kaggle = fullsize_kaggle_files(scratch / "generated", min(args.n_kaggle, 64))
         rsna = generated_rsna_files(scratch / "generated", 16)
         return kaggle, rsna, "generated (1300x1700 JPEG, 1024x1024 JPEG DICOM)"
-    kaggle = index_kaggle(kaggle_root) if kaggle_root else []
-    rsna = index_rsna(rsna_root) if rsna_root else []
+    kaggle = kaggle_source.index(kaggle_root) if kaggle_root else []
+    rsna = rsna_source.index(rsna_root) if rsna_root else []
     if len(kaggle) > args.n_kaggle:
         pick = np.random.default_rng(0).choice(len(kaggle), size=args.n_kaggle, replace=False)
         kaggle = [kaggle[i] for i in sorted(pick)]
@@ -138,7 +145,7 @@ class DecodeDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         record = self.records[index]
         image, geometry = resize_image(read_image(record.path), self.image_size, self.resize)  # type: ignore[arg-type]
-        boxes = geometry.boxes_to_cache(record.boxes).astype(np.float32) if record.boxes else np.zeros((0, 4), np.float32)
+        boxes = geometry.boxes_to_cache(record.scored_boxes).astype(np.float32)
         out = self.transform(image=image, bboxes=boxes)
         return {"image": out["image"], "label": torch.tensor([float(record.label)]),
                 "boxes": torch.from_numpy(np.asarray(out["bboxes"], np.float32).reshape(-1, 4)),
@@ -193,7 +200,7 @@ def stage_breakdown(cache: ImageCache, records: list[Record], transform, args, r
     rows = rng.integers(len(cache), size=repeats)
     stats: dict[str, list[float]] = {k: [] for k in ("cache_read", "augment", "to_item", "collate_per_item")}
     items = []
-    dataset = CxrDataset(cache, transform=transform)
+    dataset = CxrDataset(cache, np.arange(len(cache)), transform)
     for row in rows:
         t0 = time.perf_counter()
         image = cache.image(int(row))
@@ -303,7 +310,7 @@ def main() -> None:
 
     transform = train_transform(args.image_size)
     reseed(transform, 0)
-    loaders: dict[str, Dataset] = {"cached": CxrDataset(cache, transform=train_transform(args.image_size))}
+    loaders: dict[str, Dataset] = {"cached": CxrDataset(cache, np.arange(len(cache)), train_transform(args.image_size))}
     if kaggle:
         loaders["decode_kaggle"] = DecodeDataset(kaggle, args.image_size, args.resize, train_transform(args.image_size))
     if args.n_fullsize > 0:

@@ -41,8 +41,10 @@ sys.path.insert(0, str(ROOT))
 
 from pylon.config import load_config  # noqa: E402
 from pylon.data.pipeline import PreparedData, split_loader, prepare_data, set_loader_epoch  # noqa: E402
-from pylon.engine import Dist, amp_dtype, build_optimizer, resolve_device, train_step  # noqa: E402
-from pylon.models import build_model_from_config  # noqa: E402
+from pylon.distributed import Dist  # noqa: E402
+from pylon.engine import build_optimizer, train_step  # noqa: E402
+from pylon.inference import amp_dtype, resolve_device  # noqa: E402
+from pylon.models import build_model  # noqa: E402
 
 TARGET_OVERHEAD_PCT = 10.0
 
@@ -66,7 +68,7 @@ def parse_args() -> argparse.Namespace:
 def experiment_config(args: argparse.Namespace, scratch: Path):
     """The paper config with random weights and this benchmark's data, size and loader."""
     if args.kaggle_root is None and args.rsna_root is None:
-        from pylon.data.synthetic import generate_demo
+        from pylon.demo import generate_demo
 
         print("generating a demo data set ...", flush=True)
         demo = generate_demo(scratch / "demo", n_kaggle_patients=24, n_rsna=24, progress=False)
@@ -140,7 +142,7 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
     in_process = split_loader(data, "train", in_process_cfg, args.batch, train=True, seed=0)
 
     torch.manual_seed(0)
-    model = build_model_from_config(cfg.model).to(device)
+    model = build_model(cfg.model).to(device)
     if cfg.train.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     model.train()

@@ -35,36 +35,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     import torch
 
     from pylon.config import ConfigError
-    from pylon.data import read_image
-    from pylon.evaluation import file_preprocessing, load_trained_run
     from pylon.heatmaps import heatmaps, methods_for
+    from pylon.inference import file_input, load_run, probabilities
     from pylon.metrics import argmax_points
     from pylon.plots import OverlayRow, plot_overlay_grid
     from pylon.runs import find_run
 
-    originals = [read_image(path) for path in args.images]
     rows = [OverlayRow(image=None, heatmaps={}, points={}, title=path.name) for path in args.images]
     shown_size = None  # every column is drawn on the first run's input; points are scaled to it
     for run_dir in args.runs:
-        trained = load_trained_run(find_run(run_dir, "runs"), device="cpu")
+        trained = load_run(find_run(run_dir, "runs"), device="cpu")
         size = int(trained.cfg.data.image_size)
         shown_size = shown_size or size
-        preprocess = file_preprocessing(trained)
-        prepared = [preprocess(image) for image in originals]
-        resized = [image for image, _, _ in prepared]
-        batch = torch.stack([tensor for _, _, tensor in prepared])
-        with torch.no_grad():
-            probs = torch.sigmoid(trained.model(batch).logits[:, 0]).tolist()
+        prepared = [file_input(path, trained) for path in args.images]
+        batch = torch.stack([tensor for *_, tensor in prepared])
+        probs = probabilities(trained.model, batch, trained.device)
         label = "PYLON" if trained.cfg.model.arch == "pylon" else trained.cfg.model.backbone.replace("resnet", "ResNet")
-        for row, image, prob in zip(rows, resized, probs):
-            row.image = image if row.image is None else row.image
+        for row, (_, resized, _, _), prob in zip(rows, prepared, probs):
+            row.image = resized if row.image is None else row.image
             row.title += f"\n{label}: p={prob:.2f}"
         methods = [m for m in args.methods if m in methods_for(trained.model)]
         if not methods:
             raise ConfigError(f"--run {run_dir}: none of --methods {' '.join(args.methods)} applies to this "
                               f"{trained.cfg.model.arch} model; it has {' '.join(methods_for(trained.model))}")
         for method in methods:
-            maps = heatmaps(trained.model, batch, method, prior=trained.checkpoint_info.get("prior"))
+            maps = heatmaps(trained.model, batch, method, prior=trained.prior)
             points = argmax_points(maps, (size, size)) * (shown_size / size)
             column = label if method == "pylon" else f"{label} {method}"
             for row, heat, point in zip(rows, maps, points):

@@ -30,9 +30,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
     for module, names in (
-        ("pylon.models.backbone", ("WeightsUnavailableError", "WeightsFileError")),
+        ("pylon.models", ("WeightsUnavailableError", "WeightsFileError")),
         ("pylon.checkpoint", ("CheckpointError",)),
-        ("pylon.data.readers", ("ImageReadError", "DatasetLayoutError")),
+        ("pylon.data.readers", ("ImageReadError",)),
+        ("pylon.data.records", ("DatasetLayoutError",)),
         ("pylon.engine", ("TrainingDiverged",)),
     ):
         mod = sys.modules.get(module)

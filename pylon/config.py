@@ -1,11 +1,13 @@
 """The whole experiment as typed dataclasses, loaded from YAML and overridden with --set.
 
-OmegaConf structured configs do the type checking and reject unknown keys; this module only
-adds config-name lookup in ``configs/``, ``extends:`` for configs that differ from another in a
-few keys, and turns OmegaConf's multi-line errors into one line that names the key or file.
+OmegaConf does the type checking and rejects unknown keys; ``validate`` checks value ranges
+once, here, so the library below trusts its config. ``extends:`` lets a config differ from
+another in a few keys; every error is one line naming the key or file.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -62,6 +64,7 @@ class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["kaggle", "rsna"])
     kaggle_root: Optional[str] = "datasets/kaggle"
     rsna_root: Optional[str] = "datasets/rsna"
+    roots: dict[str, str] = field(default_factory=dict)  # roots of other registered sources, by name
     generate_demo: bool = False
     image_size: int = 256
     resize: Literal["letterbox", "stretch"] = "stretch"
@@ -190,11 +193,8 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
 
 
 def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] = None) -> ExperimentConfig:
-    """The fully resolved, type-checked experiment config.
-
-    The result is an OmegaConf-typed view of :class:`ExperimentConfig`: attribute access and
-    assignment are validated, and :func:`to_yaml` gives what is saved with a run.
-    """
+    """The resolved, type-checked and validated experiment config (an OmegaConf view of
+    :class:`ExperimentConfig`); the only place config values are checked."""
     path = resolve_config_path(name_or_path)
     schema = OmegaConf.structured(ExperimentConfig)
     try:
@@ -210,24 +210,65 @@ def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] =
     return cfg  # type: ignore[return-value]
 
 
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
 def validate(cfg: Any) -> None:
-    """Checks that involve more than one key, or value ranges types cannot express."""
-    unknown_sources = set(cfg.data.sources) - {"kaggle", "rsna"}
-    if unknown_sources or not cfg.data.sources:
-        raise ConfigError(f"data.sources must be a non-empty subset of [kaggle, rsna], got {list(cfg.data.sources)}")
-    if cfg.data.image_size < 64 or cfg.data.image_size % 32:
-        raise ConfigError(f"data.image_size must be a multiple of 32 and at least 64, got {cfg.data.image_size}")
-    low, high = cfg.data.augment.crop_scale
-    if not 0 < low <= high <= 1:
-        raise ConfigError(f"data.augment.crop_scale must satisfy 0 < low <= high <= 1, got {[low, high]}")
-    pos_weight = cfg.train.pos_weight
-    if isinstance(pos_weight, str) and pos_weight != "auto":
-        raise ConfigError(f"train.pos_weight must be a number, 'auto' or null, got '{pos_weight}'")
+    """Value ranges and combinations the types cannot express, each named by its key."""
+    from pylon.data.sources import SOURCES
+
+    m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
+    unknown = [s for s in d.sources if s not in SOURCES]
+    _require(bool(d.sources) and not unknown,
+             f"data.sources must be a non-empty list of {sorted(SOURCES)}, got {list(d.sources)}")
+    _require(d.image_size >= 64 and d.image_size % 32 == 0,
+             f"data.image_size must be a multiple of 32 and at least 64, got {d.image_size}")
+    low, high = d.augment.crop_scale
+    _require(0 < low <= high <= 1, f"data.augment.crop_scale must satisfy 0 < low <= high <= 1, got {[low, high]}")
+    _require(0 < d.augment.crop_ratio[0] <= d.augment.crop_ratio[1],
+             f"data.augment.crop_ratio must be two positive numbers, low <= high, got {list(d.augment.crop_ratio)}")
     for name in ("val_fraction", "rsna_test_fraction"):
-        if not 0 < cfg.data[name] < 1:
-            raise ConfigError(f"data.{name} must be between 0 and 1, got {cfg.data[name]}")
-    if cfg.train.epochs < 1 or cfg.train.batch_size < 1:
-        raise ConfigError("train.epochs and train.batch_size must be positive")
+        _require(0 < d[name] < 1, f"data.{name} must be between 0 and 1, got {d[name]}")
+    _require(math.isfinite(d.mean) and math.isfinite(d.std) and d.std > 0,
+             f"data.mean and data.std must be finite and data.std positive, got {d.mean} and {d.std}")
+    _require(d.num_workers >= 0, f"data.num_workers must be 0 or more, got {d.num_workers}")
+
+    from segmentation_models_pytorch.encoders import encoders
+
+    _require(m.backbone in encoders or m.backbone.startswith("tu-"), f"model.backbone={m.backbone!r} is not a "
+             "segmentation-models-pytorch encoder; e.g. resnet18, resnet50, efficientnet-b0, tu-<timm model>")
+    _require(m.n_in >= 1 and m.n_out >= 1, f"model.n_in and model.n_out must be at least 1, got {m.n_in}, {m.n_out}")
+    dec = m.decoder
+    _require(0 <= dec.n_up <= 3, f"model.decoder.n_up must be 0, 1, 2 or 3, got {dec.n_up}")
+    _require(dec.n_dec_ch >= 1, f"model.decoder.n_dec_ch must be positive, got {dec.n_dec_ch}")
+    for name in ("seg_kern_size", "up_kernel_size"):  # 'same' padding k // 2 needs odd kernels
+        _require(dec[name] >= 1 and dec[name] % 2 == 1, f"model.decoder.{name} must be a positive odd number, got {dec[name]}")
+
+    _require(t.epochs >= 1 and t.batch_size >= 1 and e.batch_size >= 1,
+             "train.epochs, train.batch_size and eval.batch_size must be positive")
+    _require(not isinstance(t.pos_weight, str) or t.pos_weight == "auto",
+             f"train.pos_weight must be a number, 'auto' or null, got '{t.pos_weight}'")
+    _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _require(t.early_stop_patience is None or t.early_stop_patience >= 1,
+             f"train.early_stop_patience must be at least 1 or null, got {t.early_stop_patience}")
+    _require(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
+             f"train.max_steps_per_epoch must be at least 1 or null, got {t.max_steps_per_epoch}")
+    _require(t.freeze_encoder_epochs >= 0, f"train.freeze_encoder_epochs must be 0 or more, got {t.freeze_encoder_epochs}")
+    _require(not (t.freeze_encoder_epochs and m.freeze == "enc"),
+             "train.freeze_encoder_epochs and model.freeze=enc both freeze the encoder: use one")
+    _require(not (t.scheduler == "plateau" and t.lr < t.min_lr),
+             f"train.lr={t.lr} is already below train.min_lr={t.min_lr}: the run would stop after one epoch")
+    _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
+             f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
+
+    from pylon.heatmaps import METHODS
+
+    _require(set(e.methods) <= set(METHODS), f"eval.methods must be among {list(METHODS)}, got {list(e.methods)}")
+    _require(e.bootstrap >= 0 and e.pointing_tolerance_px >= 0 and e.n_overlays >= 0,
+             "eval.bootstrap, eval.pointing_tolerance_px and eval.n_overlays must be 0 or more")
+    _require(cfg.logging.log_every_steps >= 1, f"logging.log_every_steps must be at least 1, got {cfg.logging.log_every_steps}")
 
 
 def to_yaml(cfg: Any) -> str:
@@ -237,13 +278,3 @@ def to_yaml(cfg: Any) -> str:
 def to_dict(cfg: Any) -> dict:
     """Plain containers (for W&B, checkpoints and JSON)."""
     return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
-
-
-def from_dict(values: dict) -> ExperimentConfig:
-    """Rebuild a typed config from :func:`to_dict` output (e.g. stored in a checkpoint)."""
-    try:
-        cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), values)
-    except OmegaConfBaseException as err:
-        raise _one_line(err, "stored config") from None
-    validate(cfg)
-    return cfg  # type: ignore[return-value]

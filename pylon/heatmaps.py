@@ -1,41 +1,20 @@
-"""One entry point for every heatmap the project scores: ``heatmaps(model, images, method)``.
+"""Every heatmap the project scores: ``heatmaps(model, images, method)`` -> (N, h, w) on the
+CPU, one map per image for class ``target``, each at its native resolution.
 
-Methods and what they return, (N, h, w) float32 on the CPU, one map per image for class
-``target`` (default 0, the single pneumonia logit), each at its native resolution:
+* ``pylon``: sigmoid (in float64) of PYLON's per-pixel logits, one no-grad forward; 1/4 size.
+* ``cam``: the baseline's class activation map, min-max normalised per image (a constant map
+  gives zeros); 1/32 size. Min-max rather than sigmoid: CAM values are uncalibrated logits,
+  and an affine rescale keeps the argmax of the upsampled map, on Grad-CAM's [0, 1] scale.
+* ``gradcam`` / ``gradcam++``: pytorch-grad-cam on the baseline's ``target_layer`` (the
+  encoder's last feature map). The target is the raw class logit (``ClassifierOutputTarget``):
+  its gradient does not depend on its sign, so images called negative still get the evidence
+  *for* the class. The library ReLUs, min-max normalises and resizes to the input size.
+* ``center``: a cone peaking at the image centre (the "no model" baseline); input size.
+* ``prior``: the training split's mean box mask (``box_prior``), the same for every image.
 
-* ``"pylon"`` (PYLON models): ``sigmoid`` of the decoder's per-pixel logits, read straight
-  off one forward pass under ``torch.no_grad`` (no backward, no graph); 1/4 of the input.
-* ``"cam"`` (baselines): the class activation map, i.e. the linear layer applied at every
-  location of the last feature map (the baseline's ``out.heatmap``), **min-max normalised
-  per image** to [0, 1] (a constant map gives zeros); 1/32 of the input. Min-max rather
-  than sigmoid because CAM values are per-location logits whose scale is set by the
-  pooling, not calibrated probabilities: an affine rescale keeps the argmax of the
-  bilinearly upsampled map exactly that of the raw CAM (a sigmoid does not commute with
-  upsampling, and saturates to ties at large logits), and it puts CAM on the same [0, 1]
-  scale as Grad-CAM, as is customary.
-* ``"gradcam"`` / ``"gradcam++"`` (baselines): pytorch-grad-cam's ``GradCAM`` /
-  ``GradCAMPlusPlus`` on ``model.target_layer``. The target is the class logit itself
-  (``ClassifierOutputTarget(target)``, which indexes the raw output): for a one-logit
-  binary model a softmax target over one class would be constant (zero gradient), and
-  ``BinaryClassifierOutputTarget`` only multiplies the whole output vector by +1/-1 (for
-  category 0 it explains the *negative* class; with several outputs it would sum them).
-  The logit's gradient does not depend on its sign, so images the model calls negative
-  still get a map of the evidence *for* pneumonia. The library ReLUs the map, min-max
-  normalises it per image and upsamples it to the **input size** (bilinear, half-pixel
-  centres, like ``align_corners=False``), so these maps come back at H x W.
-* ``"center"`` (any model): a cone peaking at the image centre, at the input size; its
-  first maximum is the pixel whose centre is nearest the image centre (for even sizes, the
-  top-left of the middle four). The "no model" localization baseline.
-* ``"prior"`` (any model, given ``prior``): the mean box mask of the training split's
-  positive images (``box_prior``), the same map for every image, at the input size. It
-  ignores the image, yet on real films it points into a box far more often than the
-  centre does: a method localizes only where it beats it.
-
-The model is run in eval mode and every submodule's train/eval flag is restored afterwards.
-Gradient methods need autograd, so they switch it on even inside ``torch.no_grad`` /
-``torch.inference_mode``; they leave every parameter's ``.grad`` as ``None`` (the library
-zeroes gradients before its backward pass anyway), so do not call them between a training
-step's ``backward`` and ``optimizer.step``.
+The model runs in eval mode and every submodule's train/eval flag is restored afterwards.
+Gradient methods switch autograd on even under ``torch.no_grad``/``inference_mode`` and leave
+every ``.grad`` None: do not call them between a training step's backward and its step.
 """
 from __future__ import annotations
 
@@ -48,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pylon.metrics import box_mask
-from pylon.models import BaselineClassifier, Pylon
+from pylon.models import BaselineClassifier, Pylon, unwrap
 
 # The image-blind baselines come last: every model gets them.
 PYLON_METHODS = ("pylon", "prior", "center")
@@ -56,16 +35,9 @@ BASELINE_METHODS = ("cam", "gradcam", "gradcam++", "prior", "center")
 METHODS = ("pylon", "cam", "gradcam", "gradcam++", "prior", "center")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a (Distributed)DataParallel wrapper, or the model itself."""
-    if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
-        return model.module
-    return model
-
-
 def methods_for(model: nn.Module) -> List[str]:
     """Every heatmap method ``model`` supports, in reporting order."""
-    model = _unwrap(model)
+    model = unwrap(model)
     if isinstance(model, Pylon):
         return list(PYLON_METHODS)
     if isinstance(model, BaselineClassifier):
@@ -73,21 +45,9 @@ def methods_for(model: nn.Module) -> List[str]:
     raise TypeError(f"no heatmap methods for a {type(model).__name__}; expected a Pylon or BaselineClassifier")
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Restore each submodule's own flag: a frozen encoder stays in eval while the rest trains,
-    # which a single model.train(was_training) would undo.
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def center_map(n: int, height: int, width: int) -> torch.Tensor:
-    """(n, H, W) maps falling linearly from 1 at the image centre to 0 at the corners."""
+    """(n, H, W) maps falling linearly from 1 at the image centre to 0 at the corners; the
+    first maximum is the pixel whose centre is nearest the image centre."""
     ys = torch.arange(height, dtype=torch.float32) + 0.5
     xs = torch.arange(width, dtype=torch.float32) + 0.5
     dist = torch.hypot(ys[:, None] - height / 2.0, xs[None, :] - width / 2.0)
@@ -96,15 +56,26 @@ def center_map(n: int, height: int, width: int) -> torch.Tensor:
 
 
 def box_prior(boxes: Sequence[Sequence[Sequence[float]]], image_size: int) -> Optional[torch.Tensor]:
-    """(S, S) float32 mean of the box masks of the images that have boxes, or None if none has.
+    """(S, S) float32 mean box mask of the images that have boxes (None if none has).
 
-    ``boxes``: one list of ``(x, y, w, h)`` per image, in the ``image_size`` network-input frame.
-    Computed from the training split only, it is stored with the run (``best.pt``).
+    ``boxes``: one list of ``(x, y, w, h)`` per image, in the ``image_size`` input frame.
     """
     masks = [box_mask(b, (image_size, image_size)) for b in boxes if len(b)]
     if not masks:
         return None
     return torch.from_numpy(np.mean(masks, axis=0, dtype=np.float64).astype(np.float32))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: nn.Module) -> Iterator[None]:
+    # Restore each submodule's own flag: a frozen encoder stays in eval while the rest trains.
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for module, training in flags:
+            module.training = training
 
 
 def _minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -133,8 +104,8 @@ def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, target: int, metho
         # Inference tensors cannot enter a graph; a plain copy can.
         x = x.clone() if x.is_inference() else x.detach()
         cam = cam_class(model=_Logits(model), target_layers=[model.target_layer])
-        # Differentiate w.r.t. the input too, so the target layer's output is part of the
-        # graph even when the encoder is frozen (requires_grad=False everywhere before it).
+        # Differentiate w.r.t. the input too, so that the target layer's output is in the
+        # graph even when the encoder is frozen.
         cam.compute_input_gradient = True
         try:
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)] * x.shape[0])
@@ -145,34 +116,16 @@ def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, target: int, metho
     return torch.from_numpy(maps).float()
 
 
-def _check_images(images: torch.Tensor, n_in: int) -> torch.Tensor:
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"images must be a torch.Tensor (N, {n_in}, H, W), got {type(images).__name__}")
-    if images.dim() != 4 or images.shape[1] != n_in:
-        raise ValueError(f"images must have shape (N, {n_in}, H, W), got {tuple(images.shape)}")
-    if not images.is_floating_point():
-        raise ValueError(f"images must be float and normalised like the training inputs, got dtype {images.dtype}")
-    return images
-
-
 def heatmaps(model: nn.Module, images: torch.Tensor, method: str, target: int = 0,
              prior: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N, h, w) float32 CPU heatmaps of ``images`` for class ``target`` by ``method``.
-
-    ``images``: (N, n_in, H, W) float, normalised as for the model. See the module docstring
-    for each method's values and resolution; ``methods_for(model)`` lists the valid methods.
-    ``prior``: the run's ``box_prior``, needed by (only) the ``"prior"`` method.
-    """
-    model = _unwrap(model)
+    """(N, h, w) CPU heatmaps of ``images`` (N, n_in, H, W), normalised as for the model, for
+    class ``target`` by ``method`` (see the module docstring); ``prior``: the run's
+    ``box_prior``, needed by the "prior" method only."""
+    model = unwrap(model)
     supported = methods_for(model)
     if method not in supported:
         raise ValueError(f"heatmap method {method!r} is not available for {type(model).__name__}; use one of {supported}")
-    n_in, n_out = model.conf.n_in, model.conf.n_out
-    if isinstance(target, bool) or not isinstance(target, int) or not 0 <= target < n_out:
-        raise ValueError(f"target={target!r} must be a class index in [0, {n_out})")
-    x = _check_images(images, n_in)
-    n, _, height, width = x.shape
-
+    n, _, height, width = images.shape
     if method == "center":
         return center_map(n, height, width)
     if method == "prior":
@@ -182,13 +135,13 @@ def heatmaps(model: nn.Module, images: torch.Tensor, method: str, target: int = 
         if tuple(prior.shape) != (height, width):
             prior = F.interpolate(prior[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         return prior.expand(n, height, width).clone()
-    x = x.to(next(model.parameters()).device)
+    x = images.to(next(model.parameters()).device)
     with _eval_mode(model):
         if method in ("pylon", "cam"):
             with torch.no_grad():
                 raw = model(x).heatmap[:, target].float()
-            # float64: a float32 sigmoid saturates to exactly 1.0 above a logit of ~17, and a
-            # confident model's maxima would then tie and the argmax drift to the first of them.
+            # float64: a float32 sigmoid saturates to 1.0 above a logit of ~17, and the argmax of
+            # a confident model's map would drift to the first of the tied maxima.
             maps = torch.sigmoid(raw.double()) if method == "pylon" else _minmax(raw)
         else:
             maps = _gradient_cam(model, x, target, method)

@@ -2,59 +2,43 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 from pylon.config import ConfigError
 
 
-@dataclass(frozen=True)
 class RunPaths:
-    root: Path
+    """``<run>/config.yaml``, ``checkpoints/{best,last}.pt``, ``history.csv`` and ``eval/``."""
 
-    @property
-    def config(self) -> Path:
-        return self.root / "config.yaml"
-
-    @property
-    def checkpoints(self) -> Path:
-        return self.root / "checkpoints"
-
-    @property
-    def best(self) -> Path:
-        return self.checkpoints / "best.pt"
-
-    @property
-    def last(self) -> Path:
-        return self.checkpoints / "last.pt"
-
-    @property
-    def history(self) -> Path:
-        return self.root / "history.csv"
-
-    @property
-    def eval_dir(self) -> Path:
-        return self.root / "eval"
+    def __init__(self, root: Union[str, Path]):
+        self.root = Path(root)
+        self.config = self.root / "config.yaml"
+        self.checkpoints = self.root / "checkpoints"
+        self.best, self.last = self.checkpoints / "best.pt", self.checkpoints / "last.pt"
+        self.history = self.root / "history.csv"
+        self.eval_dir = self.root / "eval"
 
 
 def new_run(runs_dir: Union[str, Path], name: str) -> RunPaths:
     """A fresh folder ``<runs_dir>/<name>-<timestamp>`` (suffixed if two start in one second)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(runs_dir) / f"{name}-{stamp}"
-    root, n = base, 1
-    while root.exists():
-        n += 1
-        root = base.with_name(f"{base.name}-{n}")
-    root.mkdir(parents=True)
-    return RunPaths(root)
+    base = Path(runs_dir) / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        root = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            root.mkdir()  # atomic: of two runs started together, one gets the next name
+            return RunPaths(root)
+        except FileExistsError:
+            continue
+    raise ConfigError(f"cannot find a free run folder name next to {base}")
 
 
 def latest_run(runs_dir: Union[str, Path]) -> RunPaths:
-    """The most recently started run that has a config (the one evaluate.py uses by default)."""
-    runs = [p.parent for p in Path(runs_dir).glob("*/config.yaml")]
+    """The most recently started run that has a checkpoint (the one evaluate.py uses by default)."""
+    runs = {p.parent.parent for p in Path(runs_dir).glob("*/checkpoints/*.pt")}
     if not runs:
-        raise ConfigError(f"no runs in {runs_dir}/: train one first (python train.py --config ...) or pass --run")
+        raise ConfigError(f"no trained runs in {runs_dir}/: train one first (python train.py --config ...) or pass --run")
     return RunPaths(max(runs, key=lambda p: (p.joinpath("config.yaml").stat().st_mtime, p.name)))
 
 
@@ -62,7 +46,6 @@ def find_run(run: Optional[Union[str, Path]], runs_dir: Union[str, Path] = "runs
     """``run`` as given (a run folder), or the latest run when it is None."""
     if run is None:
         return latest_run(runs_dir)
-    root = Path(run)
-    if not (root / "config.yaml").is_file():
-        raise ConfigError(f"{root} is not a run folder (no config.yaml in it)")
-    return RunPaths(root)
+    if not (Path(run) / "config.yaml").is_file():
+        raise ConfigError(f"{run} is not a run folder (no config.yaml in it)")
+    return RunPaths(run)

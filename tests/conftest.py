@@ -109,9 +109,9 @@ def read_wandb_records(wandb_dir: Path) -> list[dict]:
 
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
-    """A small generated demo set (``<dir>/kaggle``, ``<dir>/rsna``): about 37 train, 6 val and
-    8 test images; its 64 px cache goes to ``<dir>/../cache`` (see ``tiny_overrides``)."""
-    from pylon.data.synthetic import generate_demo
+    """A small generated demo set (``<dir>/kaggle``, ``<dir>/rsna``): 26 Kaggle-style films of 16
+    children and 16 RSNA-style DICOMs; its 64 px cache goes to ``<dir>/../cache`` (see ``tiny_overrides``)."""
+    from pylon.demo import generate_demo
 
     root = tmp_path_factory.mktemp("tiny") / "demo"
     generate_demo(root, n_kaggle_patients=16, n_rsna=16, progress=False)

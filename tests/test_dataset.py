@@ -1,4 +1,5 @@
-"""The cached Dataset: item format, normalization, boxes under augmentation, seeding, sampling."""
+"""The cached Dataset and loaders: item format, normalization, boxes under augmentation, seeding,
+sampling."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,22 +7,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
+from pylon.config import AugmentConfig, DataConfig
 from pylon.data.cache import build_cache
-from pylon.data.dataset import (
-    CxrDataset,
-    balanced_sampler,
-    collate,
-    make_loader,
-    pos_weight_from_prevalence,
-    prevalence,
-)
-from pylon.data.records import Record
-from pylon.data.transforms import REFERENCE_MEAN, REFERENCE_STD, eval_transform, reseed, train_transform
+from pylon.data.dataset import CxrDataset, collate, eval_transform, reseed, train_transform
+from pylon.data.pipeline import PreparedData, set_loader_epoch, split_loader
+from pylon.data.records import Box, Record
 
 SIZE = 64
 DARK, BRIGHT = 20, 250
+MEAN, STD = 0.4984, 0.2483
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +36,7 @@ def cache(tmp_path_factory):
             x, y, bw, bh = box
             array[:] = 0
             array[y : y + bh, x : x + bw] = BRIGHT
-            boxes = (box,)
+            boxes = (Box(*box),)
         path = folder / f"img{i}.png"
         Image.fromarray(array).save(path)
         records.append(Record(id=f"img{i}", patient_id=f"p{i}", source="rsna" if i < 4 else "kaggle",
@@ -48,7 +45,7 @@ def cache(tmp_path_factory):
 
 
 def test_items_have_the_documented_shapes_and_types(cache):
-    dataset = CxrDataset(cache, rows=[0, 1, 5], transform=eval_transform(SIZE))
+    dataset = CxrDataset(cache, [0, 1, 5], eval_transform(SIZE, mean=MEAN, std=STD))
     assert len(dataset) == 3
     item = dataset[1]
     assert item["image"].shape == (1, SIZE, SIZE) and item["image"].dtype == torch.float32
@@ -65,23 +62,20 @@ def test_items_have_the_documented_shapes_and_types(cache):
 
 
 def test_eval_transform_normalizes_and_is_deterministic(cache):
-    dataset = CxrDataset(cache, transform=eval_transform(SIZE, mean=0.3, std=0.2))
+    dataset = CxrDataset(cache, range(8), eval_transform(SIZE, mean=0.3, std=0.2))
     expected = (cache.image(2).astype(np.float32) / 255.0 - 0.3) / 0.2
     first, second = dataset[2]["image"], dataset[2]["image"]
     np.testing.assert_allclose(first[0].numpy(), expected, atol=1e-5)
     assert torch.equal(first, second)
-    default = CxrDataset(cache)[2]["image"]  # reference statistics by default
-    np.testing.assert_allclose(default[0].numpy(),
-                               (cache.image(2) / 255.0 - REFERENCE_MEAN) / REFERENCE_STD, atol=1e-5)
 
 
 def test_train_augmentation_moves_boxes_with_the_image(cache):
     # Geometry only (rotation, crop, flip always on) so bright pixels mark the square exactly.
-    transform = train_transform(SIZE, p_rotate=1.0, rotate_limit=45, hflip=0.5, brightness=0, contrast=0,
-                                min_visibility=0.5)
-    dataset = CxrDataset(cache, rows=[1, 3, 5, 7], transform=transform)
+    augment = AugmentConfig(p_rotate=1.0, rotate_limit=45, hflip=0.5, brightness=0, contrast=0)
+    transform = train_transform(SIZE, augment, mean=MEAN, std=STD)
+    dataset = CxrDataset(cache, [1, 3, 5, 7], transform)
     reseed(transform, 0)
-    bright_level = (0.5 - REFERENCE_MEAN) / REFERENCE_STD
+    bright_level = (0.5 - MEAN) / STD
     kept = 0
     for trial in range(40):
         item = dataset[trial % 4]
@@ -101,15 +95,33 @@ def test_train_augmentation_moves_boxes_with_the_image(cache):
 
 
 def test_train_transform_changes_images_and_keeps_the_output_format(cache):
-    transform = train_transform(SIZE)
+    transform = train_transform(SIZE, AugmentConfig(), mean=MEAN, std=STD)
     reseed(transform, 1)
-    dataset = CxrDataset(cache, rows=[0], transform=transform)
+    dataset = CxrDataset(cache, [0], transform)
     images = [dataset[0]["image"] for _ in range(6)]
     assert all(im.shape == (1, SIZE, SIZE) and im.dtype == torch.float32 for im in images)
     assert len({im.numpy().tobytes() for im in images}) > 1
 
 
-def _epoch(loader) -> tuple[list[str], torch.Tensor]:
+def test_train_transform_has_the_reference_steps():
+    steps = train_transform(SIZE, AugmentConfig(), mean=MEAN, std=STD).transforms
+    assert [type(t).__name__ for t in steps] == ["Rotate", "RandomResizedCrop", "HorizontalFlip",
+                                                 "RandomBrightnessContrast", "Normalize", "ToTensorV2"]
+    rotate, crop, flip, light = steps[:4]
+    assert (rotate.limit, rotate.p, rotate.interpolation) == ((-90, 90), 0.5, 2)  # 2: cubic
+    assert (crop.scale, crop.ratio, crop.size) == ((0.7, 1.0), pytest.approx((0.75, 4 / 3)), (SIZE, SIZE))
+    assert flip.p == 0.5 and (light.brightness_limit, light.contrast_limit, light.p) == ((-0.5, 0.5), (-0.5, 0.5), 0.5)
+    off = AugmentConfig(rotate_limit=0, crop_scale=(1.0, 1.0), hflip=0, p_brightness_contrast=0)
+    assert [type(t).__name__ for t in train_transform(SIZE, off, mean=MEAN, std=STD).transforms] == [
+        "Resize", "Normalize", "ToTensorV2"]
+
+
+def data_cfg(**overrides) -> DataConfig:
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), {"image_size": SIZE, **overrides})
+
+
+def _epoch(loader, epoch: int = 0) -> tuple[list[str], torch.Tensor]:
+    set_loader_epoch(loader, 7, epoch)
     ids, images = [], []
     for batch in loader:
         ids += batch["id"]
@@ -117,37 +129,33 @@ def _epoch(loader) -> tuple[list[str], torch.Tensor]:
     return ids, torch.cat(images)
 
 
-def test_loaders_with_two_workers_are_reproducible_and_workers_differ(cache):
-    dataset = CxrDataset(cache, transform=train_transform(SIZE))
-    ids_a, images_a = _epoch(make_loader(dataset, batch_size=2, shuffle=True, workers=2, seed=7))
-    ids_b, images_b = _epoch(make_loader(dataset, batch_size=2, shuffle=True, workers=2, seed=7))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_are_reproducible_and_workers_differ(cache, workers):
+    data = PreparedData(cache, {"train": np.arange(8), "same": np.zeros(4, np.int64)}, MEAN, STD)
+    cfg = data_cfg(num_workers=workers)
+    ids_a, images_a = _epoch(split_loader(data, "train", cfg, 2, train=True, seed=7))
+    ids_b, images_b = _epoch(split_loader(data, "train", cfg, 2, train=True, seed=7))
     assert ids_a == ids_b and torch.equal(images_a, images_b)
     assert images_a.shape == (8, 1, SIZE, SIZE) and sorted(ids_a) == [f"img{i}" for i in range(8)]
-    _, images_c = _epoch(make_loader(dataset, batch_size=2, shuffle=True, workers=2, seed=8))
-    assert not torch.equal(images_a, images_c)
-
-    # The same row in both workers must not get the same augmentation (forked generators).
-    same_row = CxrDataset(cache, rows=[0] * 4, transform=train_transform(SIZE))
-    _, images = _epoch(make_loader(same_row, batch_size=1, workers=2, seed=3))
-    assert not torch.equal(images[0], images[1])  # batches 0 and 1 come from different workers
+    ids_c, images_c = _epoch(split_loader(data, "train", cfg, 2, train=True, seed=7), epoch=1)
+    assert ids_c != ids_a and not torch.equal(images_a, images_c)
+    # The same row twice must not get the same augmentation (in particular not from two forked workers).
+    _, images = _epoch(split_loader(data, "same", cfg, 1, train=True, seed=3))
+    assert not torch.equal(images[0], images[1])
 
 
-def test_balanced_sampler_draws_both_classes_equally():
-    labels = np.array([1] * 10 + [0] * 90)
-    drawn = np.array(list(balanced_sampler(labels, seed=0, num_samples=4000)))
-    share = labels[drawn].mean()
-    assert 0.46 < share < 0.54
-    again = np.array(list(balanced_sampler(labels, seed=0, num_samples=4000)))
-    assert np.array_equal(drawn, again)
-    with pytest.raises(ValueError, match="both classes"):
-        balanced_sampler([0, 0, 0], seed=0)
+def test_eval_loader_shards_without_padding(cache):
+    data = PreparedData(cache, {"val": np.arange(7)}, MEAN, STD)
+    cfg = data_cfg(num_workers=0)
+    loaders = [split_loader(data, "val", cfg, 3, train=False, rank=k, world_size=2) for k in (0, 1)]
+    shards = [[row for batch in loader for row in batch["row"].tolist()] for loader in loaders]
+    assert shards == [[0, 2, 4, 6], [1, 3, 5]]
 
 
-def test_prevalence_and_pos_weight(cache):
-    assert prevalence([0, 0, 1, 1, 1]) == pytest.approx(0.6)
-    assert prevalence(cache.records) == pytest.approx(0.5)
-    assert pos_weight_from_prevalence(0.25) == pytest.approx(3.0)
-    with pytest.raises(ValueError):
-        pos_weight_from_prevalence(0.0)
-    with pytest.raises(ValueError, match="0 or 1"):
-        prevalence([0, 2])
+def test_balanced_sampler_draws_both_classes_equally(cache):
+    rows = np.array([1] + [0, 2, 4, 6] * 4)  # 1 positive in 17
+    data = PreparedData(cache, {"train": rows}, MEAN, STD)
+    loader = split_loader(data, "train", data_cfg(num_workers=0, balanced_sampler=True), 17, train=True, seed=0)
+    drawn = np.concatenate([np.array(list(loader.sampler)) for _ in range(100)])
+    assert 0.45 < cache.labels[rows[drawn]].mean() < 0.55
+    assert data.prevalence("train") == pytest.approx(1 / 17)

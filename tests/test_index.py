@@ -1,25 +1,21 @@
-"""index_rsna and index_kaggle on small generated trees laid out like the official downloads."""
+"""The RSNA and Kaggle indexers on small generated trees laid out like the official downloads."""
 from __future__ import annotations
 
 import csv
 import logging
 import os
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pylon.data import (
-    DatasetLayoutError,
-    index_kaggle,
-    index_kaggle_with_report,
-    index_rsna,
-    index_rsna_with_report,
-    write_dicom,
-)
-from pylon.data.kaggle import parse_patient
-from pylon.data.rsna import parse_age
+from dicom_files import write_dicom
+from pylon.data.records import Box, DatasetLayoutError
+from pylon.data.sources import kaggle, rsna
+from pylon.data.sources.kaggle import parse_patient
+from pylon.data.sources.rsna import parse_age
 
 SIZE = 128  # image side in the generated RSNA tree; boxes are checked against it
 
@@ -75,7 +71,7 @@ def write_rsna_tree(root: Path, pixels: np.ndarray) -> Path:
     for patient in sorted(patients):
         view, age, sex = HEADERS.get(patient, ("PA", "030Y", "M"))
         write_dicom(images / f"{patient}.dcm", pixels, transfer_syntax="explicit-little",
-                    patient_id=patient, view=view, age=age, sex=sex)
+                    PatientID=patient, ViewPosition=view, PatientAge=age, PatientSex=sex)
     (images / "broken.dcm").write_bytes(b"not a dicom file" * 10)
     return root
 
@@ -85,8 +81,14 @@ def rsna_tree(tmp_path, phantom) -> Path:
     return write_rsna_tree(tmp_path / "rsna", phantom(SIZE, SIZE))
 
 
+def problem_counts(caplog, logger: str) -> dict[str, int]:
+    """Kind -> count from the indexer's one warning."""
+    (message,) = [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
+    return {kind: int(n) for kind, n in re.findall(r"(\w+): (\d+) \(e\.g\. ", message)}
+
+
 def test_rsna_records_boxes_and_header_fields(rsna_tree):
-    records, report = index_rsna_with_report(rsna_tree)
+    records = rsna.index(rsna_tree)
     by_id = {r.id: r for r in records}
     assert set(by_id) == {"neg", "multi", "one", "nobox", "sizes", "clip", "outside", "negbox",
                           "dup", "badvalue", "incomplete", "old"}
@@ -95,18 +97,21 @@ def test_rsna_records_boxes_and_header_fields(rsna_tree):
         assert record.source == "rsna" and record.patient_id == record.id and record.split is None
         assert Path(record.path).is_absolute() and Path(record.path).is_file()
         assert Path(record.path).name == f"{record.id}.dcm"
+        assert all(isinstance(b, Box) and b.finding == "pneumonia" for b in record.boxes)
 
     assert by_id["neg"].label == 0 and by_id["neg"].boxes == ()
     assert by_id["multi"].label == 1
-    assert by_id["multi"].boxes == ((10, 20, 30, 40), (60, 20, 30, 40), (30, 70, 20, 20.5))
-    assert by_id["one"].boxes == ((5, 5, 50, 60),)
+    assert by_id["multi"].boxes == ((10, 20, 30, 40, "pneumonia"), (60, 20, 30, 40, "pneumonia"),
+                                    (30, 70, 20, 20.5, "pneumonia"))
+    assert by_id["multi"].scored_boxes == ((10, 20, 30, 40), (60, 20, 30, 40), (30, 70, 20, 20.5))
+    assert by_id["one"].boxes == (Box(5, 5, 50, 60),)
     assert by_id["nobox"].label == 1 and by_id["nobox"].boxes == ()
-    assert by_id["sizes"].boxes == ((10, 10, 20, 20),)
-    assert by_id["clip"].boxes == ((100, 0, SIZE - 100, 20),)
-    assert by_id["outside"].boxes == ((1, 2, 3, 4),)
+    assert by_id["sizes"].boxes == (Box(10, 10, 20, 20),)
+    assert by_id["clip"].boxes == (Box(100, 0, SIZE - 100, 20),)
+    assert by_id["outside"].boxes == (Box(1, 2, 3, 4),)
     assert by_id["negbox"].label == 0 and by_id["negbox"].boxes == ()
-    assert by_id["dup"].boxes == ((10, 10, 20, 20),)
-    assert by_id["badvalue"].boxes == ((40, 40, 10, 10),)
+    assert by_id["dup"].boxes == (Box(10, 10, 20, 20),)
+    assert by_id["badvalue"].boxes == (Box(40, 40, 10, 10),)
     assert by_id["incomplete"].label == 1 and by_id["incomplete"].boxes == ()
 
     assert (by_id["neg"].view, by_id["neg"].age, by_id["neg"].sex) == ("PA", 45, "M")
@@ -115,15 +120,11 @@ def test_rsna_records_boxes_and_header_fields(rsna_tree):
     assert by_id["old"].age is None
     assert by_id["multi"].detail_class == "Lung Opacity" and by_id["clip"].detail_class is None
 
-    assert report.n_images == len(records)
-    assert report.n_positive == sum(r.label for r in records)
-    assert report.n_boxes == sum(len(r.boxes) for r in records)
 
-
-def test_rsna_report_counts_every_malformed_kind(rsna_tree, caplog):
-    with caplog.at_level(logging.WARNING, logger="pylon.data.rsna"):
-        _, report = index_rsna_with_report(rsna_tree)
-    assert dict(report.issues) == {
+def test_rsna_warning_counts_every_malformed_kind(rsna_tree, caplog):
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.rsna"):
+        rsna.index(rsna_tree)
+    assert problem_counts(caplog, "pylon.data.sources.rsna") == {
         "non_positive_box_size": 2,
         "box_clipped": 1,
         "box_outside_image": 1,
@@ -141,18 +142,20 @@ def test_rsna_report_counts_every_malformed_kind(rsna_tree, caplog):
         "image_without_label": 2,  # 'unlabelled', and 'badtarget' whose only row was dropped
         "detail_class_conflict": 1,  # 'negbox' is Target 0 but 'Lung Opacity'
     }
-    assert report.examples["missing_image"] == ["gone"]
-    assert report.examples["conflicting_target"] == ["conflict"]
-    logged = caplog.text
-    for kind in report.issues:
-        assert kind in logged
-    for kind in report.issues:
-        assert kind in report.summary() and report.policy[kind] in report.summary()
+    assert "missing_image: 1 (e.g. gone)" in caplog.text and "conflicting_target: 1 (e.g. conflict)" in caplog.text
+
+
+def test_read_labels_gives_raw_boxes_by_patient(rsna_tree):
+    targets, boxes = rsna.read_labels(rsna_tree / "stage_2_train_labels.csv")
+    assert targets["conflict"] == {0, 1} and targets["neg"] == {0} and "badtarget" not in targets
+    assert boxes["multi"] == [(10, 20, 30, 40), (60, 20, 30, 40), (30, 70, 20, 20.5)]
+    assert boxes["sizes"] == [(10, 10, 20, 20), (10, 10, 0, 20), (10, 10, 20, -5)]  # cleaned by index only
+    assert "neg" not in boxes and boxes["badvalue"] == [(40, 40, 10, 10)]
 
 
 def test_rsna_header_cache_is_used_and_invalidated(rsna_tree, tmp_path):
     cache = tmp_path / "cache" / "rsna_headers.csv"
-    first = index_rsna(rsna_tree, header_cache=cache)
+    first = rsna.index(rsna_tree, tmp_path / "cache")
     assert cache.is_file()
     # Edit the cached view of one file: a second run must take it from the cache...
     with open(cache, newline="") as handle:
@@ -164,41 +167,31 @@ def test_rsna_header_cache_is_used_and_invalidated(rsna_tree, tmp_path):
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    second = {r.id: r for r in index_rsna(rsna_tree, header_cache=cache)}
+    second = {r.id: r for r in rsna.index(rsna_tree, tmp_path / "cache")}
     assert second["neg"].view == "LL"
     # ...until the file changes (new mtime), when the header is read again.
     dicom = rsna_tree / "stage_2_train_images" / "neg.dcm"
     stat = dicom.stat()
     os.utime(dicom, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    third = {r.id: r for r in index_rsna(rsna_tree, header_cache=cache)}
+    third = {r.id: r for r in rsna.index(rsna_tree, tmp_path / "cache")}
     assert third["neg"].view == "PA"
     assert [r.id for r in first] == sorted(third)
+    assert first == rsna.index(rsna_tree)  # with the header cache or without
 
 
-def test_rsna_threaded_header_reading_matches_sequential(tmp_path, phantom):
-    root = tmp_path / "many"
-    images = root / "stage_2_train_images"
-    images.mkdir(parents=True)
-    rows = []
-    for i in range(80):  # above the size where threads are used
-        view = "AP" if i % 3 else "PA"
-        write_dicom(images / f"p{i:03d}.dcm", phantom(8, 8), transfer_syntax="explicit-little",
-                    patient_id=f"p{i:03d}", view=view, age=20 + i)
-        rows.append((f"p{i:03d}", "", "", "", "", "0"))
-    with open(root / "stage_2_train_labels.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("patientId", "x", "y", "width", "height", "Target"), *rows])
-    threaded = index_rsna(root, workers=4)
-    sequential = index_rsna(root, workers=1)
-    assert threaded == sequential
-    assert [r.age for r in threaded] == list(range(20, 100))
+def test_rsna_view_from_series_description(tmp_path, phantom):
+    path = write_dicom(tmp_path / "a.dcm", phantom(8, 8), transfer_syntax="explicit-little", ViewPosition="",
+                       SeriesDescription="view: ap", PatientAge="030Y", PatientSex="X")
+    assert rsna.read_header(path) == rsna.Header("AP", "030Y", None, "8", "8")
+    assert rsna.read_header(tmp_path / "missing.dcm") is None
 
 
 def test_rsna_layout_errors(tmp_path, rsna_tree):
     with pytest.raises(DatasetLayoutError, match="stage_2_train_labels.csv"):
-        index_rsna(tmp_path / "nowhere")
+        rsna.index(tmp_path / "nowhere")
     (rsna_tree / "stage_2_train_labels.csv").write_text("patientId,x,y,w,h,Target\nA,,,,,0\n")
     with pytest.raises(DatasetLayoutError, match=r"lacks column\(s\) \['width', 'height'\]"):
-        index_rsna(rsna_tree)
+        rsna.index(rsna_tree)
 
 
 @pytest.mark.parametrize(
@@ -238,9 +231,10 @@ def write_kaggle_tree(root: Path) -> Path:
     return root
 
 
-def test_kaggle_records(tmp_path):
+def test_kaggle_records(tmp_path, caplog):
     root = write_kaggle_tree(tmp_path / "kaggle")
-    records, report = index_kaggle_with_report(root)
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.kaggle"):
+        records = kaggle.index(root)
     by_id = {r.id: r for r in records}
     assert len(records) == 17
     assert len(by_id) == 17
@@ -264,8 +258,9 @@ def test_kaggle_records(tmp_path):
         assert record.label == (folder == "PNEUMONIA")
         assert record.detail_class in ("bacteria", "virus", None) if record.label else record.detail_class == "normal"
         assert Path(record.path).is_absolute() and Path(record.path).is_file()
+    assert sum(r.label for r in records) == 8
 
-    assert dict(report.issues) == {
+    assert problem_counts(caplog, "pylon.data.sources.kaggle") == {
         "unparseable_name": 1,
         "label_name_conflict": 1,
         "duplicate_id": 1,
@@ -273,19 +268,18 @@ def test_kaggle_records(tmp_path):
         "unknown_folder": 1,
         "patient_in_train_and_test": 1,
     }
-    assert report.examples["patient_in_train_and_test"] == ["kaggle-person1"]
-    assert report.n_images == 17 and report.n_positive == 8
+    assert "patient_in_train_and_test: 1 (e.g. kaggle-person1)" in caplog.text
 
 
 def test_kaggle_root_may_be_the_chest_xray_folder(tmp_path):
     root = write_kaggle_tree(tmp_path / "kaggle")
-    assert index_kaggle(root / "chest_xray") == index_kaggle(root)
+    assert kaggle.index(root / "chest_xray") == kaggle.index(root)
 
 
 def test_kaggle_layout_error(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetLayoutError, match="chest_xray"):
-        index_kaggle(tmp_path / "empty")
+        kaggle.index(tmp_path / "empty")
 
 
 @pytest.mark.parametrize(

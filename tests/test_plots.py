@@ -1,4 +1,4 @@
-"""pylon.plots: every figure is written as a real PNG; overlays put colour where the heat is."""
+"""pylon.plots: every figure is written as a real PNG of its size; overlays put colour where the heat is."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,57 +23,49 @@ from pylon.plots import (
 )
 
 
-def assert_png(path: Path, min_size: tuple = (200, 200)) -> None:
-    assert path.is_file() and path.stat().st_size > 2000
+def assert_png(path: Path, size: tuple[int, int]) -> None:
+    """A PNG of ``size`` pixels (figure inches x 120 dpi) with something drawn on it."""
     with Image.open(path) as img:
-        assert img.format == "PNG"
-        assert img.width >= min_size[0] and img.height >= min_size[1]
-        pixels = np.asarray(img.convert("L"))
-    assert pixels.std() > 5  # something was drawn, not a blank canvas
+        assert img.format == "PNG" and img.size == size
+        assert np.asarray(img.convert("L")).std() > 5
 
 
 @pytest.fixture
 def scores():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 200)
-    p = np.clip(0.4 * y + 0.6 * rng.random(200), 0, 1)
-    return y, p
+    return y, np.clip(0.4 * y + 0.6 * rng.random(200), 0, 1)
 
 
-def test_curves_confusion_and_calibration_write_pngs(tmp_path, scores, phantom):
+def test_curves_confusion_and_calibration_write_pngs(tmp_path, scores):
     y, p = scores
     groups = {"all": (y, p), "kaggle": (y[:100], p[:100]), "only negatives": (np.zeros(5), p[:5])}
-    assert_png(plot_roc(groups, tmp_path / "roc.png"))
-    assert_png(plot_pr(groups, tmp_path / "pr.png"))
-    assert_png(plot_confusion(y, p >= 0.5, tmp_path / "sub" / "confusion.png"))
-    assert_png(plot_calibration(y, p, tmp_path / "calibration.png"))
-
-
-def test_curve_inputs_are_validated(tmp_path, scores):
-    y, p = scores
-    with pytest.raises(ValueError, match="no curves"):
-        plot_roc({}, tmp_path / "roc.png")
+    assert_png(plot_roc(groups, tmp_path / "roc.png"), (624, 600))
+    assert_png(plot_pr(groups, tmp_path / "pr.png"), (624, 600))
+    assert_png(plot_confusion(y, (p >= 0.5).astype(int), tmp_path / "sub" / "confusion.png"), (552, 480))
+    assert_png(plot_calibration(y, p, tmp_path / "calibration.png"), (600, 720))
     with pytest.raises(ValueError, match="labels must be 0 or 1"):
         plot_confusion(y + 1, p >= 0.5, tmp_path / "c.png")
 
 
-def test_learning_curves_from_csv_and_dataframe(tmp_path):
-    history = pd.DataFrame(
-        {
-            "epoch": [1, 2, 3, 4],
-            "train_loss": [0.7, 0.5, 0.4, 0.35],
-            "val_loss": [0.65, 0.5, 0.45, 0.47],
-            "val_auroc": [0.6, 0.75, 0.8, 0.81],
-            "lr": [1e-4, 1e-4, 2e-5, 2e-5],
-        }
-    )
-    csv = tmp_path / "history.csv"
-    history.to_csv(csv, index=False)
-    assert_png(plot_learning_curves(csv, tmp_path / "curves.png"), min_size=(800, 200))
+def test_learning_curves(tmp_path):
+    history = pd.DataFrame({
+        "epoch": [1, 2, 3, 4], "train_loss": [0.7, 0.5, 0.4, 0.35], "val_loss": [0.65, 0.5, 0.45, 0.47],
+        "val_auroc": [0.6, 0.75, 0.8, 0.81], "lr": [1e-4, 1e-4, 2e-5, 2e-5],
+    })
+    history.to_csv(tmp_path / "history.csv", index=False)
+    assert_png(plot_learning_curves(tmp_path / "history.csv", tmp_path / "curves.png"), (1440, 432))
     # Missing columns leave a labelled empty panel instead of failing.
-    assert_png(plot_learning_curves(history[["epoch", "train_loss"]], tmp_path / "partial.png"))
+    history[["epoch", "train_loss"]].to_csv(tmp_path / "partial.csv", index=False)
+    assert_png(plot_learning_curves(tmp_path / "partial.csv", tmp_path / "partial.png"), (1440, 432))
     with pytest.raises(FileNotFoundError, match="nothing.csv"):
         plot_learning_curves(tmp_path / "nothing.csv", tmp_path / "x.png")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(ValueError, match="empty.csv: not a readable CSV"):
+        plot_learning_curves(tmp_path / "empty.csv", tmp_path / "x.png")
+    (tmp_path / "header.csv").write_text("epoch,train_loss\n")
+    with pytest.raises(ValueError, match="header.csv: the training history has no rows"):
+        plot_learning_curves(tmp_path / "header.csv", tmp_path / "x.png")
 
 
 def hot_corner_map(size: int = 8) -> np.ndarray:
@@ -84,15 +76,19 @@ def hot_corner_map(size: int = 8) -> np.ndarray:
 
 def test_overlay_colours_only_where_the_heatmap_is_hot(phantom):
     image = phantom(64, 64)
-    out = overlay(image, hot_corner_map(8), boxes=None)
+    out = overlay(image, hot_corner_map(8))
     assert out.shape == (64, 64, 3) and out.dtype == np.uint8
     grey = np.repeat(image[..., None], 3, axis=2)
     diff = np.abs(out.astype(int) - grey.astype(int)).sum(axis=2)
     assert diff[:12, :12].min() > 30  # hot: colour-mapped
     np.testing.assert_array_equal(out[32:, 32:], grey[32:, 32:])  # cold: the plain image
-    # A colder map changes the image less.
+    # A colder map changes the image less; min-max scaling (value_range=None) undoes that.
     weaker = overlay(image, 0.3 * hot_corner_map(8))
     assert np.abs(weaker.astype(int) - grey.astype(int)).sum() < diff.sum()
+    full = hot_corner_map(64)
+    np.testing.assert_array_equal(overlay(image, 0.5 * full + 0.25, value_range=None), overlay(image, full))
+    # Torch maps, (1, h, w) maps and RGB images give the same picture.
+    np.testing.assert_array_equal(overlay(grey, torch.from_numpy(hot_corner_map(8))[None]), out)
 
 
 def test_overlay_draws_boxes_and_the_point(phantom):
@@ -102,39 +98,32 @@ def test_overlay_draws_boxes_and_the_point(phantom):
     assert tuple(out[20, 25]) == BOX_COLOUR and tuple(out[34, 25]) == BOX_COLOUR
     assert tuple(out[27, 10]) == BOX_COLOUR and tuple(out[27, 39]) == BOX_COLOUR
     assert tuple(out[27, 25]) != BOX_COLOUR  # inside is not filled
-    assert tuple(out[50, 50]) == (255, 255, 255)  # the cross at the point
-
-
-def test_overlay_accepts_float_and_channel_first_images(phantom):
-    image = phantom(32, 48).astype(np.float32) / 255.0
-    a = overlay(image, np.zeros((2, 3)))
-    b = overlay(torch.from_numpy(image)[None], torch.zeros(1, 2, 3))
-    assert a.shape == (32, 48, 3)
-    np.testing.assert_array_equal(a, b)
-    with pytest.raises(ValueError, match="heatmap must be 2-D"):
-        overlay(image, np.zeros((2, 2, 3)))
+    assert tuple(out[19, 25]) != BOX_COLOUR and tuple(out[35, 25]) != BOX_COLOUR
+    assert tuple(out[50, 50]) == (255, 255, 255)  # the cross at the point, outlined in black
+    assert tuple(out[50, 45]) == (0, 0, 0) or tuple(out[50, 46]) == (0, 0, 0)
+    # A missing or nan point draws nothing.
+    plain = overlay(image, np.zeros((4, 4)))
+    np.testing.assert_array_equal(overlay(image, np.zeros((4, 4)), point=(np.nan, 3.0)), plain)
 
 
 def test_overlay_grid_and_failure_gallery(tmp_path, phantom):
     image = phantom(64, 64)
-    maps = {"pylon": hot_corner_map(16), "center": np.ones((64, 64)), "gradcam": hot_corner_map(64)}
     rows = [
-        (image, maps, [(0, 0, 20, 20)], {"pylon": (5.5, 5.5), "center": (31.5, 31.5)}),
-        OverlayRow(image, {"pylon": hot_corner_map(16)}, [], {}, title="no boxes", hits={"pylon": False}),
+        OverlayRow(image, {"pylon": hot_corner_map(16), "center": np.ones((64, 64)), "gradcam": hot_corner_map(64)},
+                   [(0, 0, 20, 20)], {"pylon": (5.5, 5.5), "center": (31.5, 31.5)}, hits={"pylon": True}),
+        OverlayRow(image, {"pylon": hot_corner_map(16)}, title="no boxes", hits={"pylon": False}),
     ]
-    path = plot_overlay_grid(rows, tmp_path / "grid.png", title="methods")
-    assert_png(path)
-    with Image.open(path) as img:
-        assert img.width > 1.5 * img.height  # 4 columns by 2 rows
+    assert_png(plot_overlay_grid(rows, tmp_path / "grid.png", title="methods"), (1248, 672))  # 4 x 2 cells
 
     n = 6
     hits = [True, False, False, True, False, True]
-    gallery = plot_failure_gallery(
-        [image] * n, [hot_corner_map(8)] * n, [[(40, 40, 10, 10)]] * n, [(4.5, 4.5)] * n, hits,
-        tmp_path / "failures.png", captions=[f"img{i}" for i in range(n)],
-    )
-    assert_png(gallery)
+    images = [image if not hit else None for hit in hits]  # only the misses are read
+    gallery = plot_failure_gallery(images, [hot_corner_map(8)] * n, [[(40, 40, 10, 10)]] * n, [(4.5, 4.5)] * n,
+                                   hits, tmp_path / "failures.png", captions=[f"img{i}" for i in range(n)])
+    assert_png(gallery, (1008, 396))  # three misses in one row
+    many = plot_failure_gallery([image] * 20, [hot_corner_map(8)] * 20, [[]] * 20, [None] * 20, [False] * 20,
+                                tmp_path / "many.png", max_items=5, title="misses")
+    assert_png(many, (1344, 744))  # 5 of 20, in rows of 4
     none = plot_failure_gallery([image], [hot_corner_map(8)], [[]], [None], [True], tmp_path / "none.png")
-    assert none.is_file() and none.stat().st_size > 0
-    with pytest.raises(ValueError, match="equal lengths"):
-        plot_failure_gallery([image], [], [], [], [], tmp_path / "bad.png")
+    with Image.open(none) as img:
+        assert img.size == (480, 180)

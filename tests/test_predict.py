@@ -14,13 +14,13 @@ import yaml
 from PIL import Image
 
 from conftest import load_script, make_phantom
+from dicom_files import write_dicom
 from pylon.checkpoint import load_checkpoint, save_checkpoint
 from pylon.config import ConfigError
-from pylon.data import write_dicom
-from pylon.data.cache import pixel_mean_std, resize_image
+from pylon.data.cache import resize_image
 from pylon.data.pipeline import prepare_data
-from pylon.evaluation import (_heatmap_on_original, input_normalization, load_trained_run, predict_split,
-                              stored_normalization)
+from pylon.evaluation import predict_split
+from pylon.inference import _on_original, load_run
 from pylon.plots import BOX_COLOUR
 from pylon.runs import RunPaths
 
@@ -75,10 +75,10 @@ def test_probabilities_equal_the_evaluation_pipeline_on_the_original_files(tiny_
     """predict.py reads and resizes each file itself; the result must be what the model saw
     from the cache during evaluation."""
     run = tiny_run
-    trained = load_trained_run(RunPaths(run))
+    trained = load_run(RunPaths(run))
     data = prepare_data(trained.cfg.data, progress=False)
     expected = predict_split(trained, data, "test")
-    paths = [r.path for r in expected.records]
+    paths = [data.cache.records[r].path for r in expected.rows]
     code, table = run_predict(run, tmp_path / "out", *paths)
     assert code == 0 and list(table.file) == paths
     np.testing.assert_allclose(table.probability.astype(float), expected.probs, atol=1e-5)
@@ -95,7 +95,7 @@ def test_boxes_csv_draws_ground_truth_for_listed_patients(tiny_run, tiny_data, t
     _, without = run_predict(run, tmp_path / "without", image)
     assert green_pixels(Path(with_boxes.overlay[0])) > 100
     assert green_pixels(Path(without.overlay[0])) == 0
-    with pytest.raises(ConfigError, match="boxes-csv"):
+    with pytest.raises(FileNotFoundError, match="boxes-csv"):
         predict.main([str(image), "--run", str(run), "--boxes-csv", str(tmp_path / "missing.csv")])
     with pytest.raises(ConfigError, match="gradcam"):
         predict.main([str(image), "--run", str(run), "--method", "gradcam", "--out", str(tmp_path / "x")])
@@ -115,32 +115,16 @@ def test_real_rsna_dicoms(tiny_run, rsna_sample, tmp_path):
         assert (green_pixels(Path(row.overlay)) > 0) == (row.id in positives)
 
 
-def test_normalisation_from_the_checkpoint_or_recomputed_from_the_training_split(tiny_run, tmp_path):
-    source = tiny_run
-    run = tmp_path / source.name
-    shutil.copytree(source, run, ignore=shutil.ignore_patterns("eval", "last.pt"))
-    config = yaml.safe_load((run / "config.yaml").read_text())
-    config["data"]["normalize_from_train"] = True
-    (run / "config.yaml").write_text(yaml.safe_dump(config))
+def test_normalisation_comes_with_the_checkpoint(tiny_run, tmp_path):
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval", "last.pt"))
     paths = RunPaths(run)
-
-    # The trainer stores what it used; a checkpoint without it (older runs) is recomputed.
+    config = yaml.safe_load(paths.config.read_text())["data"]
     state = load_checkpoint(paths.best)
-    assert stored_normalization(state) == pytest.approx(source_config_mean_std(source))
-    del state["normalization"]
+    assert state["normalization"] == pytest.approx({"mean": config["mean"], "std": config["std"]})
+    state["normalization"] = {"mean": 0.25, "std": 0.5}  # e.g. computed with data.normalize_from_train
     save_checkpoint(paths.best, state)
-    trained = load_trained_run(paths)
-    data = prepare_data(trained.cfg.data, progress=False)
-    assert input_normalization(trained) == pytest.approx(pixel_mean_std(data.cache, data.rows["train"]))
-
-    state["normalization"] = {"mean": 0.25, "std": 0.5}
-    save_checkpoint(paths.best, state)
-    assert input_normalization(load_trained_run(paths)) == (0.25, 0.5)
-
-
-def source_config_mean_std(run: Path) -> tuple[float, float]:
-    data = yaml.safe_load((run / "config.yaml").read_text())["data"]
-    return data["mean"], data["std"]
+    assert load_run(paths).mean_std == (0.25, 0.5)
 
 
 def test_letterboxed_heatmaps_are_cut_to_the_image_before_overlaying():
@@ -148,7 +132,7 @@ def test_letterboxed_heatmaps_are_cut_to_the_image_before_overlaying():
     _, geometry = resize_image(image, 64, "letterbox")  # 64 x 32 content, 16 px bars above and below
     heat = torch.zeros(16, 16)
     heat[4:12, :] = 1.0  # the content rows of a 1/4-resolution map
-    cut = _heatmap_on_original(heat, geometry, 64)
+    cut = _on_original(heat, geometry, 64)
     assert cut.shape == (32, 64)
     assert cut.min() > 0.5  # no padding rows left in
 

@@ -12,8 +12,8 @@ from PIL import Image
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
-from pylon.data import ImageReadError, read_image, write_dicom
-from pylon.data.dicom_writer import TRANSFER_SYNTAXES
+from dicom_files import TRANSFER_SYNTAXES, write_dicom
+from pylon.data.readers import ImageReadError, read_image
 
 
 def scale(values: np.ndarray, low: float, high: float) -> np.ndarray:
@@ -301,30 +301,3 @@ def test_multi_frame_png(tmp_path, phantom):
     frames = [Image.fromarray(phantom()), Image.fromarray(255 - phantom())]
     frames[0].save(path, save_all=True, append_images=frames[1:])
     expect_error(path, "2 frames")
-
-
-# ---------------------------------------------------------------- the writer's own checks
-
-
-def test_writer_rejects_bad_arguments(tmp_path, phantom):
-    with pytest.raises(ValueError, match="transfer_syntax"):
-        write_dicom(tmp_path / "a.dcm", phantom(), transfer_syntax="jpeg-xl")
-    with pytest.raises(ValueError, match="NotAKeyword"):
-        write_dicom(tmp_path / "a.dcm", phantom(), NotAKeyword=1)
-    with pytest.raises(ValueError, match="8-bit"):
-        write_dicom(tmp_path / "a.dcm", phantom(max_value=4095, dtype=np.uint16))
-    with pytest.raises(ValueError, match="12 bits"):
-        write_dicom(tmp_path / "a.dcm", np.full((4, 4), 5000, np.uint16),
-                    transfer_syntax="explicit-little", bits_stored=12)
-
-
-def test_writer_header_fields_and_determinism(tmp_path, phantom):
-    kwargs = dict(transfer_syntax="jpeg-baseline", patient_id="p7", view="AP", age=7, sex="F")
-    first = write_dicom(tmp_path / "one" / "x.dcm", phantom(), **kwargs)
-    second = write_dicom(tmp_path / "two" / "x.dcm", phantom(), **kwargs)
-    assert first.read_bytes() == second.read_bytes()
-    ds = pydicom.dcmread(first)
-    assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.1" and ds.Modality == "CR"
-    assert ds.BodyPartExamined == "CHEST" and ds.PatientID == "p7" and ds.ViewPosition == "AP"
-    assert ds.PatientAge == "007Y" and ds.PatientSex == "F"
-    assert ds.file_meta.TransferSyntaxUID == "1.2.840.10008.1.2.4.50"

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import csv
+import logging
 from collections import Counter, defaultdict
 
 import numpy as np
 import pydicom
 from pydicom.pixels import pixel_array
 
-from pylon.data import index_kaggle_with_report, index_rsna_with_report, read_image, split_records
+from pylon.data.readers import read_image
+from pylon.data.sources import kaggle, rsna
+from pylon.data.splits import split_records
 
 
 def test_real_rsna_dicoms_decode(rsna_sample):
@@ -23,18 +26,19 @@ def test_real_rsna_dicoms_decode(rsna_sample):
         assert np.abs(image.astype(int) - reference.astype(int)).max() <= 2
 
 
-def test_real_rsna_index(rsna_sample, tmp_path):
-    records, report = index_rsna_with_report(rsna_sample, header_cache=tmp_path / "headers.csv")
+def test_real_rsna_index(rsna_sample, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        records = rsna.index(rsna_sample, tmp_path)
     assert len(records) == 16
     assert sum(r.label for r in records) == 5
     assert sum(len(r.boxes) for r in records) == 10
-    assert not report.issues, report.summary()
+    assert not caplog.records, caplog.text  # a clean label file: no problems to report
     with open(rsna_sample / "stage_2_train_labels.csv", newline="") as handle:
         expected = defaultdict(list)
         for row in csv.DictReader(handle):
             if row["Target"] == "1":
                 expected[row["patientId"]].append(tuple(float(row[k]) for k in ("x", "y", "width", "height")))
-    assert {r.id: list(r.boxes) for r in records if r.label} == dict(expected)
+    assert {r.id: list(r.scored_boxes) for r in records if r.label} == dict(expected)
     assert {r.view for r in records} == {"AP", "PA"}
     assert all(isinstance(r.age, int) and 0 < r.age < 100 for r in records)
     assert {r.sex for r in records} <= {"M", "F"}
@@ -43,27 +47,27 @@ def test_real_rsna_index(rsna_sample, tmp_path):
     for record in records:
         ds = pydicom.dcmread(record.path, stop_before_pixels=True)
         assert (record.view, record.age, record.sex) == (ds.ViewPosition, int(ds.PatientAge), ds.PatientSex)
-    cached, _ = index_rsna_with_report(rsna_sample, header_cache=tmp_path / "headers.csv")
-    assert cached == records
+    assert (tmp_path / "rsna_headers.csv").is_file() and rsna.index(rsna_sample, tmp_path) == records
 
 
-def test_real_kaggle_index_and_split(kermany):
-    records, report = index_kaggle_with_report(kermany)
+def test_real_kaggle_index_and_split(kermany, caplog):
+    with caplog.at_level(logging.WARNING):
+        records = kaggle.index(kermany)
     counts = Counter((r.split, r.label) for r in records)
     assert counts[("test", 0)] == 234 and counts[("test", 1)] == 390
     assert counts[("train", 0)] + counts[("train", 1)] == 5216
     assert counts[("train", 0)] == 1341
-    assert "unparseable_name" not in report.issues
+    assert "unparseable_name" not in caplog.text
     assert Counter(r.detail_class for r in records if r.label) == Counter(
         {"bacteria": 2530 + 242, "virus": 1345 + 148}
     )
 
     # The official split puts some children (same personN) in both train and test; the
-    # report counts them, and split_records keeps them out of train/val.
+    # warning counts them, and split_records keeps them out of train/val.
     test_patients = {r.patient_id for r in records if r.split == "test"}
     shared = {r.patient_id for r in records if r.split == "train"} & test_patients
-    assert report.issues.get("patient_in_train_and_test", 0) == len(shared)
-    result = split_records(records, seed=0)
+    assert f"patient_in_train_and_test: {len(shared)} (e.g." in caplog.text
+    result = split_records(records, val_fraction=0.1, test_fraction=0.1, seed=0)
     assert Counter(r.label for r in result if r.split == "test") == Counter({0: 234, 1: 390})
     train_val = {r.patient_id for r in result if r.split in ("train", "val")}
     assert not train_val & test_patients

@@ -6,14 +6,12 @@ from collections import Counter, defaultdict
 
 import pytest
 
-from pylon.data import (
-    PatientLeakageError,
-    Record,
-    assert_no_patient_leakage,
-    merge_sources,
-    select_sources,
-    split_records,
-)
+from pylon.data.records import Record
+from pylon.data.splits import PatientLeakageError, assert_no_patient_leakage, split_records
+
+
+def split(records: list[Record], seed: int = 0, val: float = 0.1, test: float = 0.1) -> list[Record]:
+    return split_records(records, val_fraction=val, test_fraction=test, seed=seed)
 
 
 def rsna_records(n_patients: int = 400, positive_every: int = 4) -> list[Record]:
@@ -50,8 +48,8 @@ def patients_by_split(records: list[Record]) -> dict[str, set[str]]:
 
 
 def test_every_record_is_split_without_leakage():
-    records = merge_sources(kaggle_records(n_overlap=0), rsna_records())
-    result = split_records(records, seed=3)
+    records = kaggle_records(n_overlap=0) + rsna_records()
+    result = split(records, seed=3)
     assert [r.id for r in result] == [r.id for r in records]  # order and membership kept
     assert all(r.split in ("train", "val", "test") for r in result)
     parts = patients_by_split(result)
@@ -63,7 +61,7 @@ def test_every_record_is_split_without_leakage():
 
 def test_rsna_split_is_stratified_and_sized():
     records = rsna_records(n_patients=1000, positive_every=4)  # 250 positive, 750 negative
-    result = split_records(records, val_fraction=0.1, rsna_test_fraction=0.2, seed=0)
+    result = split(records, val=0.1, test=0.2)
     counts = Counter((r.split, r.label) for r in result)
     assert counts[("test", 1)] == 50 and counts[("test", 0)] == 150
     assert counts[("val", 1)] == 20 and counts[("val", 0)] == 60  # 10% of the remaining 80%
@@ -72,7 +70,7 @@ def test_rsna_split_is_stratified_and_sized():
 
 def test_kaggle_official_test_is_kept_and_val_carved_from_pool():
     records = kaggle_records(n_overlap=0)
-    result = split_records(records, val_fraction=0.2, seed=1)
+    result = split(records, seed=1, val=0.2)
     official = {r.id for r in records if r.split == "test"}
     assert {r.id for r in result if r.split == "test"} == official
     pool = [r for r in records if r.split != "test"]
@@ -93,42 +91,36 @@ def test_kaggle_patients_in_official_train_and_test(caplog):
     outside = {r.id for r in records if r.patient_id in leaking and r.split != "test"}
     assert len(outside) == 10
 
-    dropped = split_records(records, seed=0)
+    dropped = split(records)
     assert {r.id for r in dropped} == {r.id for r in records} - outside
-    assert "5 patients" in caplog.text and "dropped" in caplog.text
-
-    moved = split_records(records, seed=0, on_test_overlap="test")
-    assert len(moved) == len(records)
-    assert all(r.split == "test" for r in moved if r.id in outside)
-
-    with pytest.raises(PatientLeakageError, match="kaggle-person0"):
-        split_records(records, seed=0, on_test_overlap="error")
+    assert "5 patients" in caplog.text and "their 10 non-test images were dropped" in caplog.text
+    assert {r.split for r in dropped if r.patient_id in leaking} == {"test"}
 
 
 def test_deterministic_by_seed_and_independent_of_input_order():
-    records = merge_sources(kaggle_records(), rsna_records())
-    first = split_records(records, seed=11)
-    assert split_records(records, seed=11) == first
+    records = kaggle_records() + rsna_records()
+    first = split(records, seed=11)
+    assert split(records, seed=11) == first
     shuffled = list(records)
     random.Random(0).shuffle(shuffled)
-    assert {r.id: r.split for r in split_records(shuffled, seed=11)} == {r.id: r.split for r in first}
-    other = split_records(records, seed=12)
+    assert {r.id: r.split for r in split(shuffled, seed=11)} == {r.id: r.split for r in first}
+    other = split(records, seed=12)
     assert [r.split for r in other] != [r.split for r in first]
 
 
 def test_split_is_stable_when_patients_are_added():
     base = rsna_records(n_patients=1000)
-    before = {r.id: r.split for r in split_records(base, seed=0)}
+    before = {r.id: r.split for r in split(base)}
     extra = [Record(id=f"new{i}", patient_id=f"new{i}", source="rsna", path="x", label=i % 2) for i in range(10)]
-    after = {r.id: r.split for r in split_records(base + extra, seed=0)}
+    after = {r.id: r.split for r in split(base + extra)}
     moved = sum(before[i] != after[i] for i in before)
     assert moved <= 20  # a handful at the cut points, not a reshuffle
 
 
 def test_resplitting_a_split_is_a_no_op():
-    records = merge_sources(kaggle_records(n_overlap=0), rsna_records())
-    once = split_records(records, seed=5)
-    assert split_records(once, seed=5) == once
+    records = kaggle_records(n_overlap=0) + rsna_records()
+    once = split(records, seed=5)
+    assert split(once, seed=5) == once
 
 
 def test_leakage_check_names_the_patient():
@@ -140,21 +132,3 @@ def test_leakage_check_names_the_patient():
     with pytest.raises(PatientLeakageError, match=r"pb: test \(b2\), train \(b1\)"):
         assert_no_patient_leakage(records)
     assert_no_patient_leakage(records[:2])
-
-
-def test_argument_checks():
-    records = rsna_records(10)
-    with pytest.raises(ValueError, match="val_fraction"):
-        split_records(records, val_fraction=1.5)
-    with pytest.raises(ValueError, match="on_test_overlap"):
-        split_records(records, on_test_overlap="ignore")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="r1"):
-        merge_sources(records, records[1:2])
-
-
-def test_select_sources():
-    records = merge_sources(kaggle_records(), rsna_records(20))
-    assert {r.source for r in select_sources(records, ["rsna"])} == {"rsna"}
-    assert len(select_sources(records, ["rsna", "kaggle"])) == len(records)
-    with pytest.raises(ValueError, match="nih"):
-        select_sources(records, ["nih"])

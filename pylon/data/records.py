@@ -1,29 +1,53 @@
 """The unit every data-handling step passes along: one image and what is known of it."""
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
-from typing import Literal, Optional
+from typing import NamedTuple, Optional
 
-Box = tuple[float, float, float, float]
-"""(x, y, w, h) in pixels of the image the box belongs to."""
+SCORED_FINDING = "pneumonia"  # the only finding whose boxes heatmaps are scored against
 
-Source = Literal["kaggle", "rsna"]
-Split = Literal["train", "val", "test", "all"]
+
+class Box(NamedTuple):
+    """(x, y, w, h) in pixels of the image the box belongs to, and what it marks."""
+
+    x: float
+    y: float
+    w: float
+    h: float
+    finding: str = SCORED_FINDING
 
 
 @dataclass(frozen=True)
 class Record:
     id: str
     patient_id: str
-    source: Source
+    source: str  # a name in pylon.data.sources.SOURCES
     path: str
     label: int
     boxes: tuple[Box, ...] = ()
-    split: Optional[Split] = None
+    split: Optional[str] = None  # "train", "val", "test" or "all"
     view: Optional[str] = None
     age: Optional[int] = None
     sex: Optional[str] = None
     detail_class: Optional[str] = None
 
-    def with_split(self, split: Optional[Split]) -> "Record":
+    def with_split(self, split: Optional[str]) -> "Record":
         return replace(self, split=split)
+
+    @property
+    def scored_boxes(self) -> tuple[tuple[float, float, float, float], ...]:
+        """(x, y, w, h) of the boxes localization is scored on (finding SCORED_FINDING)."""
+        return tuple(tuple(b[:4]) for b in self.boxes if b.finding == SCORED_FINDING)
+
+
+class DatasetLayoutError(ValueError):
+    """A data set folder or label file that does not have the expected layout."""
+
+
+def warn_problems(log: logging.Logger, source: str, problems: dict[str, list[str]]) -> None:
+    """One warning for an indexer: each kind of problem met, its count and a few examples."""
+    kinds = "; ".join(f"{kind}: {len(examples)} (e.g. {', '.join(examples[:3])})"
+                      for kind, examples in sorted(problems.items()) if examples)
+    if kinds:
+        log.warning("%s: problems found while indexing: %s", source, kinds)

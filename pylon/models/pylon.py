@@ -1,18 +1,11 @@
-"""PYLON: a ResNet encoder, a pyramid-attention decoder and a 1x1 head whose per-pixel
-logits at 1/4 of the input resolution are the heatmap; the image logit is the heatmap's max.
+"""PYLON: an encoder, a pyramid-attention decoder and a head whose per-pixel logits (at 1/4
+of the input) are the heatmap; the image logit is the heatmap's max.
 
-Architecture after Preechakul et al., "Improved image classification explainability with
-high-accuracy heatmaps", iScience 2022. Parameter counts and, at input sizes that are
-multiples of 256, the computation match the authors' implementation (outputs agree to
-float32 rounding, ~1e-6 relative: the decoder runs channels-last); unlike it, any input size
-that is a multiple of 32 works (see ``PyramidAttention``).
-
-Module layout (names used in checkpoints):
-
-* ``encoder``: smp ResNet encoder (``backbone.build_encoder``), features at 1/2 ... 1/32.
-* ``decoder``: ``PylonDecoder`` = ``attention`` on the 1/32 features, then ``ups[i]``
-  adding the 1/16, 1/8 and 1/4 features.
-* ``head``: ``nn.Conv2d(n_dec_ch, n_out, seg_kern_size)``.
+After Preechakul et al., "Improved image classification explainability with high-accuracy
+heatmaps", iScience 2022. With a ResNet encoder, parameter counts and (at inputs that are
+multiples of 256) the computation match the authors' code; any multiple of 32 works here.
+Checkpoint names: ``encoder``, ``decoder.attention``, ``decoder.ups.{0,1,2}`` (adding the
+1/16, 1/8, 1/4 features), ``head``.
 """
 from __future__ import annotations
 
@@ -26,60 +19,26 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder, 
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from .backbone import (
-    EncoderModel,
-    WeightsSpec,
-    build_encoder,
-    check_backbone,
-    check_channels,
-    check_freeze,
-    check_input,
-    check_weights_spec,
-    load_model_checkpoint,
-)
-from .output import ModelOutput
-
-UP_TYPES = ("1layer", "2layer")
+from .backbone import EncoderModel, ModelOutput, WeightsSpec, build_encoder, check_input, load_model_checkpoint
 
 
 @dataclass
 class PylonConfig:
-    """Hyper-parameters of PYLON (field names as in the original code).
-
-    ``weights``: encoder initialisation, ``'imagenet'``, ``None`` or a local file.
-    ``pretrain``: a whole-model checkpoint (state dict, or dict with a ``"model"`` key)
-    loaded after construction; when given, ``weights`` is not fetched.
-    """
+    """Hyper-parameters of PYLON (names as in the original code), validated by pylon.config.
+    ``pretrain``: a whole-model checkpoint loaded after construction (``weights`` not fetched)."""
 
     n_in: int
     n_out: int
-    backbone: str = "resnet50"
-    weights: WeightsSpec = "imagenet"
+    backbone: str = "resnet50"  # any segmentation-models-pytorch encoder
+    weights: WeightsSpec = "imagenet"  # encoder initialisation: None, "imagenet" or a local file
     n_dec_ch: int = 128  # channels of every decoder feature map
     n_up: int = 3  # UP modules: 3 gives a 1/4 resolution heatmap, 0 a 1/32 one
-    seg_kern_size: int = 1  # prediction head kernel size
+    seg_kern_size: int = 1  # prediction head kernel size (odd)
     use_pa: bool = True  # pyramid attention on the 1/32 features
     up_type: str = "2layer"  # skip projection: '1layer' (1 conv) or '2layer' (2 convs)
-    up_kernel_size: int = 1  # kernel size of the skip projection convs
+    up_kernel_size: int = 1  # kernel size of the skip projection convs (odd)
     freeze: Optional[str] = None  # 'enc': freeze the encoder (weights and BN statistics)
     pretrain: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        check_channels(self.n_in, self.n_out)
-        check_backbone(self.backbone)
-        check_weights_spec(self.weights)
-        check_freeze(self.freeze)
-        if self.up_type not in UP_TYPES:
-            raise ValueError(f"model.up_type={self.up_type!r} is not supported; use one of {list(UP_TYPES)}")
-        if self.n_up not in (0, 1, 2, 3):
-            raise ValueError(f"model.n_up={self.n_up!r} must be 0, 1, 2 or 3")
-        if not isinstance(self.n_dec_ch, int) or self.n_dec_ch < 1:
-            raise ValueError(f"model.n_dec_ch={self.n_dec_ch!r} must be a positive integer")
-        for name in ("seg_kern_size", "up_kernel_size"):
-            k = getattr(self, name)
-            # Even kernels with 'same' padding k // 2 would grow the map by one pixel.
-            if not isinstance(k, int) or k < 1 or k % 2 == 0:
-                raise ValueError(f"model.{name}={k!r} must be a positive odd integer")
 
     def make_model(self) -> "Pylon":
         return Pylon(self)
@@ -115,13 +74,10 @@ class PyramidAttention(nn.Module):
         projected = self.project(x)
         if not self.use_pa:
             return projected
-        # The original halves the map three times (floor pooling) and doubles it back three
-        # times, so the levels only meet when the 1/32 map is a multiple of 8 (input a multiple
-        # of 256); at 224 px (7x7) the third pooling already gets an empty map. Ceil-mode
-        # pooling never drops the last row/column and never goes below 1x1, and upsampling to
-        # the exact size of the level above makes the shapes meet for any size. When the
-        # sizes are multiples of 8 both changes are no-ops: ceil == floor, and with
-        # align_corners=True upsampling to 2n equals upsampling by a factor of 2.
+        # The original halves the map three times and doubles it back, so the levels only meet
+        # when the 1/32 map is a multiple of 8 (inputs a multiple of 256). Ceil-mode pooling and
+        # upsampling to the exact size of the level above meet at any size, and change nothing
+        # at multiples of 8 (ceil == floor; align_corners upsampling to 2n == by a factor of 2).
         d1 = self.down1(F.max_pool2d(x, 2, ceil_mode=True))
         d2 = self.down2(F.max_pool2d(d1, 2, ceil_mode=True))
         d3 = self.down3(F.max_pool2d(d2, 2, ceil_mode=True))
@@ -137,35 +93,20 @@ class UpBlock(nn.Module):
 
     def __init__(self, skip_ch: int, out_ch: int, up_type: str = "2layer", kernel_size: int = 1):
         super().__init__()
-        if up_type == "2layer":
-            self.skip = nn.Sequential(
-                conv_bn_relu(skip_ch, skip_ch, kernel_size), conv_bn_relu(skip_ch, out_ch, kernel_size)
-            )
-        elif up_type == "1layer":
-            self.skip = nn.Sequential(conv_bn_relu(skip_ch, out_ch, kernel_size))
-        else:
-            raise ValueError(f"up_type={up_type!r} is not supported; use one of {list(UP_TYPES)}")
+        first = [conv_bn_relu(skip_ch, skip_ch, kernel_size)] if up_type == "2layer" else []
+        self.skip = nn.Sequential(*first, conv_bn_relu(skip_ch, out_ch, kernel_size))
 
     def forward(self, skip: torch.Tensor, coarse: torch.Tensor) -> torch.Tensor:
         return upsample_to(coarse, skip.shape[-2:]) + self.skip(skip)
 
 
 class PylonDecoder(nn.Module):
-    def __init__(
-        self,
-        encoder_channels: Sequence[int],
-        n_dec_ch: int = 128,
-        use_pa: bool = True,
-        up_type: str = "2layer",
-        up_kernel_size: int = 1,
-        n_up: int = 3,
-    ):
+    def __init__(self, encoder_channels: Sequence[int], n_dec_ch: int = 128, use_pa: bool = True,
+                 up_type: str = "2layer", up_kernel_size: int = 1, n_up: int = 3):
         super().__init__()
         self.attention = PyramidAttention(encoder_channels[-1], n_dec_ch, use_pa=use_pa)
         # ups[0] takes the 1/16 features, ups[1] the 1/8, ups[2] the 1/4.
-        self.ups = nn.ModuleList(
-            UpBlock(encoder_channels[-2 - i], n_dec_ch, up_type, up_kernel_size) for i in range(n_up)
-        )
+        self.ups = nn.ModuleList(UpBlock(encoder_channels[-2 - i], n_dec_ch, up_type, up_kernel_size) for i in range(n_up))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         # oneDNN's CPU convolutions are faster on channels-last tensors: it cut this decoder's
@@ -184,16 +125,9 @@ class Pylon(EncoderModel):
         super().__init__()
         self.conf = conf
         # A whole-model checkpoint overwrites the encoder anyway: do not fetch its weights.
-        weights = None if conf.pretrain is not None else conf.weights
-        self.encoder = build_encoder(conf.backbone, conf.n_in, weights)
-        self.decoder = PylonDecoder(
-            self.encoder.out_channels,
-            n_dec_ch=conf.n_dec_ch,
-            use_pa=conf.use_pa,
-            up_type=conf.up_type,
-            up_kernel_size=conf.up_kernel_size,
-            n_up=conf.n_up,
-        )
+        self.encoder = build_encoder(conf.backbone, conf.n_in, None if conf.pretrain is not None else conf.weights)
+        self.decoder = PylonDecoder(self.encoder.out_channels, conf.n_dec_ch, conf.use_pa, conf.up_type,
+                                    conf.up_kernel_size, conf.n_up)
         self.head = nn.Conv2d(conf.n_dec_ch, conf.n_out, conf.seg_kern_size, padding=conf.seg_kern_size // 2)
         # Same initialisation as smp segmentation models (and the original PYLON).
         initialize_decoder(self.decoder)
@@ -205,15 +139,12 @@ class Pylon(EncoderModel):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         check_input(x, self.conf.n_in)
-        features = self.encoder(x)
-        # Under autocast the head output is half precision; the max and any loss built on
-        # these maps are better done in float32.
-        heatmap = self.head(self.decoder(features)).float().contiguous()
+        # Under autocast the head output is half precision; the max and the loss want float32.
+        heatmap = self.head(self.decoder(self.encoder(x))).float().contiguous()
         return ModelOutput(logits=heatmap.amax(dim=(-2, -1)), heatmap=heatmap)
 
 
-# Parameter names of the original implementation (its ``net.`` submodule) -> ours, so that its
-# released checkpoints can be given as ``pretrain``.
+# Names of the original implementation (its ``net.`` submodule) -> ours: its checkpoints can be ``pretrain``.
 _REFERENCE_KEY_RULES = (
     (r"^net\.encoder\.", "encoder."),
     (r"^net\.segmentation_head\.0\.", "head."),
@@ -227,21 +158,19 @@ _REFERENCE_KEY_RULES = (
 
 
 def translate_reference_keys(state: dict) -> dict:
-    """Rename a state dict saved by the original PYLON code to this module's names
-    (a state dict already in our names is returned unchanged)."""
+    """A state dict saved by the original PYLON code, in this module's names (ours: unchanged)."""
     if not any(key.startswith("net.") for key in state):
         return state
     out = {}
     for key, value in state.items():
-        new = key
         for pattern, repl in _REFERENCE_KEY_RULES:
-            new, n = re.subn(pattern, repl, new)
+            key, n = re.subn(pattern, repl, key)
             if n:
                 break
-        if new.startswith("decoder."):
-            # ConvBnRelu(conv, bn) -> Conv2dNormActivation(0: conv, 1: bn)
-            new = new.replace(".conv.", ".0.").replace(".bn.", ".1.")
-            # '1layer' skips are a bare ConvBnRelu there, a 1-element Sequential here.
-            new = re.sub(r"(decoder\.ups\.\d\.skip\.)(?=[01]\.(weight|bias|running_|num_batches))", r"\g<1>0.", new)
-        out[new] = value
+        if key.startswith("decoder."):
+            # ConvBnRelu(conv, bn) -> Conv2dNormActivation(0: conv, 1: bn); '1layer' skips are a
+            # bare ConvBnRelu there, a 1-element Sequential here.
+            key = key.replace(".conv.", ".0.").replace(".bn.", ".1.")
+            key = re.sub(r"(decoder\.ups\.\d\.skip\.)(?=[01]\.(weight|bias|running_|num_batches))", r"\g<1>0.", key)
+        out[key] = value
     return out

@@ -1,0 +1,235 @@
+"""Inference: a trained run with its stored preprocessing, files turned into model inputs, and
+batched probabilities and heatmaps. evaluate.py, predict.py, the W&B validation images and
+docs/heatmap_grid.py all go through here, so a model sees its inputs one way everywhere.
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+from tqdm.auto import tqdm
+
+from pylon import plots
+from pylon.checkpoint import load_checkpoint, load_weights
+from pylon.config import ConfigError, load_config
+from pylon.data.cache import Geometry, resize_image
+from pylon.data.dataset import eval_transform
+from pylon.data.readers import ImageReadError, read_image
+from pylon.heatmaps import heatmaps, methods_for
+from pylon.metrics import argmax_points
+from pylon.models import build_model
+from pylon.runs import RunPaths
+
+# What --set may change when a trained run is evaluated; the rest is what was trained.
+ALLOWED_OVERRIDES = ("eval.", "logging.", "train.device", "train.amp", "data.num_workers", "data.sources",
+                     "data.cache_dir", "data.kaggle_root", "data.rsna_root", "data.roots")
+MAX_OVERLAY_SIDE = 1024  # predict.py overlays of bigger originals are shrunk to this
+
+
+def amp_dtype(device: torch.device, cfg_train: Any) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for full precision (always on CPU)."""
+    if device.type != "cuda" or not cfg_train.amp:
+        return None
+    if cfg_train.amp_dtype == "fp16" or (cfg_train.amp_dtype == "auto" and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def bar_disabled(show: bool) -> Optional[bool]:
+    """Progress bars only on a terminal (None lets tqdm check): in a log file each refresh is a line."""
+    return None if show else True
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto`` is the local GPU when there is one; a CUDA device asked for must exist."""
+    if preference == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {preference} asked for, but CUDA is not available here; use auto or cpu")
+    return torch.device(f"cuda:{local_rank}") if device.type == "cuda" and device.index is None else device
+
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader: Any, device: torch.device, dtype: Optional[torch.dtype],
+                   loss_fn: Optional[nn.Module] = None, desc: str = "predict", progress: bool = True) -> dict:
+    """Labels, probabilities, cache rows and the summed loss over a loader (plain model, not DDP)."""
+    model.eval()
+    loss_sum, labels, probs, rows = 0.0, [], [], []
+    for batch in tqdm(loader, desc=desc, leave=False, disable=bar_disabled(progress)):
+        target = batch["label"].to(device)
+        with autocast(device, dtype):
+            logits = model(batch["image"].to(device, non_blocking=True)).logits.float()
+        if loss_fn is not None:
+            loss_sum += float(loss_fn(logits, target)) * len(target)
+        labels.append(target[:, 0].cpu().numpy())
+        probs.append(torch.sigmoid(logits[:, 0]).cpu().numpy())
+        rows.append(np.asarray(batch["row"]))
+    join = lambda parts: np.concatenate(parts) if parts else np.array([])  # noqa: E731
+    return {"loss_sum": loss_sum, "labels": join(labels).astype(np.int64), "probs": join(probs),
+            "rows": join(rows).astype(np.int64)}
+
+
+@dataclass
+class TrainedRun:
+    """A run folder with its config and best model, in eval mode."""
+
+    paths: RunPaths
+    cfg: Any
+    model: nn.Module
+    device: torch.device
+    info: dict  # best.pt without the weights: epoch, normalization, threshold_youden, prior, ...
+
+    @property
+    def mean_std(self) -> tuple[float, float]:
+        """The normalisation the model was trained with (stored with the weights)."""
+        norm = self.info.get("normalization") or {"mean": self.cfg.data.mean, "std": self.cfg.data.std}
+        return float(norm["mean"]), float(norm["std"])
+
+    @property
+    def prior(self) -> Optional[torch.Tensor]:
+        return self.info.get("prior")
+
+    @property
+    def dtype(self) -> Optional[torch.dtype]:
+        return amp_dtype(self.device, self.cfg.train)
+
+
+def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str] = None) -> TrainedRun:
+    """The run's config (plus the few overrides evaluation may change) and its best checkpoint."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not any(key == a or key.startswith(a) for a in ALLOWED_OVERRIDES):
+            raise ConfigError(f"--set {key}: only {', '.join(ALLOWED_OVERRIDES)} can change for a trained run")
+    cfg = load_config(run.config, list(overrides))
+    if not run.best.is_file():
+        raise ConfigError(f"{run.root} has no checkpoints/best.pt: its training has not finished an epoch")
+    state = load_checkpoint(run.best)
+    stored = state.get("config", {}).get("model", {})
+    ignored = {"weights", "pretrain", "freeze"}  # how training started, not what the weights are
+    differ = sorted(k for k, v in OmegaConf.to_container(cfg.model).items() if k not in ignored and k in stored and stored[k] != v)
+    if differ:
+        raise ConfigError(f"{run.config} and {run.best} disagree on model.{', model.'.join(differ)}: "
+                          "the config was edited after training; restore it to use these weights")
+    # The checkpoint holds every weight: never fetch ImageNet weights or a pretrain file.
+    model = build_model(OmegaConf.merge(cfg.model, {"weights": None, "pretrain": None}))
+    load_weights(model, state.pop("model"), str(run.best))
+    target = resolve_device(device or cfg.train.device)
+    return TrainedRun(run, cfg, model.to(target).eval(), target, state)
+
+
+def model_inputs(images: Sequence[np.ndarray], mean: float, std: float) -> torch.Tensor:
+    """(N, 1, S, S) normalised float inputs from S x S uint8 images (already resized)."""
+    transform = eval_transform(images[0].shape[0], mean=mean, std=std)
+    return torch.stack([transform(image=image)["image"] for image in images])
+
+
+def file_input(path: Path, trained: TrainedRun) -> tuple[np.ndarray, np.ndarray, Geometry, torch.Tensor]:
+    """A file as the run's model input: (original, resized, geometry, (1, S, S) tensor).
+    The resize is the cache's own, so files meet the model as the training images did."""
+    original = read_image(path)
+    resized, geometry = resize_image(original, int(trained.cfg.data.image_size), str(trained.cfg.data.resize))
+    return original, resized, geometry, model_inputs([resized], *trained.mean_std)[0]
+
+
+def probabilities(model: nn.Module, batch: torch.Tensor, device: torch.device,
+                  dtype: Optional[torch.dtype] = None) -> np.ndarray:
+    with torch.no_grad(), autocast(device, dtype):
+        return torch.sigmoid(model(batch.to(device)).logits[:, 0].float()).cpu().numpy()
+
+
+def overlays(model: nn.Module, images: Sequence[np.ndarray], boxes: Sequence[Any], captions: Sequence[str],
+             mean: float, std: float) -> list[tuple[np.ndarray, str]]:
+    """Images with the model's own heatmap, boxes and peak drawn (the W&B validation images)."""
+    if not images:
+        return []
+    maps = heatmaps(model, model_inputs(images, mean, std), methods_for(model)[0]).float().numpy()
+    points = argmax_points(maps, images[0].shape)
+    return [(plots.overlay(image, heat, b, p), caption)
+            for image, heat, b, p, caption in zip(images, maps, boxes, points, captions)]
+
+
+@dataclass
+class FilePrediction:
+    path: str
+    id: str
+    probability: Optional[float] = None
+    peak_x: Optional[float] = None  # the heatmap's argmax, original-image pixels
+    peak_y: Optional[float] = None
+    method: Optional[str] = None
+    overlay: Optional[Path] = None
+    error: Optional[str] = None
+
+
+def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, method: Optional[str] = None,
+                  boxes_by_id: Optional[Mapping[str, Sequence]] = None) -> list[FilePrediction]:
+    """Probability, heatmap peak and an overlay PNG per file; unreadable files are reported and
+    listed with their error, and the others still processed."""
+    supported = methods_for(trained.model)
+    method = method or supported[0]
+    if method not in supported:
+        raise ConfigError(f"--method {method}: not available for this {trained.cfg.model.arch} model; use one of {supported}")
+    size = int(trained.cfg.data.image_size)
+    out.mkdir(parents=True, exist_ok=True)
+    results, taken = [], set()
+    batch_size = int(trained.cfg.eval.batch_size)
+    for start in tqdm(range(0, len(paths), batch_size), desc="predict", leave=False, disable=bar_disabled(True)):
+        loaded = []
+        for path in paths[start:start + batch_size]:
+            item = FilePrediction(str(path), Path(path).stem)
+            results.append(item)
+            try:
+                loaded.append((item, *file_input(Path(path), trained)))
+            except ImageReadError as err:
+                item.error = str(err)
+                tqdm.write(f"error: {err}", file=sys.stderr)
+        if not loaded:
+            continue
+        batch = torch.stack([entry[-1] for entry in loaded])
+        probs = probabilities(trained.model, batch, trained.device, trained.dtype)
+        maps = heatmaps(trained.model, batch, method, prior=trained.prior)
+        for (item, original, _, geometry, _), prob, heat, point in zip(loaded, probs, maps, argmax_points(maps, (size, size))):
+            peak = geometry.points_to_original(point)[0]
+            item.probability, item.peak_x, item.peak_y, item.method = float(prob), float(peak[0]), float(peak[1]), method
+            name, n = f"{item.id}_{method}", 1
+            while out / f"{name}.png" in taken:
+                n += 1
+                name = f"{item.id}_{method}-{n}"
+            taken.add(out / f"{name}.png")
+            item.overlay = _save_overlay(out / f"{name}.png", original, _on_original(heat, geometry, size),
+                                         list((boxes_by_id or {}).get(item.id, [])), peak)
+    return results
+
+
+def _on_original(heatmap: torch.Tensor, geometry: Geometry, size: int) -> np.ndarray:
+    """The network-frame map cut to the part covering the original (drops letterbox padding)."""
+    full = F.interpolate(heatmap[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    x0, y0 = int(round(geometry.pad_x)), int(round(geometry.pad_y))
+    w = max(1, int(round(geometry.orig_w * geometry.scale_x)))
+    h = max(1, int(round(geometry.orig_h * geometry.scale_y)))
+    return full[y0:y0 + h, x0:x0 + w].numpy()
+
+
+def _save_overlay(path: Path, image: np.ndarray, heatmap: np.ndarray, boxes: list, point: Sequence[float]) -> Path:
+    import cv2
+    from PIL import Image
+
+    scale = min(1.0, MAX_OVERLAY_SIDE / max(image.shape))
+    if scale < 1.0:
+        size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))
+        image = cv2.resize(image, size, interpolation=cv2.INTER_AREA)
+    boxes = [[v * scale for v in b] for b in boxes]
+    Image.fromarray(plots.overlay(image, heatmap, boxes, [v * scale for v in point])).save(path)
+    return path
