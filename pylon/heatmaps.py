@@ -1,25 +1,23 @@
 """Every heatmap the project scores: ``heatmaps(model, images, method)`` -> (N, h, w) on the
-CPU, one map per image for class ``target``, each at its native resolution.
+CPU, values in [0, 1], one map per image for class 0, at the method's own resolution.
 
-* ``pylon``: sigmoid (in float64) of PYLON's per-pixel logits, one no-grad forward; 1/4 size.
+* ``pylon``: sigmoid (in float64) of PYLON's per-pixel logits; 1/4 size.
 * ``cam``: the baseline's class activation map, min-max normalised per image (a constant map
-  gives zeros); 1/32 size. Min-max rather than sigmoid: CAM values are uncalibrated logits,
-  and an affine rescale keeps the argmax of the upsampled map, on Grad-CAM's [0, 1] scale.
-* ``gradcam`` / ``gradcam++``: pytorch-grad-cam on the baseline's ``target_layer`` (the
-  encoder's last feature map). The target is the raw class logit (``ClassifierOutputTarget``):
-  its gradient does not depend on its sign, so images called negative still get the evidence
-  *for* the class. The library ReLUs, min-max normalises and resizes to the input size.
+  gives zeros); 1/32 size. Not a sigmoid: CAM values are uncalibrated logits, and an affine
+  rescale keeps the argmax of the upsampled map, on Grad-CAM's scale.
+* ``gradcam`` / ``gradcam++``: pytorch-grad-cam on the baseline's ``target_layer``, for the raw
+  class logit, whose gradient does not depend on its sign: images called negative still get the
+  evidence *for* the class. The library ReLUs, min-max normalises and resizes to the input.
 * ``center``: a cone peaking at the image centre (the "no model" baseline); input size.
 * ``prior``: the training split's mean box mask (``box_prior``), the same for every image.
 
-The model runs in eval mode and every submodule's train/eval flag is restored afterwards.
-Gradient methods switch autograd on even under ``torch.no_grad``/``inference_mode`` and leave
-every ``.grad`` None: do not call them between a training step's backward and its step.
+The model runs in eval mode, and every submodule's train/eval flag is restored afterwards.
+Gradient methods work under ``torch.no_grad``/``inference_mode`` and leave every ``.grad``
+None: do not call them between a training step's backward and its step.
 """
 from __future__ import annotations
 
-import contextlib
-from typing import Iterator, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -38,11 +36,8 @@ METHODS = ("pylon", "cam", "gradcam", "gradcam++", "prior", "center")
 def methods_for(model: nn.Module) -> List[str]:
     """Every heatmap method ``model`` supports, in reporting order."""
     model = unwrap(model)
-    if isinstance(model, Pylon):
-        return list(PYLON_METHODS)
-    if isinstance(model, BaselineClassifier):
-        return list(BASELINE_METHODS)
-    raise TypeError(f"no heatmap methods for a {type(model).__name__}; expected a Pylon or BaselineClassifier")
+    assert isinstance(model, (Pylon, BaselineClassifier)), type(model)
+    return list(PYLON_METHODS if isinstance(model, Pylon) else BASELINE_METHODS)
 
 
 def center_map(n: int, height: int, width: int) -> torch.Tensor:
@@ -56,26 +51,12 @@ def center_map(n: int, height: int, width: int) -> torch.Tensor:
 
 
 def box_prior(boxes: Sequence[Sequence[Sequence[float]]], image_size: int) -> Optional[torch.Tensor]:
-    """(S, S) float32 mean box mask of the images that have boxes (None if none has).
-
-    ``boxes``: one list of ``(x, y, w, h)`` per image, in the ``image_size`` input frame.
-    """
+    """(S, S) float32 mean box mask of the images that have boxes (None if none has); ``boxes``:
+    one list of ``(x, y, w, h)`` per image, in the ``image_size`` input frame."""
     masks = [box_mask(b, (image_size, image_size)) for b in boxes if len(b)]
     if not masks:
         return None
     return torch.from_numpy(np.mean(masks, axis=0, dtype=np.float64).astype(np.float32))
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    # Restore each submodule's own flag: a frozen encoder stays in eval while the rest trains.
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
 
 
 def _minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -95,7 +76,7 @@ class _Logits(nn.Module):
         return self.model(x).logits
 
 
-def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, target: int, method: str) -> torch.Tensor:
+def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, method: str) -> torch.Tensor:
     from pytorch_grad_cam import GradCAM, GradCAMPlusPlus
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -108,7 +89,7 @@ def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, target: int, metho
         # graph even when the encoder is frozen.
         cam.compute_input_gradient = True
         try:
-            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(target)] * x.shape[0])
+            maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * x.shape[0])
         finally:
             # Not the context manager: its __exit__ swallows IndexError.
             cam.activations_and_grads.release()
@@ -116,15 +97,12 @@ def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, target: int, metho
     return torch.from_numpy(maps).float()
 
 
-def heatmaps(model: nn.Module, images: torch.Tensor, method: str, target: int = 0,
-             prior: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """(N, h, w) CPU heatmaps of ``images`` (N, n_in, H, W), normalised as for the model, for
-    class ``target`` by ``method`` (see the module docstring); ``prior``: the run's
+def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """(N, h, w) CPU heatmaps of ``images`` (N, n_in, H, W), normalised as for the model, by
+    ``method``, one of ``methods_for(model)`` (see the module docstring); ``prior``: the run's
     ``box_prior``, needed by the "prior" method only."""
     model = unwrap(model)
-    supported = methods_for(model)
-    if method not in supported:
-        raise ValueError(f"heatmap method {method!r} is not available for {type(model).__name__}; use one of {supported}")
+    assert method in methods_for(model), (method, type(model).__name__)
     n, _, height, width = images.shape
     if method == "center":
         return center_map(n, height, width)
@@ -136,13 +114,19 @@ def heatmaps(model: nn.Module, images: torch.Tensor, method: str, target: int = 
             prior = F.interpolate(prior[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         return prior.expand(n, height, width).clone()
     x = images.to(next(model.parameters()).device)
-    with _eval_mode(model):
+    # Restore each submodule's own flag afterwards: a frozen encoder stays in eval while the rest trains.
+    flags = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
         if method in ("pylon", "cam"):
             with torch.no_grad():
-                raw = model(x).heatmap[:, target].float()
+                raw = model(x).heatmap[:, 0].float()
             # float64: a float32 sigmoid saturates to 1.0 above a logit of ~17, and the argmax of
             # a confident model's map would drift to the first of the tied maxima.
             maps = torch.sigmoid(raw.double()) if method == "pylon" else _minmax(raw)
         else:
-            maps = _gradient_cam(model, x, target, method)
+            maps = _gradient_cam(model, x, method)
+    finally:
+        for module, training in flags:
+            module.training = training
     return maps.cpu()

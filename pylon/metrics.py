@@ -6,14 +6,12 @@ class, sensitivity without positives, ...) are ``nan`` and explained under ``"no
 
 Localization conventions (the README's evaluation protocol):
 
-* The image covers ``[0, W] x [0, H]``; pixel (row ``r``, column ``c``) stands for its
-  centre ``(x, y) = (c + 0.5, r + 0.5)``. A box ``(x, y, w, h)`` is the closed rectangle
-  ``[x, x + w] x [y, y + h]``. For integer boxes a pixel centre is inside exactly when the
-  pixel is in ``mask[y:y + h, x:x + w]``, and scaling points and boxes by one factor maps
-  one frame onto another (a 256 px input onto the 1024 px RSNA original).
+* Pixel (row ``r``, column ``c``) stands for its centre ``(x, y) = (c + 0.5, r + 0.5)``; a box
+  ``(x, y, w, h)`` is the closed rectangle ``[x, x + w] x [y, y + h]``. So an integer box holds
+  the pixels ``mask[y:y + h, x:x + w]``, and scaling points and boxes by one factor maps one
+  frame onto another (a 256 px input onto the 1024 px RSNA original).
 * Heatmaps are upsampled bilinearly (``align_corners=False``) to the image size; a map's
-  point is its first maximum in row-major order.
-* Per-image localization results are ``nan`` for images without boxes (not counted).
+  point is its first maximum in row-major order. Images without boxes score ``nan``.
 """
 from __future__ import annotations
 
@@ -40,18 +38,14 @@ def _numpy(values: Any) -> np.ndarray:
 
 
 def binary_inputs(labels: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
-    """1-D ``(labels as bool, probs as float64)``; a clear error for mismatched lengths or labels not 0/1."""
+    """1-D ``(labels as bool, probs as float64)``, one 0/1 label per probability."""
     y, p = _numpy(labels).reshape(-1), _numpy(probs).reshape(-1).astype(np.float64)
-    if y.shape != p.shape:
-        raise ValueError(f"labels and probs differ in length: {y.size} vs {p.size}")
-    bad = ~np.isin(y, (0, 1))
-    if bad.any():
-        raise ValueError(f"labels must be 0 or 1, found {np.unique(y[bad])[:5].tolist()}")
+    assert y.shape == p.shape and np.isin(y, (0, 1)).all(), f"labels {np.unique(y)[:5]} for {p.size} probs"
     return y.astype(bool), p
 
 
 def jsonable(obj: Any) -> Any:
-    """``obj`` with numpy/torch values made plain Python and NaN/inf made ``None`` (``json`` would write NaN)."""
+    """``obj`` in plain Python, NaN/inf as ``None`` (``json`` would write NaN)."""
     if isinstance(obj, Mapping):
         return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
@@ -143,7 +137,6 @@ def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_bo
     """
     data = [_numpy(a) for a in arrays]
     n = len(data[0])
-    assert n > 0 and all(len(a) == n for a in data), [a.shape for a in data]
     rng = np.random.default_rng(seed)
     per_block = max(1, _BOOT_BLOCK // n)  # blocks bound memory; the draws equal one (n_boot, n) call
     blocks = []
@@ -166,7 +159,6 @@ def by_group(fn: Callable[..., Any], groups: Sequence[Hashable], *arrays: Any) -
     samples whose group is ``None`` or ``""`` (e.g. no view recorded) are left out."""
     g = np.asarray(list(groups), dtype=object)
     data = [_numpy(a) for a in arrays]
-    assert all(len(a) == len(g) for a in data), (len(g), [a.shape for a in data])
     keys = sorted({v for v in g.tolist() if v is not None and v != ""})
     return {key: fn(*(a[g == key] for a in data)) for key in keys}
 
@@ -175,8 +167,7 @@ def youden_threshold(labels: Any, probs: Any) -> float:
     """The threshold maximising Youden's J = sensitivity + specificity - 1; ties go to the
     highest such threshold (the most specific operating point)."""
     y, p = binary_inputs(labels, probs)
-    if y.all() or not y.any():
-        raise ValueError("youden_threshold needs both classes present in labels")
+    assert y.any() and not y.all(), "youden_threshold needs both classes present in labels"
     fpr, tpr, thresholds = roc_curve(y, p)
     j = np.where(np.isfinite(thresholds), tpr - fpr, -np.inf)  # sklearn's first threshold is +inf
     return float(thresholds[int(np.argmax(j))])
@@ -224,8 +215,7 @@ def _box_corners(boxes: Boxes, n_images: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _heatmap_tensor(heatmaps: Any) -> torch.Tensor:
-    maps = heatmaps.detach() if isinstance(heatmaps, torch.Tensor) else torch.as_tensor(np.asarray(heatmaps))
-    assert maps.ndim == 3, f"heatmaps must be (N, h, w), got {tuple(maps.shape)}"
+    maps = torch.as_tensor(_numpy(heatmaps))
     return maps if maps.dtype == torch.float64 else maps.float()
 
 
@@ -286,7 +276,6 @@ def energy_in_box(heatmaps: Any, boxes: Boxes, image_size: Sequence[int]) -> np.
     [0, 1], so a constant offset carries no energy; a constant map counts as uniform."""
     height, width = (int(v) for v in image_size)
     maps = _heatmap_tensor(heatmaps).double()
-    assert len(boxes) == len(maps), f"boxes for {len(boxes)} images, {len(maps)} heatmaps"
     shares = np.full(len(maps), np.nan)
     for i, image_boxes in enumerate(boxes):
         if image_boxes is None or len(image_boxes) == 0:

@@ -1,8 +1,8 @@
 """Evaluation figures: ROC / PR curves, confusion matrix, calibration, learning curves and
 heatmap overlays. Every ``plot_*`` function writes one PNG and returns its path.
 
-Figures are drawn on their own Agg canvas, so importing this module never changes the
-matplotlib backend of an interactive session. Overlays follow ``pylon.metrics``' conventions:
+Figures are made without pyplot, so importing this module never changes the matplotlib
+backend of an interactive session. Overlays follow ``pylon.metrics``' conventions:
 boxes ``(x, y, w, h)`` in image pixels, continuous points ``(x, y)``, heatmaps upsampled
 bilinearly with half-pixel centres.
 """
@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, average_precision_score, confusion_matrix, precision_recall_curve, roc_curve
 
@@ -28,15 +27,10 @@ PathLike = Union[str, Path]
 Curves = Mapping[str, tuple[Any, Any]]  # name -> (labels, probs)
 
 BOX_COLOUR = (0, 255, 0)  # RGB
-POINT_COLOUR = (255, 255, 255)
-POINT_EDGE = (0, 0, 0)
-_DPI = 120
 
 
 def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
+    return Figure(figsize=(width, height), dpi=120, layout="constrained")
 
 
 def _save(fig: Figure, path: PathLike) -> Path:
@@ -134,31 +128,27 @@ def plot_calibration(labels: Any, probs: Any, path: PathLike, title: str = "Cali
 
 def plot_learning_curves(history_csv: PathLike, path: PathLike) -> Path:
     """Loss (train/val), validation AUROC and learning rate against epoch, from ``history.csv``;
-    a panel whose columns were not recorded says so."""
+    a panel without values (e.g. AUROC on a one-class val split) says so."""
     try:
         frame = pd.read_csv(history_csv)
     except (ValueError, UnicodeDecodeError) as err:  # pandas' parser errors are ValueErrors
         raise ValueError(f"{history_csv}: not a readable CSV history ({err})") from err
     if frame.empty:
         raise ValueError(f"{history_csv}: the training history has no rows")
-    epochs = frame["epoch"] if "epoch" in frame else pd.Series(np.arange(1, len(frame) + 1))
-    panels = [
-        ("loss", [("train_loss", "train"), ("val_loss", "validation")], False),
-        ("validation AUROC", [("val_auroc", "val AUROC")], False),
-        ("learning rate", [("lr", "lr")], True),
-    ]
+    epochs = frame["epoch"]
+    panels = {"loss": {"train_loss": "train", "val_loss": "validation"}, "validation AUROC": {"val_auroc": "val AUROC"},
+              "learning rate": {"lr": "lr"}}  # title: {column: legend label}
     fig = _figure(12.0, 3.6)
-    for ax, (name, columns, log_scale) in zip(fig.subplots(1, 3), panels):
-        drawn = [c for c, _ in columns if c in frame and frame[c].notna().any()]
-        for column, label in columns:
-            if column in drawn:
-                ax.plot(epochs, frame[column], "o-", markersize=3, linewidth=1.5, label=label)
+    for ax, (name, columns) in zip(fig.subplots(1, 3), panels.items()):
+        drawn = [c for c in columns if c in frame and frame[c].notna().any()]
+        for column in drawn:
+            ax.plot(epochs, frame[column], "o-", markersize=3, linewidth=1.5, label=columns[column])
         if not drawn:
-            ax.text(0.5, 0.5, f"not recorded\n({', '.join(c for c, _ in columns)})", ha="center",
-                    va="center", transform=ax.transAxes, color="0.4")
-        elif log_scale and (frame["lr"] > 0).all():
+            ax.text(0.5, 0.5, f"not recorded\n({', '.join(columns)})", ha="center", va="center",
+                    transform=ax.transAxes, color="0.4")
+        elif name == "learning rate" and (frame["lr"] > 0).all():
             ax.set_yscale("log")
-        if name == "loss" and drawn:
+        elif name == "loss":
             ax.legend(fontsize=8)
             if "val_loss" in drawn:
                 ax.axvline(epochs.iloc[int(frame["val_loss"].idxmin())], color="0.5", linestyle=":", linewidth=1)
@@ -175,61 +165,44 @@ def _line_width(height: int, width: int) -> int:
     return max(1, int(round(min(height, width) / 150)))
 
 
-def _draw_boxes(rgb: np.ndarray, boxes: Optional[Sequence[Sequence[float]]]) -> np.ndarray:
+def _draw_boxes(rgb: np.ndarray, boxes: Sequence[Sequence[float]]) -> np.ndarray:
     out = rgb.copy()
-    thickness = _line_width(*out.shape[:2])
-    for box in boxes if boxes is not None else ():
-        x, y, w, h = (float(v) for v in box[:4])
+    for box in boxes:
+        x, y, w, h = (float(v) for v in box)
         # Outline the pixels whose centres lie in [x, x + w] x [y, y + h] (as in pylon.metrics).
         left, top = math.ceil(x - 0.5), math.ceil(y - 0.5)
         right, bottom = max(left, math.floor(x + w - 0.5)), max(top, math.floor(y + h - 0.5))
-        cv2.rectangle(out, (int(left), int(top)), (int(right), int(bottom)), BOX_COLOUR, thickness, lineType=cv2.LINE_8)
+        cv2.rectangle(out, (left, top), (right, bottom), BOX_COLOUR, _line_width(*out.shape[:2]), lineType=cv2.LINE_8)
     return out
 
 
-def _draw_point(rgb: np.ndarray, point: Optional[Sequence[float]]) -> np.ndarray:
-    """An outlined cross at a continuous ``(x, y)`` point (none for a missing or nan point)."""
-    out = rgb.copy()
-    if point is None or not all(math.isfinite(float(v)) for v in point):
-        return out
-    centre = (int(math.floor(float(point[0]))), int(math.floor(float(point[1]))))
-    size = max(7, int(round(min(out.shape[:2]) / 20)))
-    thickness = _line_width(*out.shape[:2])
-    cv2.drawMarker(out, centre, POINT_EDGE, cv2.MARKER_CROSS, size + 2, thickness + 2)
-    cv2.drawMarker(out, centre, POINT_COLOUR, cv2.MARKER_CROSS, size, thickness)
-    return out
-
-
-def _rgb(image: Any) -> np.ndarray:
-    image = np.asarray(image)
-    assert image.dtype == np.uint8 and image.ndim in (2, 3), f"image must be uint8 (H, W[, 3]): {image.shape}"
+def _rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.repeat(image[..., None], 3, axis=2) if image.ndim == 2 else image)
 
 
-def overlay(image: np.ndarray, heatmap: Any, boxes: Optional[Sequence[Sequence[float]]] = None,
-            point: Optional[Sequence[float]] = None, alpha: float = 0.6, cmap: str = "jet",
-            value_range: Optional[tuple[float, float]] = (0.0, 1.0)) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: the uint8 image with the colour-mapped heatmap blended on top,
-    boxes outlined and the point crossed.
-
-    The heatmap (any resolution) is upsampled to the image and scaled by ``value_range``
-    (``None``: this map's min-max). Each pixel's opacity is ``alpha`` times its heat, so
-    cold regions show the plain radiograph and hot ones the colour map.
-    """
+def overlay(image: np.ndarray, heatmap: Any, boxes: Sequence[Sequence[float]] = (),
+            point: Optional[Sequence[float]] = None) -> np.ndarray:
+    """(H, W, 3) uint8 RGB: the uint8 (H, W[, 3]) image with the heatmap (values in [0, 1], any
+    resolution, upsampled) blended on top in the jet colour map, boxes outlined and the point
+    (unless missing or nan) crossed. Each pixel's opacity is 0.6 times its heat: cold regions
+    show the plain radiograph."""
     rgb = _rgb(image)
     height, width = rgb.shape[:2]
-    heat = heatmap.detach().cpu().numpy() if hasattr(heatmap, "detach") else np.asarray(heatmap)
-    heat = np.squeeze(heat).astype(np.float32)
+    heat = np.squeeze(np.asarray(heatmap)).astype(np.float32)
     if heat.shape != (height, width):
         # INTER_LINEAR uses half-pixel centres: the same resampling as align_corners=False.
         heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
-    low, high = (float(heat.min()), float(heat.max())) if value_range is None else value_range
-    heat = np.clip((heat - low) / (high - low), 0.0, 1.0) if high > low else np.zeros_like(heat)
-    colour = colormaps[cmap](heat)[..., :3]
-    opacity = (alpha * heat)[..., None]
+    heat = np.clip(heat, 0.0, 1.0)
+    colour = colormaps["jet"](heat)[..., :3]
+    opacity = (0.6 * heat)[..., None]
     blended = (1.0 - opacity) * (rgb / 255.0) + opacity * colour
-    out = np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8)
-    return _draw_point(_draw_boxes(out, boxes), point)
+    out = _draw_boxes(np.clip(np.rint(blended * 255.0), 0, 255).astype(np.uint8), boxes)
+    if point is not None and all(math.isfinite(float(v)) for v in point):
+        centre = (math.floor(float(point[0])), math.floor(float(point[1])))
+        size, thickness = max(7, int(round(min(height, width) / 20))), _line_width(height, width)
+        cv2.drawMarker(out, centre, (0, 0, 0), cv2.MARKER_CROSS, size + 2, thickness + 2)  # a black outline
+        cv2.drawMarker(out, centre, (255, 255, 255), cv2.MARKER_CROSS, size, thickness)
+    return out
 
 
 @dataclass
@@ -246,8 +219,7 @@ class OverlayRow:
 
 def _show(ax: Axes, rgb: np.ndarray, caption: str, column_title: Optional[str] = None) -> None:
     ax.imshow(rgb, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    ax.set(xticks=[], yticks=[])
     if column_title:
         ax.set_title(column_title, fontsize=10, fontweight="bold")
     if caption:
@@ -283,7 +255,6 @@ def plot_failure_gallery(images: Sequence[Any], heatmaps: Sequence[Any], boxes: 
     point; a one-line figure when there are none. Only the shown images are read, so the
     others may be ``None``."""
     n = len(hits)
-    assert len(images) == len(heatmaps) == len(boxes) == len(points) == n
     prefix = f"{title}: " if title else ""
     misses = [i for i in range(n) if not hits[i]]
     shown = misses[:max_items]

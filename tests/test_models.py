@@ -138,11 +138,6 @@ def test_attention_matches_power_of_two_pyramid_at_multiples_of_256():
             assert torch.equal(attn(x), a * attn.project(x))
 
 
-def test_input_size_not_a_multiple_of_32_is_a_clear_error():
-    with pytest.raises(ValueError, match="multiples of 32"):
-        small_pylon()(torch.randn(1, 1, 100, 128))
-
-
 def test_gradients_reach_encoder_and_decoder():
     model = small_pylon().train()
     out = model(torch.randn(2, 1, 64, 64))
@@ -300,11 +295,12 @@ def test_rgb_weights_file_for_a_timm_encoder_is_fitted_to_one_channel(tmp_path):
 # ---------------------------------------------------------------- whole-model checkpoints
 
 
-@pytest.mark.parametrize("wrapped", [True, False])
-def test_pretrain_checkpoint_round_trip(tmp_path, wrapped):
+@pytest.mark.parametrize("layout", ["training checkpoint", "state dict", "DDP state dict"])
+def test_pretrain_checkpoint_round_trip(tmp_path, layout):
     source = small_pylon(n_out=2).eval()
     path = tmp_path / "ckpt.pt"
-    torch.save({"model": source.state_dict(), "epoch": 3} if wrapped else source.state_dict(), path)
+    state = {f"module.{k}": v for k, v in source.state_dict().items()} if layout == "DDP state dict" else source.state_dict()
+    torch.save({"model": state, "epoch": 3} if layout == "training checkpoint" else state, path)
     restored = small_pylon(n_out=2, pretrain=str(path), weights="imagenet").eval()  # nothing fetched
     x = torch.randn(1, 1, 64, 64)
     with torch.no_grad():

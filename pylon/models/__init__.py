@@ -13,17 +13,12 @@ from .pylon import Pylon, PylonConfig
 __all__ = ["BaselineClassifier", "BaselineConfig", "ModelOutput", "Pylon", "PylonConfig", "WeightsFileError",
            "WeightsUnavailableError", "build_model", "unwrap"]
 
-_COMMON_FIELDS = ("n_in", "n_out", "backbone", "weights", "freeze", "pretrain")
-_DECODER_FIELDS = ("n_dec_ch", "n_up", "seg_kern_size", "use_pa", "up_type", "up_kernel_size")
-
 
 def build_model(model_cfg: Any) -> nn.Module:
     """The model an experiment config's (already validated) ``model`` section describes."""
-    fields = {name: getattr(model_cfg, name) for name in _COMMON_FIELDS}
+    fields = {name: model_cfg[name] for name in ("n_in", "n_out", "backbone", "weights", "freeze", "pretrain")}
     if model_cfg.arch == "pylon":
-        fields.update({name: getattr(model_cfg.decoder, name) for name in _DECODER_FIELDS})
-        return PylonConfig(**fields).make_model()
-    assert model_cfg.arch == "baseline", model_cfg.arch
+        return PylonConfig(**fields, **model_cfg.decoder).make_model()
     return BaselineConfig(**fields, pooling=model_cfg.pooling).make_model()
 
 

@@ -12,16 +12,12 @@ from segmentation_models_pytorch.encoders import get_encoder
 from segmentation_models_pytorch.encoders._utils import patch_first_conv
 from torch import nn
 
+from pylon.checkpoint import strip_wrapper_prefixes
+
 WeightsSpec = Union[None, str, os.PathLike]
 
 # Where encoder weights sit inside bigger state dicts (DDP, smp models, this project's models).
 ENCODER_PREFIXES = ("", "module.", "encoder.", "module.encoder.", "net.encoder.", "backbone.")
-
-OFFLINE_ADVICE = (
-    "to work offline set model.weights=null (random weights) or model.weights=/path/to/local/file "
-    "(.pth/.pt/.safetensors), or download the weights into the Hugging Face cache beforehand and "
-    "set HF_HUB_OFFLINE=1"
-)
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -40,15 +36,6 @@ class ModelOutput(NamedTuple):
     heatmap: torch.Tensor
 
 
-def check_input(x: torch.Tensor, n_in: int) -> None:
-    """Inputs must be (N, n_in, H, W) with H and W multiples of the encoder's stride."""
-    if x.dim() != 4 or x.shape[1] != n_in or x.shape[-2] % 32 or x.shape[-1] % 32 or 0 in x.shape[-2:]:
-        raise ValueError(
-            f"expected input of shape (N, {n_in}, H, W) with H and W positive multiples of 32 "
-            f"(the encoder's stride), got {tuple(x.shape)}; resize the images (data.image_size)"
-        )
-
-
 def build_encoder(name: str, n_in: int, weights: WeightsSpec) -> nn.Module:
     """A depth-5 smp encoder (forward: the input and the feature maps at 1/2 ... 1/32) with
     ``n_in`` input channels and ``weights``: None (random), "imagenet" (smp's, from the Hugging
@@ -61,8 +48,9 @@ def build_encoder(name: str, n_in: int, weights: WeightsSpec) -> nn.Module:
             return get_encoder(name, in_channels=n_in, depth=5, weights=True if name.startswith("tu-") else "imagenet")
         except Exception as err:  # noqa: BLE001 - the hub's and HTTP errors come in many types
             raise WeightsUnavailableError(
-                f"cannot get the ImageNet weights of {name} ({type(err).__name__}: {err}); {OFFLINE_ADVICE}"
-            ) from err
+                f"cannot get the ImageNet weights of {name} ({type(err).__name__}: {err}); to work offline set "
+                "model.weights=null (random weights) or model.weights=/path/to/local/file (.pth/.pt/.safetensors), "
+                "or download the weights into the Hugging Face cache beforehand and set HF_HUB_OFFLINE=1") from err
     return _encoder_from_file(name, n_in, Path(weights).expanduser())
 
 
@@ -74,10 +62,8 @@ def _encoder_from_file(name: str, n_in: int, path: Path) -> nn.Module:
     stem = next(k for k, m in probe.named_modules() if isinstance(m, nn.Conv2d) and m.in_channels == 3) + ".weight"
     prefix = next((p for p in ENCODER_PREFIXES if p + stem in state), None)
     if prefix is None:
-        raise WeightsFileError(
-            f"model.weights={str(path)!r} has no {name} encoder: no key {stem!r}, also under "
-            f"{list(ENCODER_PREFIXES[1:])}; its first keys: {list(state)[:5]}"
-        )
+        raise WeightsFileError(f"model.weights={str(path)!r} has no {name} encoder: no key {stem!r}, also under "
+                               f"{list(ENCODER_PREFIXES[1:])}; its first keys: {list(state)[:5]}")
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     file_in = state[stem].shape[1]
     if file_in not in (3, n_in):
@@ -125,11 +111,9 @@ def load_strict(module: nn.Module, state: dict, origin: str) -> None:
 
 def load_model_checkpoint(model: nn.Module, path: Union[str, os.PathLike],
                           translate: Optional[Callable[[dict], dict]] = None) -> None:
-    """Initialise the whole ``model`` from a checkpoint file (``pretrain``); a DDP ``module.``
-    prefix is dropped, ``translate`` may rename other key layouts."""
-    state = read_state_dict(Path(path).expanduser(), "model.pretrain")
-    if state and all(key.startswith("module.") for key in state):
-        state = {key[len("module."):]: value for key, value in state.items()}
+    """Initialise the whole ``model`` from a checkpoint file (``pretrain``); wrapper prefixes
+    (DDP, torch.compile) are dropped, ``translate`` may rename other key layouts."""
+    state = strip_wrapper_prefixes(read_state_dict(Path(path).expanduser(), "model.pretrain"))
     load_strict(model, translate(state) if translate else state, f"model.pretrain={str(path)!r}")
 
 

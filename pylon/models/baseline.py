@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import EncoderModel, ModelOutput, WeightsSpec, build_encoder, check_input, load_model_checkpoint
+from .backbone import EncoderModel, ModelOutput, WeightsSpec, build_encoder, load_model_checkpoint
 
 
 @dataclass
@@ -52,16 +52,11 @@ class BaselineClassifier(EncoderModel):
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's last feature map, (N, C, H/32, W/32)."""
-        check_input(x, self.conf.n_in)
         return self.target_layer(self.encoder(x)[-1])
-
-    def cam(self, features: torch.Tensor) -> torch.Tensor:
-        """The linear layer applied at each location: (N, n_out, h, w)."""
-        return F.conv2d(features, self.fc.weight[:, :, None, None], self.fc.bias)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         feats = self.features(x)
-        heatmap = self.cam(feats).float()
+        heatmap = F.conv2d(feats, self.fc.weight[:, :, None, None], self.fc.bias).float()  # fc at each location
         if self.conf.pooling == "avg":
             logits = self.fc(feats.mean(dim=(-2, -1))).float()
         else:
