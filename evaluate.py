@@ -36,10 +36,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="override evaluation settings, e.g. --set eval.bootstrap=2000 train.device=cpu")
     args = parser.parse_args(argv)
 
-    from pylon.evaluation import evaluate_run
     from pylon.runs import find_run
 
-    run = find_run(args.run, args.runs_dir)
+    run = find_run(args.run, args.runs_dir)  # before the heavy imports: a wrong --run fails at once
+    from pylon.evaluation import evaluate_run
+
     overrides = list(args.overrides) + ([f"eval.split={args.split}"] if args.split else [])
     print(f"evaluating {run.root}")
     result = evaluate_run(run, overrides=overrides, localization=args.localization, out=args.out)

@@ -7,6 +7,7 @@ original image's pixels and an overlay PNG; a CSV of the results in --out (defau
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -25,12 +26,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: the run's train.device)")
     args = parser.parse_args(argv)
 
+    from pylon.config import DEVICE_PATTERN, ConfigError
+    from pylon.runs import find_run
+
+    run = find_run(args.run, args.runs_dir)  # before the heavy imports: a wrong --run fails at once
+    if args.device is not None and not re.fullmatch(DEVICE_PATTERN, args.device):
+        raise ConfigError(f"--device {args.device}: expected cpu, cuda or cuda:N")
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        raise ConfigError(f"--out {args.out} is a file; give a folder for the overlays and predictions.csv")
     import pandas as pd
 
     from pylon.inference import load_run, predict_files
-    from pylon.runs import find_run
 
-    run = find_run(args.run, args.runs_dir)
     boxes = None
     if args.boxes_csv:
         from pylon.data.sources.rsna import read_labels

@@ -14,6 +14,10 @@ from typing import Any, Optional, Sequence
 
 from pylon import cli
 
+# What --set may change when a run is resumed; the rest (learning rate, data, model, ...) is held
+# by the checkpoint's optimizer state or shaped what was trained, and would only be recorded.
+RESUMABLE = ("train.epochs", "train.early_stop_patience", "train.device", "logging.")
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -32,12 +36,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.resume and not args.config:
         parser.error("give --config NAME (e.g. --config pylon_r50.yaml) or --resume")
 
-    from pylon.config import LoggingConfig, load_config
+    from pylon.config import ConfigError, LoggingConfig, load_config
     from pylon.runs import find_run
 
     run = None
     if args.resume:
-        run = find_run(None if args.resume == "latest" else args.resume, LoggingConfig.runs_dir)
+        for item in args.overrides:
+            key = item.split("=", 1)[0].strip()
+            if not any(key == k or key.startswith(k) for k in RESUMABLE):
+                raise ConfigError(f"--set {key} cannot change in a resumed run (only {', '.join(RESUMABLE)}*); "
+                                  "start a new run with --config to train with other settings")
+        runs_dir = next((i.split("=", 1)[1] for i in reversed(args.overrides) if i.startswith("logging.runs_dir=")),
+                        LoggingConfig.runs_dir)
+        run = find_run(None if args.resume == "latest" else args.resume, runs_dir)
         cfg = load_config(run.config, args.overrides)
     else:
         cfg = load_config(args.config, args.overrides)

@@ -46,7 +46,7 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[
     try:
         code = main(argv)
     except KeyboardInterrupt:
-        print("interrupted; resume with: python train.py --resume", file=sys.stderr)
+        print("interrupted", file=sys.stderr)  # train.py says itself how to resume, when there is a checkpoint
         code = 130
     except Exception as err:  # noqa: BLE001 - only user errors are caught, the rest re-raised
         if not isinstance(err, user_errors()):

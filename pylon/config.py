@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
 
 @dataclass
@@ -173,9 +174,10 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(_read_yaml(parent_path, seen + (path.resolve(),)), layer)
 
 
-def _one_line(err: OmegaConfBaseException, origin: str) -> ConfigError:
-    key = getattr(err, "full_key", None) or "?"
-    message = str(err).splitlines()[0]
+def _one_line(err: OmegaConfBaseException, origin: str, override: str = "") -> ConfigError:
+    key, _, value = override.partition("=")
+    key = getattr(err, "full_key", None) or key.strip() or "?"
+    message = str(err).splitlines()[0].replace("$VALUE_TYPE", "text").replace("$VALUE", value)
     if "not in" in message or type(err).__name__ == "ConfigKeyError":
         return ConfigError(f"{origin}: unknown key '{key}'")
     return ConfigError(f"{origin}: bad value for '{key}': {message}")
@@ -201,11 +203,11 @@ def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] =
         cfg = OmegaConf.merge(schema, _read_yaml(path))
     except OmegaConfBaseException as err:
         raise _one_line(err, str(path)) from None
-    if overrides:
+    for item in overrides or ():  # one at a time, so that an error names its key
         try:
-            cfg = OmegaConf.merge(cfg, parse_overrides(overrides))
+            cfg = OmegaConf.merge(cfg, parse_overrides([item]))
         except OmegaConfBaseException as err:
-            raise _one_line(err, "--set") from None
+            raise _one_line(err, "--set", item) from None
     validate(cfg)
     return cfg  # type: ignore[return-value]
 
@@ -260,7 +262,7 @@ def validate(cfg: Any) -> None:
              "train.freeze_encoder_epochs and model.freeze=enc both freeze the encoder: use one")
     _require(not (t.scheduler == "plateau" and t.lr < t.min_lr),
              f"train.lr={t.lr} is already below train.min_lr={t.min_lr}: the run would stop after one epoch")
-    _require(re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", t.device) is not None,
+    _require(re.fullmatch(DEVICE_PATTERN, t.device) is not None,
              f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
 
     from pylon.heatmaps import METHODS

@@ -30,7 +30,7 @@ import pydicom.config
 from PIL import Image
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
-from pydicom.uid import JPEGBaseline8Bit, generate_uid
+from pydicom.uid import ComputedRadiographyImageStorage as CR_STORAGE, JPEGBaseline8Bit, generate_uid
 from tqdm import tqdm
 
 GENERATOR_VERSION = 2  # bump when the pictures change, so older demo sets are rebuilt
@@ -38,9 +38,6 @@ MARKER = "demo_complete.json"  # written last: its presence means the set is com
 RSNA_SIZE = 512
 JPEG_QUALITY = 90
 KAGGLE, RSNA = 1, 2  # source keys of the per-image generators
-CR_STORAGE = "1.2.840.10008.5.1.4.1.1.1"
-
-Box = tuple[float, float, float, float]  # x, y, width, height in pixels
 
 
 @dataclass
@@ -53,7 +50,8 @@ class Film:
     height: int
     width: int
     n_opacities: int
-    header: dict = field(default_factory=dict)  # RSNA only: DICOM fields and the detailed class
+    header: dict = field(default_factory=dict)  # RSNA only: DICOM fields
+    detail: str = ""  # RSNA only: the detailed class
 
 
 def _soft(x: np.ndarray, width: float) -> np.ndarray:
@@ -70,8 +68,8 @@ def _waves(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, n: int, freq:
     return np.hstack([np.cos(b), -np.sin(b)]) @ np.vstack([np.cos(a), np.sin(a)]) * np.sqrt(2.0 / n)
 
 
-def render(film: Film, *, with_opacities: bool = True) -> tuple[np.ndarray, list[Box]]:
-    """The film's pixels (uint8, bright = dense) and one box per opacity.
+def render(film: Film, *, with_opacities: bool = True) -> tuple[np.ndarray, list[tuple[float, ...]]]:
+    """The film's pixels (uint8, bright = dense) and one box (x, y, width, height) per opacity.
 
     ``with_opacities=False`` gives the same image without disease (all draws are still made).
     Coordinates: u to the right, v down, in units of about half the lungs' height.
@@ -179,9 +177,9 @@ def plan_rsna(seed: int, n: int) -> list[Film]:
         age, sex = str(int(np.clip(rng.normal(48, 16), 18, 90))), "F" if rng.random() < 0.43 else "M"
         detail = "Lung Opacity" if label else ("Normal" if rng.random() < 0.45 else "No Lung Opacity / Not Normal")
         header = dict(PatientID=patient, PatientName=patient, PatientAge=age, PatientSex=sex, ViewPosition=view,
-                      SeriesDescription=f"view: {view}", PixelSpacing=[0.28, 0.28], detail=detail)
+                      SeriesDescription=f"view: {view}", PixelSpacing=[0.28, 0.28])
         films.append(Film(f"rsna/stage_2_train_images/{patient}.dcm", int(label), (seed, RSNA, i, 1),
-                          RSNA_SIZE, RSNA_SIZE, int(label) * int(rng.choice([1, 2], p=[0.45, 0.55])), header))
+                          RSNA_SIZE, RSNA_SIZE, int(label) * int(rng.choice([1, 2], p=[0.45, 0.55])), header, detail))
     return films
 
 
@@ -189,30 +187,21 @@ def write_dicom(path: Path, pixels: np.ndarray, header: dict) -> None:
     """A CR chest DICOM with JPEG-baseline pixels like the RSNA files; UIDs derive from the patient id."""
     jpeg = io.BytesIO()
     Image.fromarray(pixels).save(jpeg, format="JPEG", quality=JPEG_QUALITY)
-    uid = {part: generate_uid(entropy_srcs=[header["PatientID"], part])
-           for part in ("study", "series", "instance")}
+    uid = {part: generate_uid(entropy_srcs=[header["PatientID"], part]) for part in ("study", "series", "instance")}
     ds = Dataset()
     ds.file_meta = FileMetaDataset()
-    ds.file_meta.MediaStorageSOPClassUID, ds.file_meta.MediaStorageSOPInstanceUID = CR_STORAGE, uid["instance"]
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.SOPClassUID, ds.SOPInstanceUID = CR_STORAGE, uid["instance"]
     ds.StudyInstanceUID, ds.SeriesInstanceUID = uid["study"], uid["series"]
     ds.Modality, ds.BodyPartExamined, ds.ConversionType = "CR", "CHEST", "WSD"
     with pydicom.config.disable_value_validation():  # real RSNA ages are bare '58', not '058Y'
-        for keyword, value in header.items():
-            setattr(ds, keyword, value)
+        ds.update(header)
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.Rows, ds.Columns = pixels.shape
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0
     ds.LossyImageCompression, ds.LossyImageCompressionMethod = "01", "ISO_10918_1"
     ds.PixelData = encapsulate([jpeg.getvalue()])
-    ds["PixelData"].VR = "OB"
     ds.save_as(path, enforce_file_format=True)
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    with open(path, "w", newline="") as handle:
-        csv.writer(handle, lineterminator="\n").writerows([header, *rows])
 
 
 def _marker(root: Path) -> dict:
@@ -227,6 +216,12 @@ def is_generated_demo(root: Path | str) -> bool:
     return _marker(Path(root)).get("generator_version") == GENERATOR_VERSION
 
 
+def holds_other_data(root: Path | str) -> bool:
+    """True when `root` exists, is not empty and is not a demo set: generate_demo refuses it."""
+    root = Path(root)
+    return root.exists() and not _marker(root) and (not root.is_dir() or any(root.iterdir()))
+
+
 def generate_demo(root: Path | str, *, seed: int = 0, n_kaggle_patients: int = 200, n_rsna: int = 360,
                   progress: bool = True) -> Path:
     """Write the demo set to ``root/kaggle`` and ``root/rsna``; return `root`.
@@ -239,39 +234,33 @@ def generate_demo(root: Path | str, *, seed: int = 0, n_kaggle_patients: int = 2
         raise ValueError(f"n_kaggle_patients={n_kaggle_patients} and n_rsna={n_rsna}: need at least 6 "
                          "(every Kaggle split gets both classes) and 2 (a positive and a negative)")
     root = Path(root)
-    settings = dict(generator_version=GENERATOR_VERSION, seed=seed, n_kaggle_patients=n_kaggle_patients,
-                    n_rsna=n_rsna)
-    old = _marker(root)
-    if {k: old.get(k) for k in settings} == settings:
+    settings = dict(generator_version=GENERATOR_VERSION, seed=seed, n_kaggle_patients=n_kaggle_patients, n_rsna=n_rsna)
+    if settings.items() <= _marker(root).items():  # this very set is there already
         return root
-    if root.exists() and not old and (not root.is_dir() or any(root.iterdir())):
+    if holds_other_data(root):
         raise FileExistsError(f"{root} is not empty and is not a demo set (no {MARKER}); refusing to "
                               "overwrite it. Delete it or choose another folder.")
     staging = root.parent / f".{root.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)  # left over from an interrupted run
-    films = plan_kaggle(seed, n_kaggle_patients) + plan_rsna(seed, n_rsna)
-    labels, classes = [], []
-    for film in tqdm(films, desc="demo data", unit="img", disable=not progress):
+    kaggle, rsna = plan_kaggle(seed, n_kaggle_patients), plan_rsna(seed, n_rsna)
+    labels, classes = [["patientId", "x", "y", "width", "height", "Target"]], [["patientId", "class"]]
+    for film in tqdm(kaggle + rsna, desc="demo data", unit="img", disable=not progress):
         path = staging / film.path
         path.parent.mkdir(parents=True, exist_ok=True)
         pixels, boxes = render(film)
         if film.path.startswith("kaggle/"):
             Image.fromarray(pixels).save(path, format="JPEG", quality=JPEG_QUALITY)
             continue
-        header = dict(film.header)
-        detail = header.pop("detail")
-        write_dicom(path, pixels, header)
-        patient = header["PatientID"]
+        write_dicom(path, pixels, film.header)
+        patient = film.header["PatientID"]
         rows = [[patient, *(f"{c:.1f}" for c in box), "1"] for box in boxes]
         labels += rows or [[patient, "", "", "", "", "0"]]
-        classes += [[patient, detail]] * max(1, len(rows))  # the real file repeats a patient once per box row
-    _write_csv(staging / "rsna/stage_2_train_labels.csv",
-               ["patientId", "x", "y", "width", "height", "Target"], labels)
-    _write_csv(staging / "rsna/stage_2_detailed_class_info.csv", ["patientId", "class"], classes)
-    kaggle = [f for f in films if f.path.startswith("kaggle/")]
-    counts = {"kaggle_images": len(kaggle), "kaggle_positive": sum(f.label for f in kaggle),
-              "rsna_images": n_rsna, "rsna_positive": sum(f.label for f in films) - sum(f.label for f in kaggle),
-              "rsna_boxes": sum(row[-1] == "1" for row in labels)}
+        classes += [[patient, film.detail]] * max(1, len(rows))  # the real file repeats a patient once per box row
+    for name, table in (("stage_2_train_labels.csv", labels), ("stage_2_detailed_class_info.csv", classes)):
+        with open(staging / "rsna" / name, "w", newline="") as handle:
+            csv.writer(handle, lineterminator="\n").writerows(table)
+    counts = {"kaggle_images": len(kaggle), "kaggle_positive": sum(f.label for f in kaggle), "rsna_images": n_rsna,
+              "rsna_positive": sum(f.label for f in rsna), "rsna_boxes": sum(f.n_opacities for f in rsna)}
     (staging / MARKER).write_text(json.dumps({**settings, "counts": counts}, indent=2) + "\n")
     shutil.rmtree(root, ignore_errors=True)
     staging.rename(root)

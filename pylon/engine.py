@@ -25,13 +25,13 @@ from tqdm.auto import tqdm
 
 from pylon.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from pylon.config import ConfigError, to_dict, to_yaml
-from pylon.data.pipeline import PreparedData, prepare_data, set_loader_epoch, split_loader
+from pylon.data.pipeline import SPLITS, PreparedData, prepare_data, set_loader_epoch, split_loader
 from pylon.heatmaps import box_prior
 from pylon.distributed import Dist, gather, init_distributed, main_first, seed_everything
 from pylon.inference import amp_dtype, autocast, bar_disabled, overlays, predict_loader
 from pylon.metrics import classification_metrics, youden_threshold
 from pylon.models import build_model, unwrap
-from pylon.runs import RunPaths, new_run
+from pylon.runs import RunPaths, absolute_roots, check_splits, check_writable, new_run, write_splits
 from pylon.tracking import Tracker
 
 ALL_EPOCHS_DONE = "all epochs done"
@@ -58,9 +58,12 @@ class LoopState:
     best_metrics: dict = field(default_factory=dict)
 
 
+MAX_LOSS = 1e4  # a mean BCE this large means logits in the thousands: the weights have blown up
+
+
 def _finite(value: float, where: str, last_good: str) -> float:
-    if not math.isfinite(value):
-        raise TrainingDiverged(f"the {where} loss became {value}; training stopped. The last good checkpoint "
+    if not value <= MAX_LOSS:  # also catches NaN
+        raise TrainingDiverged(f"the {where} loss became {value:.4g}; training stopped. The last good checkpoint "
                                f"is {last_good}. Try a lower train.lr, train.grad_clip=1.0, or check data.mean/std.")
     return value
 
@@ -98,7 +101,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
 
 
 def train_epoch(model, loader, optimizer, loss_fn, scaler, d: Dist, cfg: Any, state: LoopState,
-                tracker: Tracker, last_good: str, progress: bool) -> float:
+                tracker: Tracker, last_good: str) -> float:
     model.train()
     total, count = 0.0, 0
     steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
@@ -106,7 +109,7 @@ def train_epoch(model, loader, optimizer, loss_fn, scaler, d: Dist, cfg: Any, st
         raise ConfigError(f"no training batch: train.batch_size={cfg.train.batch_size} is larger than "
                           f"the training split ({len(loader.dataset)} images per process)")
     with tqdm(total=steps, desc=f"epoch {state.epoch + 1} train", leave=False,
-              disable=bar_disabled(progress and d.is_main)) as bar:
+              disable=bar_disabled(d.is_main)) as bar:
         for step, batch in enumerate(loader):
             if step >= steps:
                 break
@@ -123,11 +126,10 @@ def train_epoch(model, loader, optimizer, loss_fn, scaler, d: Dist, cfg: Any, st
     return total / count
 
 
-def validate(model: nn.Module, loader: Any, d: Dist, cfg_train: Any, loss_fn: nn.Module, desc: str,
-             progress: bool) -> dict[str, Any]:
+def validate(model: nn.Module, loader: Any, d: Dist, cfg_train: Any, loss_fn: nn.Module, desc: str) -> dict[str, Any]:
     """Loss, labels and probabilities over the val shard of every process, gathered."""
     part = predict_loader(unwrap(model), loader, d.device, amp_dtype(d.device, cfg_train), loss_fn,
-                          desc=desc, progress=progress and d.is_main)
+                          desc=desc, progress=d.is_main)
     parts = gather(part, d)
     n = sum(len(p["labels"]) for p in parts)
     return {"loss": sum(p["loss_sum"] for p in parts) / max(n, 1),
@@ -162,7 +164,7 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg_train: Any) -> Optiona
     return None
 
 
-def fit(cfg: Any, run: Optional[RunPaths] = None, *, progress: bool = True) -> dict[str, Any]:
+def fit(cfg: Any, run: Optional[RunPaths] = None) -> dict[str, Any]:
     """Train ``cfg`` into a new run folder, or continue ``run`` from its last.pt; the summary."""
     started = time.time()
     d = init_distributed(cfg.train.device)
@@ -170,6 +172,9 @@ def fit(cfg: Any, run: Optional[RunPaths] = None, *, progress: bool = True) -> d
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {d.world_size} processes")
     if cfg.data.balanced_sampler and d.world_size > 1:
         raise ConfigError("data.balanced_sampler is not supported with several processes")
+    if d.is_main and run is None:
+        check_writable(cfg.logging.runs_dir)  # before minutes of caching, not after
+    absolute_roots(cfg.data)  # the run's config must find its data from any working directory
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(d.device)  # missing pretrained weights fail before the data is cached
     saved = None
@@ -177,8 +182,10 @@ def fit(cfg: Any, run: Optional[RunPaths] = None, *, progress: bool = True) -> d
         if not run.last.is_file():
             raise ConfigError(f"{run.root} has no checkpoints/last.pt to resume from (no epoch of it finished)")
         saved = load_checkpoint(run.last)
-    data = main_first(d, lambda: prepare_data(cfg.data, progress=progress and d.is_main))
-    if d.is_main and progress:
+    data = main_first(d, lambda: prepare_data(cfg.data, progress=d.is_main))
+    if run is not None and run.splits.is_file():
+        check_splits(run.splits, data, SPLITS, cfg.data.sources)  # resuming on other data would silently train something else
+    if d.is_main:
         print(f"data: {data.summary()}", flush=True)
     if cfg.train.channels_last and d.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -208,6 +215,7 @@ def fit(cfg: Any, run: Optional[RunPaths] = None, *, progress: bool = True) -> d
     run = RunPaths(Path(gather(root, d)[0]))
     if d.is_main:
         run.config.write_text(to_yaml(cfg))  # written once the resume state was accepted
+        write_splits(run.splits, data)
     batch = cfg.train.batch_size // d.world_size
     train_loader = split_loader(data, "train", cfg.data, batch, train=True, seed=cfg.train.seed,
                                 rank=d.rank, world_size=d.world_size)
@@ -216,7 +224,7 @@ def fit(cfg: Any, run: Optional[RunPaths] = None, *, progress: bool = True) -> d
                       run_id=None if saved is None else saved.get("wandb_run_id"))
     try:
         _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
-                train_loader, val_loader, progress)
+                train_loader, val_loader)
     except BaseException:
         tracker.finish(exit_code=1)
         raise
@@ -261,7 +269,7 @@ def _summary(run: RunPaths, state: LoopState, tracker: Optional[Tracker], starte
 
 
 def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
-            train_loader, val_loader, progress) -> None:
+            train_loader, val_loader) -> None:
     """The epoch loop of ``fit``; updates ``state`` and writes checkpoints and history."""
     freeze_epochs = cfg.train.freeze_encoder_epochs
 
@@ -278,7 +286,7 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
     prevalence = data.prevalence("train")
     # The image-blind localization floor, from the training split only; it travels with the weights.
     prior = box_prior([data.cache.boxes_in_cache_frame(int(r)) for r in data.rows["train"]], data.cache.image_size)
-    bar = tqdm(desc="epochs", initial=state.epoch, total=cfg.train.epochs, disable=bar_disabled(progress and d.is_main))
+    bar = tqdm(desc="epochs", initial=state.epoch, total=cfg.train.epochs, disable=bar_disabled(d.is_main))
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
             if freeze_epochs and epoch == freeze_epochs:  # stage two: the encoder joins at a lower rate
@@ -290,11 +298,11 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
             t0 = time.time()
             last_good = f"{run.last} (epoch {state.epoch})" if state.epoch else "none yet (no epoch finished)"
             train_loss = train_epoch(train_model, train_loader, optimizer, loss_fn, scaler, d, cfg, state,
-                                     tracker, last_good, progress)
+                                     tracker, last_good)
             if d.world_size > 1:  # rank 0's BatchNorm statistics are the ones saved, so validate with them
                 for buffer in unwrap(model).buffers():
                     dist.broadcast(buffer, src=0)
-            val = validate(model, val_loader, d, cfg.train, loss_fn, f"epoch {epoch + 1} val", progress)
+            val = validate(model, val_loader, d, cfg.train, loss_fn, f"epoch {epoch + 1} val")
             _finite(val["loss"], f"validation (epoch {epoch + 1})", last_good)  # the same on every rank
             metrics = classification_metrics(val["labels"], val["probs"])
             lr = optimizer.param_groups[0]["lr"]
@@ -351,8 +359,9 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
             if state.stop_reason:
                 break
     except KeyboardInterrupt:
-        if d.is_main:
-            print(f"\ninterrupted in epoch {state.epoch + 1}; {run.last} holds epoch {state.epoch}", file=sys.stderr)
+        if d.is_main and state.epoch:
+            print(f"\ninterrupted in epoch {state.epoch + 1}; {run.last} holds epoch {state.epoch}; "
+                  f"resume with: python train.py --resume {run.root}", file=sys.stderr)
         raise
     finally:
         bar.close()

@@ -32,7 +32,7 @@ from pylon.heatmaps import heatmaps, methods_for
 from pylon.inference import TrainedRun, bar_disabled, load_run, model_inputs, predict_loader
 from pylon.metrics import (argmax_points, bootstrap_ci, by_group, classification_metrics, classification_rows,
                            energy_in_box, expected_calibration_error, jsonable, laterality_hits, pointing_game)
-from pylon.runs import RunPaths
+from pylon.runs import RunPaths, check_splits
 from pylon.tracking import Tracker
 
 CI_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "precision", "f1")
@@ -323,6 +323,10 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     split, n_boot, seed = cfg.eval.split, int(cfg.eval.bootstrap), int(cfg.train.seed)
     methods = resolve_methods(trained.model, list(cfg.eval.methods), trained.prior is not None) if localization else []
     data = prepare_data(cfg.data, split=split != ALL)
+    if split != ALL and run.splits.is_file():  # exactly the images the run was selected and tested on
+        check_splits(run.splits, data, sorted({"val", split}), cfg.data.sources)
+    elif split != ALL:
+        print(f"note: {run.root} has no split manifest (splits.csv); the split is derived again from the data")
     data = replace(data, mean=trained.mean_std[0], std=trained.mean_std[1])  # the model's own input contract
     out = run.eval_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)

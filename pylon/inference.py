@@ -114,6 +114,7 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
         if not any(key == a or key.startswith(a) for a in ALLOWED_OVERRIDES):
             raise ConfigError(f"--set {key}: only {', '.join(ALLOWED_OVERRIDES)} can change for a trained run")
     cfg = load_config(run.config, list(overrides))
+    cfg.data.generate_demo = False  # only train.py writes demo data; a trained run reads what it was trained on
     if not run.best.is_file():
         raise ConfigError(f"{run.root} has no checkpoints/best.pt: its training has not finished an epoch")
     state = load_checkpoint(run.best)

@@ -1,9 +1,11 @@
 """Where a run's files live, so train.py, evaluate.py and predict.py agree on one layout."""
 from __future__ import annotations
 
+import csv
+import os
 import time
 from pathlib import Path
-from typing import Optional, Union
+from typing import Any, Optional, Sequence, Union
 
 from pylon.config import ConfigError
 
@@ -17,6 +19,7 @@ class RunPaths:
         self.checkpoints = self.root / "checkpoints"
         self.best, self.last = self.checkpoints / "best.pt", self.checkpoints / "last.pt"
         self.history = self.root / "history.csv"
+        self.splits = self.root / "splits.csv"  # image ids per split: evaluation scores exactly these
         self.eval_dir = self.root / "eval"
 
 
@@ -49,3 +52,45 @@ def find_run(run: Optional[Union[str, Path]], runs_dir: Union[str, Path] = "runs
     if not (Path(run) / "config.yaml").is_file():
         raise ConfigError(f"{run} is not a run folder (no config.yaml in it)")
     return RunPaths(run)
+
+
+def check_writable(runs_dir: Union[str, Path]) -> None:
+    """Fail at once, not after the data is cached, when runs cannot be written (nothing is created)."""
+    path = Path(runs_dir).resolve()
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"logging.runs_dir={runs_dir} is not writable ({existing} is not a writable folder); "
+                          "set --set logging.runs_dir=<a folder you can write>")
+
+
+def absolute_roots(data_cfg: Any) -> None:
+    """Data roots and cache as absolute paths, so a run's config.yaml works from any folder."""
+    for key in ("kaggle_root", "rsna_root", "cache_dir"):
+        if data_cfg[key] is not None:
+            data_cfg[key] = os.path.abspath(data_cfg[key])
+    data_cfg.roots = {name: os.path.abspath(root) for name, root in data_cfg.roots.items()}
+
+
+def write_splits(path: Path, data: Any) -> None:
+    """The run's split manifest: one row per image (id, source, split, label)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "source", "split", "label"])
+        for split, rows in data.rows.items():
+            writer.writerows((r.id, r.source, split, r.label) for r in (data.cache.records[i] for i in rows))
+
+
+def check_splits(path: Path, data: Any, splits: Sequence[str], sources: Sequence[str]) -> None:
+    """Stop unless ``splits`` of ``data`` hold exactly the images (and labels) of ``sources`` that
+    the run was trained with."""
+    with open(path, newline="") as handle:
+        stored = [row for row in csv.DictReader(handle) if row["split"] in splits and row["source"] in sources]
+    want = {(row["id"], row["split"], int(row["label"])) for row in stored}
+    have = {(r.id, split, r.label) for split in splits for r in data.records(split)}
+    if want != have:
+        missing, extra = sorted(want - have), sorted(have - want)
+        example = (missing or extra)[0]
+        raise ConfigError(
+            f"the data no longer matches the run's split manifest {path}: {len(missing)} of its images are missing "
+            f"or changed and {len(extra)} are new or changed (e.g. {example[0]} in {example[1]}); point the data "
+            "roots at the data the run was trained on, or train a new run")

@@ -64,7 +64,9 @@ class Tracker:
             if mode == "offline":
                 self._off(f"wandb.init failed: {err}")
                 return
-            print(f"W&B could not start online ({str(err).splitlines()[0]}); logging offline instead", flush=True)
+            if not (mode is None and isinstance(err, wandb.errors.UsageError)):  # auto without a login: just offline
+                reason = " ".join(line.strip() for line in str(err).splitlines()[:3])  # pydantic names the field on line 2
+                print(f"W&B could not start online ({reason}); logging offline instead", flush=True)
             try:
                 self.run = wandb.init(mode="offline", **start)
             except Exception as err2:  # noqa: BLE001

@@ -5,11 +5,16 @@ import csv
 import logging
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 
 from pylon.data import cache as cache_module
 from pylon.data.cache import BUILDING_PREFIX, ImageCache, build_cache, cache_key, pixel_mean_std, resize_image
@@ -64,8 +69,8 @@ def test_build_skips_unreadable_files_and_caches_the_rest(image_folder, caplog):
 
     assert len(cache) == 5
     assert [r.id for r in cache.records] == ["img0", "img1", "img2", "img3", "img4"]
-    assert {u.id for u in cache.unreadable} == {"img10", "img11"}
-    reasons = {u.id: u.reason for u in cache.unreadable}
+    assert {u["id"] for u in cache.unreadable} == {"img10", "img11"}
+    reasons = {u["id"]: u["reason"] for u in cache.unreadable}
     assert "empty" in reasons["img11"]
     assert reasons["img10"]
     assert "skipped 2 unreadable images" in caplog.text and str(cache.path / "report.csv") in caplog.text
@@ -162,7 +167,8 @@ def test_to_original_inverts_the_cache_mapping(tmp_path, resize):
     cache = build_cache([record], tmp_path / "cache", image_size=64, resize=resize, workers=1, progress=False)
     points = np.random.default_rng(0).uniform(0, [140, 90], size=(20, 2))
     g = cache.geometry[0]
-    np.testing.assert_allclose(cache.to_original(0, g.points_to_cache(points)), points, atol=1e-9)
+    in_cache = g.boxes_to_cache(np.hstack([points, np.ones_like(points)]))[:, :2]
+    np.testing.assert_allclose(cache.to_original(0, in_cache), points, atol=1e-9)
 
     # the box's corners land where the box mapping puts them
     (bx, by, bw, bh), = cache.boxes_in_cache_frame(0)
@@ -170,7 +176,7 @@ def test_to_original_inverts_the_cache_mapping(tmp_path, resize):
     np.testing.assert_allclose(corners, [[60, 20], [90, 50]], atol=1e-4)
     # the original's centre lands in the middle of the cache image (padding is whole pixels,
     # so an odd leftover puts it half a pixel off)
-    np.testing.assert_allclose(g.points_to_cache([[70, 45]]), [[32, 32]], atol=0.5)
+    np.testing.assert_allclose(g.boxes_to_cache([[70, 45, 0, 0]])[:, :2], [[32, 32]], atol=0.5)
 
 
 def test_interrupted_build_leaves_nothing_that_looks_complete(image_folder, monkeypatch):
@@ -205,6 +211,74 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(image_folder, monk
     again = build_cache(readable, cache_dir, image_size=SIZE, workers=1, progress=False)
     assert again.images.shape == (len(readable), SIZE, SIZE)
     np.testing.assert_array_equal(again.image(0), cache.image(0))
+
+
+def test_a_malformed_dicom_is_reported_and_skipped(image_folder):
+    records, cache_dir = image_folder
+    bad = _record(12, Path(get_testdata_file("badVR.dcm")))  # NumberOfFrames is '1A'
+    cache = build_cache([records[0], bad], cache_dir, image_size=SIZE, workers=2, progress=False)
+    assert [r.id for r in cache.records] == ["img0"]
+    with open(cache.path / "report.csv", newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["id"] == "img12" and row["path"] == bad.path and "'1A'" in row["reason"]
+
+
+def _descendants(pid: int) -> set[int]:
+    children = set()
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            children |= {int(c) for c in task.read_text().split()}
+        except OSError:  # the thread ended meanwhile
+            pass
+    return children.union(*(_descendants(c) for c in children))
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie has exited)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _holds_open(pid: int, path: Path) -> bool:
+    try:
+        return any(os.readlink(fd) == str(path) for fd in Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="parent-death signal and /proc are Linux's")
+def test_a_killed_build_leaves_no_worker_and_the_next_build_removes_its_folder(image_folder, tmp_path):
+    records, cache_dir = image_folder
+    fifo = tmp_path / "never_written.png"
+    os.mkfifo(fifo)
+    writer = os.open(fifo, os.O_RDWR)  # a writer that writes nothing: workers reading the file wait forever
+    code = ("from pylon.data.cache import build_cache; from pylon.data.records import Record; "
+            f"build_cache([Record(str(i), str(i), 'kaggle', {str(fifo)!r}, 0) for i in range(4)], {str(cache_dir)!r}, "
+            "image_size=32, workers=2, progress=False)")
+    build, workers = subprocess.Popen([sys.executable, "-c", code]), set()
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers) < 2:  # both workers are reading the file
+            assert build.poll() is None and time.monotonic() < deadline, "the build's workers never started"
+            workers = {pid for pid in _descendants(build.pid) if _holds_open(pid, fifo)}
+            time.sleep(0.05)
+        build.send_signal(signal.SIGKILL)
+        build.wait()
+        deadline = time.monotonic() + 10
+        while any(map(_running, workers)) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not [pid for pid in workers if _running(pid)], "workers outlived their killed build"
+    finally:
+        for pid in workers:
+            if _running(pid):
+                os.kill(pid, signal.SIGKILL)
+        build.kill()
+        os.close(writer)
+    (stale,) = cache_dir.glob(f"{BUILDING_PREFIX}*")
+    build_cache(records[:2], cache_dir, image_size=SIZE, workers=1, progress=False)
+    assert not stale.exists()
 
 
 def test_pixel_mean_std_matches_numpy(image_folder):

@@ -128,3 +128,13 @@ def test_weights_load_strictly_through_ddp_and_compile_prefixes():
     assert message.startswith("ckpt.pt: weights do not fit")
     assert "missing (1): 1.bias" in message and "unexpected (1): extra.weight" in message
     assert "shape mismatch (1): 0.weight" in message
+
+
+def test_a_full_disk_is_named_as_such(tmp_path, monkeypatch):
+    def full_disk(*args, **kwargs):  # what torch raises when a write hits ENOSPC
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 1472 vs 1366")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(CheckpointError, match=r"last.pt: not saved, no space left on"):
+        save_checkpoint(tmp_path / "last.pt", {"w": torch.ones(3)})
+    assert temp_files(tmp_path) == []

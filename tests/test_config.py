@@ -70,6 +70,8 @@ def test_overrides_are_typed_and_applied():
         (["train.freeze_encoder_epochs=1", "model.freeze=enc"], "both freeze the encoder"),
         (["train.pos_weight=lots"], "train.pos_weight"),
         (["train.epochs"], "--set expects section.key=value"),
+        (["data.augment.crop_scale=[0.5]"], "bad value for 'data.augment.crop_scale'"),
+        (["train=5"], "bad value for 'train'"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_naming_the_key(overrides, fragment):
@@ -114,3 +116,15 @@ def test_resolved_yaml_round_trips(tmp_path):
     cfg = load_config("baseline_r18.yaml", ["train.epochs=2"])
     saved = write(tmp_path, to_yaml(cfg), "resolved.yaml")
     assert to_dict(load_config(saved)) == to_dict(cfg)
+
+
+def test_an_interrupt_says_interrupted_and_no_resume_advice_of_its_own(capsys):
+    from pylon import cli
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    with pytest.raises(SystemExit) as code:
+        cli.run(interrupted, [])
+    assert code.value.code == 130
+    assert capsys.readouterr().err.strip() == "interrupted"  # train.py names the run to resume, when there is one

@@ -11,9 +11,13 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from omegaconf import OmegaConf
 from PIL import Image
 from pydicom.uid import JPEGBaseline8Bit
 
+import pylon.demo
+from pylon.config import ConfigError, DataConfig
+from pylon.data.pipeline import index_sources
 from pylon.demo import MARKER, generate_demo, is_generated_demo, main, plan_kaggle, plan_rsna, render
 
 SMALL = dict(seed=3, n_kaggle_patients=10, n_rsna=8)
@@ -157,3 +161,32 @@ def test_a_folder_that_is_not_a_demo_set_is_never_overwritten(tmp_path: Path, ca
         generate_demo(tmp_path / "x", n_kaggle_patients=2, progress=False)
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["mine", "notes.txt"]
     assert not is_generated_demo(mine)
+
+
+def _demo_config(root: str) -> DataConfig:
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), {
+        "generate_demo": True, "kaggle_root": f"{root}/kaggle", "rsna_root": f"{root}/rsna", "cache_dir": "cache"})
+
+
+def test_the_pipeline_says_where_it_writes_the_demo_set(tmp_path, monkeypatch, capsys) -> None:
+    real = pylon.demo.generate_demo
+
+    def small(root):  # the real generator, at a size a test can afford
+        line = f"writing the demo data set to {tmp_path / 'demo'} (data.generate_demo: true) ..."
+        assert capsys.readouterr().out == line + "\n"  # said before a file is written
+        return real(root, n_kaggle_patients=6, n_rsna=2, progress=False)
+
+    monkeypatch.setattr(pylon.demo, "generate_demo", small)
+    monkeypatch.chdir(tmp_path)
+    assert index_sources(_demo_config("demo")) and is_generated_demo(tmp_path / "demo")
+    assert index_sources(_demo_config("demo")) and capsys.readouterr().out == ""  # reused silently
+
+
+def test_the_pipeline_never_writes_the_demo_set_over_other_data(tmp_path) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a demo set")
+    with pytest.raises(ConfigError, match=f"data.generate_demo: {tmp_path / 'mine'} is not a demo set .*; point "
+                                          "data.kaggle_root/data.rsna_root at another <dir>/kaggle, <dir>/rsna, or set "
+                                          "data.generate_demo=false$"):
+        index_sources(_demo_config(str(tmp_path / "mine")))
+    assert [p.name for p in tmp_path.rglob("*")] == ["mine", "notes.txt"]

@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
-from conftest import load_script, quiet_wandb_env, run_folders, tiny_overrides
+from conftest import load_script, quiet_wandb_env, read_wandb_records, run_folders, tiny_overrides
 from pylon.config import ConfigError, load_config
 from pylon.data.pipeline import prepare_data
 from pylon.checkpoint import load_checkpoint
@@ -182,6 +182,11 @@ def test_evaluation_continues_the_runs_wandb_run(pylon_eval):
     assert len(folders) == 2  # training's, then evaluation's
     assert len({f.name.rsplit("-", 1)[1] for f in folders}) == 1  # one W&B run id: resumed
     assert all(next(f.glob("run-*.wandb")).stat().st_size > 0 for f in folders)
+    # One key per figure: W&B shows same-key images side by side and wants them one size.
+    rows = [r["history"]["item"] for r in read_wandb_records(folders[-1]) if r["type"] == "history"]
+    keys = {k.split(".")[0] for row in rows for k in row if k.startswith("eval/figures/")}
+    assert {"eval/figures/roc", "eval/figures/overlays", "eval/figures/failures_localization"} <= keys
+    assert all(int(row[f"{key}.count"]) == 1 for row in rows for key in keys if f"{key}.count" in row)
 
 
 def test_baseline_run_scores_every_cam_method(baseline_run, tmp_path):
@@ -268,3 +273,27 @@ def test_external_evaluation_scores_every_image_with_the_runs_stored_threshold_a
         assert set(predictions.split) == {"all"} and len(predictions) == len(patients)
         assert (out / "overlays.png").is_file()
     assert not (run / "eval").exists()  # the in-distribution evaluation folder is left alone
+
+
+def test_evaluation_scores_the_runs_own_split_from_any_folder_and_stops_when_the_data_changed(
+        tiny_run, tmp_path, monkeypatch):
+    run = copy_run(tiny_run, tmp_path)
+    monkeypatch.chdir(tmp_path)  # the run's config holds absolute roots: found from anywhere
+    assert run_evaluate(run, "--set", "eval.bootstrap=0")["classification"]["n"] == len(run_data(run).rows["test"])
+
+    manifest = pd.read_csv(run / "splits.csv")
+    changed = manifest.copy()
+    first_test = changed.index[changed.split == "test"][0]
+    changed.loc[first_test, "label"] = 1 - changed.loc[first_test, "label"]
+    changed.to_csv(run / "splits.csv", index=False)
+    with pytest.raises(ConfigError, match=r"no longer matches the run's split manifest .*1 of its images"):
+        evaluate.main(["--run", str(run)])
+    manifest.to_csv(run / "splits.csv", index=False)
+
+    # Data that is gone is reported, never generated anew, even for a demo config.
+    moved = copy_run(tiny_run, tmp_path / "moved", data={"kaggle_root": str(tmp_path / "gone" / "kaggle"),
+                                                         "rsna_root": str(tmp_path / "gone" / "rsna"),
+                                                         "generate_demo": True})
+    with pytest.raises(ConfigError, match="data.kaggle_root"):
+        evaluate.main(["--run", str(moved)])
+    assert not (tmp_path / "gone").exists()

@@ -194,6 +194,19 @@ def test_rsna_layout_errors(tmp_path, rsna_tree):
         rsna.index(rsna_tree)
 
 
+@pytest.mark.parametrize("name", ["stage_2_train_labels.csv", "stage_2_detailed_class_info.csv"])
+def test_rsna_label_files_that_are_not_utf8_or_are_empty(rsna_tree, name):
+    path = rsna_tree / name
+    original = path.read_text()
+    path.write_bytes(original.replace("neg,", "négatif,").encode("latin-1"))
+    with pytest.raises(DatasetLayoutError, match=rf"{re.escape(str(path))} is not UTF-8 text \(byte 0xe9"):
+        rsna.index(rsna_tree)
+    for text in ("", original.splitlines()[0] + "\n\n"):
+        path.write_text(text)
+        with pytest.raises(DatasetLayoutError, match=rf"{re.escape(str(path))} is empty: no rows below a header"):
+            rsna.index(rsna_tree)
+
+
 @pytest.mark.parametrize(
     "text,years",
     [("045Y", 45), ("58", 58), ("006M", 0), ("018M", 1), ("010W", 0), ("400D", 1), ("", None),

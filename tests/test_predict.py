@@ -148,3 +148,27 @@ def test_heatmap_grid_figure_draws_a_row_per_image_and_a_column_per_method(tiny_
     assert w1 == w2 and h2 > 1.8 * h1  # image + PYLON columns; one more row
     with pytest.raises(ConfigError, match="none of --methods gradcam applies"):
         grid.main([str(image), "--run", str(tiny_run), "--methods", "gradcam", "--out", str(tmp_path / "x.png")])
+
+
+def test_bad_flags_fail_in_one_line_naming_the_flag(tiny_run, tmp_path):
+    image = tmp_path / "x.png"
+    Image.fromarray(make_phantom(64, 64)).save(image)
+    with pytest.raises(ConfigError, match="--device banana: expected cpu, cuda or cuda:N"):
+        predict.main([str(image), "--run", str(tiny_run), "--device", "banana"])
+    with pytest.raises(ConfigError, match="--out .* is a file"):
+        predict.main([str(image), "--run", str(tiny_run), "--out", str(image)])
+    with pytest.raises(ConfigError, match="is not a run folder"):
+        predict.main([str(image), "--run", str(tmp_path)])
+
+
+def test_a_wrong_run_fails_before_the_heavy_imports(tmp_path):
+    import subprocess
+    import sys
+
+    for script in ("evaluate.py", "predict.py"):
+        args = [str(Path(__file__).resolve().parents[1] / script), "--run", str(tmp_path / "nowhere")]
+        args += ["x.png"] if script == "predict.py" else []
+        done = subprocess.run([sys.executable, "-X", "importtime", *args], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "is not a run folder" in done.stderr
+        imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if line.startswith("import time:")}
+        assert "torch" not in imported and "pylon.inference" not in imported, script

@@ -1,6 +1,7 @@
 """read_image on real files written here: every DICOM flavour, JPEG/PNG mode, and bad input."""
 from __future__ import annotations
 
+import logging
 import pickle
 import shutil
 from pathlib import Path
@@ -9,10 +10,13 @@ import numpy as np
 import pydicom
 import pytest
 from PIL import Image
+from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
+from pydicom.pixels import convert_color_space
 from pydicom.sequence import Sequence
 
 from dicom_files import TRANSFER_SYNTAXES, write_dicom
+from pylon.data import readers
 from pylon.data.readers import ImageReadError, read_image
 
 
@@ -289,11 +293,74 @@ def test_multi_frame_dicom(tmp_path, phantom):
     expect_error(path, "multi-frame", "3 frames")
 
 
-@pytest.mark.parametrize("syntax", ["explicit-little", "jpeg-baseline"])
-def test_colour_dicom(tmp_path, phantom, syntax):
-    rgb = np.dstack([phantom()] * 3)
-    path = write_dicom(tmp_path / "rgb.dcm", rgb, transfer_syntax=syntax, photometric="RGB")
-    expect_error(path, "colour")
+@pytest.fixture
+def warnings_once(monkeypatch, caplog):
+    """The reader's warnings as a list of messages, with its said-once memory fresh."""
+    monkeypatch.setattr(readers, "_warned", set())
+    caplog.set_level(logging.WARNING, logger="pylon.data.readers")
+    return lambda: [r.getMessage() for r in caplog.records if r.name == "pylon.data.readers"]
+
+
+def test_colour_dicoms_become_their_luminance_and_say_so_once(tmp_path, warnings_once):
+    rgb = np.zeros((16, 24, 3), np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = 200, np.arange(24) * 10, 50
+    luminance = np.rint(rgb.astype(int) @ [299, 587, 114] / 1000).astype(np.uint8)
+    first = write_dicom(tmp_path / "rgb.dcm", rgb, transfer_syntax="explicit-little", photometric="RGB")
+    np.testing.assert_array_equal(read_image(first), luminance)
+    assert luminance[0, 0] == 66  # 0.299 * 200 + 0.587 * 0 + 0.114 * 50
+    ds = pydicom.dcmread(first)  # the same colours stored as YBR_FULL
+    ds.PhotometricInterpretation, ds.PixelData = "YBR_FULL", convert_color_space(rgb, "RGB", "YBR_FULL").tobytes()
+    ds.save_as(tmp_path / "ybr.dcm")
+    assert_close(read_image(tmp_path / "ybr.dcm"), luminance)
+    jpeg = write_dicom(tmp_path / "j.dcm", rgb, transfer_syntax="jpeg-baseline", photometric="RGB")
+    assert pydicom.dcmread(jpeg).PhotometricInterpretation == "YBR_FULL_422"
+    assert_close(read_image(jpeg), luminance, max_error=2)
+
+    index = (np.arange(16 * 24).reshape(16, 24) % 256).astype(np.uint8)
+    entries = {"Red": np.arange(256) * 257, "Green": (255 - np.arange(256)) * 257, "Blue": np.zeros(256)}
+    palette = {f"{c}PaletteColorLookupTableDescriptor": [256, 0, 16] for c in entries}
+    palette.update({f"{c}PaletteColorLookupTableData": v.astype("<u2").tobytes() for c, v in entries.items()})
+    path = write_dicom(tmp_path / "palette.dcm", index, transfer_syntax="explicit-little",
+                       photometric="PALETTE COLOR", **palette)
+    assert_close(read_image(path), np.rint(0.299 * index + 0.587 * (255 - index)).astype(np.uint8), max_error=0)
+
+    (warning,) = warnings_once()
+    assert str(first) in warning and "colour DICOM (RGB) converted to grey" in warning
+
+
+def test_a_dicom_that_is_not_a_radiograph_is_read_with_one_warning(tmp_path, phantom, warnings_once):
+    ct = [write_dicom(tmp_path / f"ct{i}.dcm", phantom(), transfer_syntax="explicit-little", Modality="CT")
+          for i in range(2)]
+    dx = write_dicom(tmp_path / "dx.dcm", phantom(), transfer_syntax="explicit-little", Modality="DX")
+    for path in [*ct, dx]:
+        np.testing.assert_array_equal(read_image(path), phantom())
+    (warning,) = warnings_once()
+    assert str(ct[0]) in warning and "Modality CT is not a radiograph" in warning
+
+
+def test_malformed_dicom_header_value_is_an_image_read_error(tmp_path):
+    # pydicom's own test file: NumberOfFrames holds '1A'
+    error = expect_error(Path(get_testdata_file("badVR.dcm")), "not a readable DICOM file", "'1A'")
+    assert "\n" not in error.reason
+
+
+def test_pydicom_logs_nothing_for_files_reported_in_one_line(tmp_path, phantom, caplog):
+    full = write_dicom(tmp_path / "full.dcm", phantom(96, 128), transfer_syntax="jpeg-baseline")
+    cut = tmp_path / "cut.dcm"
+    cut.write_bytes(full.read_bytes()[:-2000])
+    with caplog.at_level(logging.DEBUG):
+        for path in (cut, get_testdata_file("badVR.dcm")):
+            with pytest.raises(ImageReadError):
+                read_image(path)
+    assert not [r for r in caplog.records if r.name.startswith("pydicom")], caplog.text
+    assert "Traceback" not in caplog.text
+
+
+def test_decompression_bomb_is_named_as_such(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.fromarray(np.zeros((16, 20), np.uint8)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 320 pixels > 2 x 100
+    expect_error(path, "too large to decode safely (320 pixels; Pillow's limit is 200")
 
 
 def test_multi_frame_png(tmp_path, phantom):

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import csv
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pylon.config import DataConfig
+from pylon.config import ConfigError, DataConfig
 from pylon.data.pipeline import prepare_data
 from pylon.data.records import Box, DatasetLayoutError
 from pylon.data.sources import SOURCES, nih, root_key, source_root
@@ -105,6 +107,16 @@ def test_nih_index(nih_root, caplog):
         assert kind in caplog.text
 
 
+def test_nih_bad_first_box_row_is_counted(nih_root, caplog):
+    bbox = nih_root / "BBox_List_2017.csv"
+    header, *rows = bbox.read_text().splitlines()
+    bbox.write_text("\n".join([header, "00000003_000.png,Atelectasis,1,2", *rows]) + "\n")  # two numbers, not four
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.nih"):
+        records = {r.id: r for r in nih.index(nih_root)}
+    assert "bad_box: 2 (e.g. line 2, line 7)" in caplog.text
+    assert records["nih/00000003_000"].boxes == (Box(1, 2, 3, 4), Box(20, 20, 8, 8, "infiltrate"))
+
+
 def test_nih_layout_error(tmp_path):
     with pytest.raises(DatasetLayoutError, match="Data_Entry_2017.csv"):
         nih.index(tmp_path)
@@ -125,3 +137,37 @@ def test_nih_through_split_and_cache(nih_root, tmp_path):
     np.testing.assert_allclose(boxes["nih/00000001_001"], [[10.5 * scale, 12 * scale, 20 * scale, 16 * scale]])
     np.testing.assert_allclose(boxes["nih/00000003_000"], [[1 * scale, 2 * scale, 3 * scale, 4 * scale]])
     assert sum(len(b) for b in boxes.values()) == 2  # effusion and infiltrate boxes are not scored
+
+
+def test_nih_list_that_is_not_utf8_or_is_empty(nih_root):
+    entries = nih_root / "Data_Entry_2017.csv"
+    header = entries.read_text().splitlines()[0]
+    entries.write_bytes(entries.read_bytes().replace(b"No Finding", "No Finding \u2013 ok".encode("cp1252")))
+    with pytest.raises(DatasetLayoutError, match=f"{entries} is not UTF-8 text"):
+        nih.index(nih_root)
+    entries.write_text(header + "\n")
+    with pytest.raises(DatasetLayoutError, match=f"{entries} is empty"):
+        nih.index(nih_root)
+
+
+def _nih_config(nih_root: Path, tmp_path: Path, **data) -> Any:
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), {
+        "sources": ["nih"], "roots": {"nih": str(nih_root)}, "cache_dir": str(tmp_path / "cache"), "image_size": 64,
+        "num_workers": 0, **data})
+
+
+def test_an_empty_split_names_its_cause(nih_root, tmp_path):
+    with pytest.raises(ConfigError, match=r"^the val split is empty: data.val_fraction=0.01 of 33 nih patients rounds "
+                                          r"to none; raise data.val_fraction or add data$"):
+        prepare_data(_nih_config(nih_root, tmp_path, val_fraction=0.01), progress=False)
+    with pytest.raises(ConfigError, match=r"^the train split is empty: data.val_fraction=0.9 and "
+                                          r"data.rsna_test_fraction=0.9 of 33 nih patients leave none for training"):
+        prepare_data(_nih_config(nih_root, tmp_path, val_fraction=0.9, rsna_test_fraction=0.9), progress=False)
+    for image in nih_root.glob("images*/**/*.png"):
+        image.write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"the train split is empty: none of the images could be read, see .*report"):
+        prepare_data(_nih_config(nih_root, tmp_path), progress=False)
+    for folder in nih_root.glob("images*"):
+        shutil.rmtree(folder)
+    with pytest.raises(ConfigError, match=f"data.roots.nih: no nih images found under {nih_root}"):
+        prepare_data(_nih_config(nih_root, tmp_path), progress=False)

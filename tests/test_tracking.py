@@ -23,6 +23,11 @@ def wandb_home(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     for name in ("WANDB_DATA_DIR", "WANDB_CACHE_DIR", "WANDB_CONFIG_DIR", "WANDB_ARTIFACT_DIR"):
         monkeypatch.setenv(name, str(tmp_path / "wandb-home" / name.lower()))
+    import wandb
+
+    wandb.teardown()  # wandb keeps process-wide settings (an API key a test set) until torn down
+    yield
+    wandb.teardown()
 
 
 def logging_cfg(mode: str = "offline") -> SimpleNamespace:
@@ -83,10 +88,21 @@ def test_history_replaces_repeated_epochs_and_keeps_new_columns(tmp_path):
     assert history["val_auroc"].isna().tolist() == [True, False]
 
 
-def test_online_without_credentials_falls_back_to_offline(tmp_path, capsys):
-    tracker = Tracker(tmp_path, logging_cfg("online"))
+def test_online_without_credentials_or_network_falls_back_to_offline(tmp_path, capsys, monkeypatch):
+    tracker = Tracker(tmp_path / "no-key", logging_cfg("online"))
     assert tracker.mode == "offline" and tracker.run is not None
     assert "logging offline instead" in capsys.readouterr().out
+    tracker.finish()
+    tracker = Tracker(tmp_path / "auto-no-key", logging_cfg("auto"))  # no login: offline, nothing to say
+    assert tracker.mode == "offline" and capsys.readouterr().out == ""
+    tracker.finish()
+    # Credentials but no server: wandb gives up after its init timeout, and the run goes offline.
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
+    tracker = Tracker(tmp_path / "no-network", logging_cfg("auto"))
+    assert tracker.mode == "offline" and "wandb sync" in tracker.note
+    assert "could not start online" in capsys.readouterr().out
     tracker.finish()
 
 
@@ -102,3 +118,12 @@ def test_a_wandb_failure_mid_run_switches_tracking_off_and_history_goes_on(tmp_p
 def test_only_the_main_process_tracks(tmp_path):
     tracker = Tracker(tmp_path, logging_cfg(), enabled=False)
     assert tracker.run is None and not (tmp_path / "wandb").exists()
+
+
+def test_a_misspelt_wandb_mode_is_named_and_the_run_goes_offline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "onlin")
+    tracker = Tracker(tmp_path, logging_cfg("auto"))
+    assert tracker.mode == "offline"
+    out = capsys.readouterr().out
+    assert "could not start online" in out and "mode" in out and "'onlin'" in out
+    tracker.finish()

@@ -21,7 +21,7 @@ import torch
 
 from conftest import TRAIN_PY, read_wandb_records, run_folders, tiny_overrides, train_cli
 from pylon.checkpoint import CheckpointError, load_checkpoint, load_weights
-from pylon.config import load_config, to_dict
+from pylon.config import ConfigError, load_config, to_dict
 from pylon.data.pipeline import prepare_data
 from pylon.distributed import seed_everything
 from pylon.engine import TrainingDiverged, build_optimizer, build_scheduler
@@ -217,19 +217,24 @@ def test_resume_without_argument_takes_the_latest_run_and_extends_it(tiny_data, 
     older = only_run(Path("runs"))
     older_last = sha256(older.last)
     assert train("--config", "demo.yaml", "--set", *overrides, "train.seed=1") == 0
-    (newer,) = [RunPaths(p) for p in run_folders(Path("runs")) if p != older.root]
+    (newer,) = [RunPaths(p.resolve()) for p in run_folders(Path("runs")) if p != older.root]
+    crashed = Path("runs/crashed-20990101-000000")  # the newest folder, but a failed start: no checkpoint
+    crashed.mkdir()
+    (crashed / "config.yaml").write_text("name: crashed\n")
 
     assert train("--resume", "--set", "train.epochs=2") == 0
     assert load_checkpoint(newer.last)["loop"]["epoch"] == 2
     assert len(pd.read_csv(newer.history)) == 2
     assert load_config(newer.config).train.epochs == 2
     assert sha256(older.last) == older_last
-    assert len(run_folders(Path("runs"))) == 2  # resumed in place, no new folder
+    assert len(run_folders(Path("runs"))) == 3  # resumed in place, no new folder
 
-    # Asking again for the same number of epochs: nothing to do, and it says why.
+    # Asking again for the same number of epochs: nothing to do, and it says why; the runs
+    # folder given with --set is the one searched.
     capsys.readouterr()
     newer_last = sha256(newer.last)
-    assert train("--resume", str(newer.root)) == 0
+    monkeypatch.chdir(tmp_path.parent)
+    assert train("--resume", "--set", f"logging.runs_dir={tmp_path / 'runs'}") == 0
     assert "has completed 2 epochs" in capsys.readouterr().out
     assert sha256(newer.last) == newer_last
 
@@ -353,20 +358,63 @@ def test_resume_refuses_unsafe_and_damaged_checkpoints(tiny_run, tmp_path):
     assert not (run.root / "eval").exists() and len(pd.read_csv(run.history)) == 2
 
 
-def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_run, tiny_data, tmp_path):
+def test_nan_loss_or_a_loss_explosion_stops_cleanly_and_keeps_the_last_good_checkpoint(tiny_run, tiny_data, tmp_path):
     # A learning rate this large blows the weights up after one step: the next loss is NaN.
     with pytest.raises(TrainingDiverged, match=r"training \(epoch 1, step 2\) loss became nan.*none yet.*train\.lr"):
         train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, tmp_path / "runs", "train.lr=1e30"))
     assert not (only_run(tmp_path / "runs").checkpoints).exists()
+    # A finite explosion (loss ~1e19 at lr 1e6) is no success either.
+    with pytest.raises(TrainingDiverged, match=r"training \(epoch 1, step 2\) loss became \d.*e\+"):
+        train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, tmp_path / "runs2", "train.lr=1e6"))
+    assert not (only_run(tmp_path / "runs2").checkpoints).exists()
 
-    # Resumed after two good epochs with inputs that overflow to inf (std ~ 1e-45): the
-    # third epoch diverges, and the epoch-2 checkpoints stay exactly as they were.
+    # Resumed after two good epochs with a learning rate that explodes the weights: the third
+    # epoch diverges, and the epoch-2 checkpoints stay exactly as they were.
     run = copy_run(tiny_run, tmp_path / "copy")
+    last = load_checkpoint(run.last)
+    last["optimizer"]["param_groups"][0]["lr"] = 1e30
+    torch.save(last, run.last)
     before = {p.name: sha256(p) for p in (run.last, run.best, run.history)}
-    done = train_cli(["--resume", str(run.root), "--set", "train.epochs=3", "data.std=1e-45"], cwd=tmp_path)
+    done = train_cli(["--resume", str(run.root), "--set", "train.epochs=3"], cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "\r" not in done.stderr  # no progress bars in a log that is not a terminal
     last_line = error_lines(done.stderr)[-1]
-    assert last_line.startswith("error: the training (epoch 3, step 1) loss became nan")
+    assert last_line.startswith("error: the training (epoch 3, step 2) loss became")
     assert f"{run.last} (epoch 2)" in last_line
     assert {p.name: sha256(p) for p in (run.last, run.best, run.history)} == before
-    assert load_checkpoint(run.last)["loop"]["epoch"] == 2
+
+
+def test_resume_accepts_only_settings_that_can_change_mid_run(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    config = run.config.read_text()
+    for key in ("train.lr=0.1", "data.image_size=96", "model.backbone=resnet34"):
+        with pytest.raises(ConfigError, match=f"--set {key.split('=')[0]} cannot change in a resumed run"):
+            train("--resume", str(run.root), "--set", key)
+    assert run.config.read_text() == config
+
+
+def test_two_runs_started_in_the_same_second_get_two_folders(tmp_path, monkeypatch):
+    from pylon import runs
+
+    monkeypatch.setattr(runs.time, "strftime", lambda fmt: "20990101-000000")
+    first, second = runs.new_run(tmp_path, "demo"), runs.new_run(tmp_path, "demo")
+    assert (first.root.name, second.root.name) == ("demo-20990101-000000", "demo-20990101-000000-2")
+
+
+def test_unwritable_runs_folder_fails_before_any_data_work(tiny_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    cache = tmp_path / "cache"
+    with pytest.raises(ConfigError, match="logging.runs_dir=.*a-file/runs is not writable .*a-file is not a writable"):
+        train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, blocker / "runs", f"data.cache_dir={cache}"))
+    assert not cache.exists()
+
+
+def test_run_stores_absolute_data_roots_and_its_split_manifest(tiny_run):
+    run = RunPaths(tiny_run)
+    cfg = load_config(run.config)
+    assert all(Path(p).is_absolute() for p in (cfg.data.kaggle_root, cfg.data.rsna_root, cfg.data.cache_dir))
+    manifest = pd.read_csv(run.splits)
+    data = prepare_data(cfg.data, progress=False)
+    for split in ("train", "val", "test"):
+        assert sorted(manifest[manifest.split == split].id) == sorted(r.id for r in data.records(split))

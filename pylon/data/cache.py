@@ -5,19 +5,20 @@ microseconds, so images are read and resized once and epochs only augment. ``<ca
 holds ``images.npy`` (N, S, S), ``index.csv`` (each row's id, path and geometry), ``report.csv``
 (unreadable files and why) and ``meta.json`` (written last: it marks a complete cache). The key
 hashes the settings and every record's id, path, size and mtime: same inputs reuse the cache
-without opening an image. Builds happen in a hidden folder renamed into place when complete.
+without opening an image. Builds happen in a hidden folder renamed into place when complete
+(the next build removes one left by a killed build).
 
 Resize: ``"stretch"`` (default, as the reference implementation) scales each axis to S;
 ``"letterbox"`` keeps the aspect ratio and pads with black. Letterbox bars would mark the
 non-square Kaggle images only, a label-correlated shortcut. INTER_AREA when shrinking (cubic
-aliases ribs and noise at 4x), INTER_CUBIC when growing. A box (x, y, w, h) maps as
-x' = x * scale_x + pad_x, w' = w * scale_x (likewise in y).
+aliases ribs and noise at 4x), INTER_CUBIC when growing.
 """
 from __future__ import annotations
 
 import concurrent.futures as futures
 import contextlib
 import csv
+import ctypes
 import functools
 import hashlib
 import json
@@ -26,11 +27,13 @@ import math
 import multiprocessing
 import os
 import shutil
+import socket
+import sys
 import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional, Sequence
+from typing import Optional, Sequence
 
 import cv2
 import numpy as np
@@ -46,7 +49,7 @@ GEOMETRY_FIELDS = ("orig_h", "orig_w", "scale_x", "scale_y", "pad_x", "pad_y")
 
 @dataclass(frozen=True)
 class Geometry:
-    """How one original image maps onto its S x S cache row."""
+    """How one original image maps onto its S x S cache row: x' = x * scale_x + pad_x, w' = w * scale_x."""
 
     orig_h: int
     orig_w: int
@@ -55,55 +58,42 @@ class Geometry:
     pad_x: float
     pad_y: float
 
-    def points_to_cache(self, points_xy: np.ndarray) -> np.ndarray:
-        p = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
-        return np.stack([p[:, 0] * self.scale_x + self.pad_x, p[:, 1] * self.scale_y + self.pad_y], axis=1)
-
     def points_to_original(self, points_xy: np.ndarray) -> np.ndarray:
         p = np.asarray(points_xy, dtype=np.float64).reshape(-1, 2)
-        return np.stack([(p[:, 0] - self.pad_x) / self.scale_x, (p[:, 1] - self.pad_y) / self.scale_y], axis=1)
+        return (p - [self.pad_x, self.pad_y]) / [self.scale_x, self.scale_y]
 
     def boxes_to_cache(self, boxes_xywh: np.ndarray) -> np.ndarray:
         b = np.asarray(boxes_xywh, dtype=np.float64).reshape(-1, 4)
-        return np.stack([b[:, 0] * self.scale_x + self.pad_x, b[:, 1] * self.scale_y + self.pad_y,
-                         b[:, 2] * self.scale_x, b[:, 3] * self.scale_y], axis=1)
+        return b * [self.scale_x, self.scale_y, self.scale_x, self.scale_y] + [self.pad_x, self.pad_y, 0.0, 0.0]
 
 
 def resize_image(image: np.ndarray, image_size: int, mode: str = "stretch") -> tuple[np.ndarray, Geometry]:
     """A 2-D uint8 image resized to image_size x image_size exactly as the cache does (also for
     images that never pass through a cache, e.g. single-image prediction)."""
     h, w = image.shape
-    size = int(image_size)
     if mode == "stretch":
-        new_w, new_h = size, size
+        new_w, new_h = image_size, image_size
     else:
-        scale = size / max(h, w)
-        new_w, new_h = min(size, max(1, round(w * scale))), min(size, max(1, round(h * scale)))
+        scale = image_size / max(h, w)
+        new_w, new_h = min(image_size, max(1, round(w * scale))), min(image_size, max(1, round(h * scale)))
     interpolation = cv2.INTER_AREA if new_w <= w and new_h <= h else cv2.INTER_CUBIC
     resized = image if (new_w, new_h) == (w, h) else cv2.resize(image, (new_w, new_h), interpolation=interpolation)
-    pad_x, pad_y = (size - new_w) // 2, (size - new_h) // 2
-    out = np.zeros((size, size), dtype=np.uint8)
+    pad_x, pad_y = (image_size - new_w) // 2, (image_size - new_h) // 2
+    out = np.zeros((image_size, image_size), dtype=np.uint8)
     out[pad_y : pad_y + new_h, pad_x : pad_x + new_w] = resized
     return out, Geometry(h, w, new_w / w, new_h / h, float(pad_x), float(pad_y))
 
 
-class UnreadableImage(NamedTuple):
-    id: str
-    path: str
-    reason: str
-
-
 class ImageCache:
     """A built cache: ``records[i]`` describes ``image(i)``, ``geometry[i]`` maps between its
-    original and cache frames. Picklable for DataLoader workers: each process reopens the
-    memory map instead of receiving a copy of the pixels."""
+    original and cache frames; ``unreadable`` holds report.csv's rows (id, path, reason).
+    Picklable for DataLoader workers: each process reopens the memory map, pixels are not copied."""
 
     def __init__(self, path: Path, records: list[Record], geometry: list[Geometry], image_size: int,
-                 unreadable: list[UnreadableImage]):
+                 unreadable: list[dict[str, str]]):
         self.path, self.records, self.geometry = Path(path), records, geometry
         self.image_size, self.unreadable = image_size, unreadable
         self.labels = np.array([r.label for r in records], dtype=np.float32)
-        self.sources = [r.source for r in records]
         self._boxes = [g.boxes_to_cache(r.scored_boxes).astype(np.float32) for r, g in zip(records, geometry)]
         self._images: Optional[np.ndarray] = None
 
@@ -133,11 +123,10 @@ class ImageCache:
         return self.geometry[i].points_to_original(points_xy)
 
 
-def build_cache(records: Iterable[Record], cache_dir: Path, *, image_size: int, resize: str = "stretch",
+def build_cache(records: Sequence[Record], cache_dir: Path, *, image_size: int, resize: str = "stretch",
                 workers: int = 2, progress: bool = True) -> ImageCache:
     """The cache of `records` at `image_size`, built only if it does not exist yet. Unreadable
     files are skipped and listed in its report.csv; the cache holds the rest, in order."""
-    records = list(records)
     assert records and len({r.id for r in records}) == len(records), "records must be non-empty, ids unique"
     cache_dir = Path(cache_dir)
     key, fingerprint = cache_key(records, image_size=image_size, resize=resize)
@@ -146,7 +135,8 @@ def build_cache(records: Iterable[Record], cache_dir: Path, *, image_size: int, 
     if cache is None:
         started = time.perf_counter()
         shutil.rmtree(final, ignore_errors=True)  # a folder without meta.json is not a finished build
-        building = cache_dir / f"{BUILDING_PREFIX}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        _remove_stale_builds(cache_dir)
+        building = cache_dir / f"{BUILDING_PREFIX}{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         building.mkdir(parents=True)
         try:
             _build_into(building, records, fingerprint, image_size, resize, workers, progress)
@@ -167,6 +157,26 @@ def build_cache(records: Iterable[Record], cache_dir: Path, *, image_size: int, 
     return cache
 
 
+def _remove_stale_builds(cache_dir: Path) -> None:
+    """Remove the partial caches of killed builds (kill -9, OOM killer) on this machine."""
+    for folder in cache_dir.glob(f"{BUILDING_PREFIX}*"):
+        owner, pid = folder.name.rsplit("-", 2)[:2]
+        if owner.endswith(f"-{socket.gethostname()}") and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+            except ProcessLookupError:
+                shutil.rmtree(folder, ignore_errors=True)
+            except PermissionError:  # it does, another user's
+                pass
+
+
+def _die_with_parent() -> None:
+    """Pool initializer: the kernel kills this worker when its parent dies, so none outlives a
+    killed build (Linux only)."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
+
+
 def cache_key(records: Sequence[Record], *, image_size: int, resize: str) -> tuple[str, dict]:
     """Hash of everything that changes the cached pixels (and of the row order)."""
     files = []
@@ -178,7 +188,7 @@ def cache_key(records: Sequence[Record], *, image_size: int, resize: str) -> tup
         except OSError:
             files.append([record.id, path, -1, -1])  # missing now: the build reports why
     # The names and values below are frozen: changing any of them orphans every existing cache.
-    fingerprint = {"pixel_pipeline_version": 1, "reader_version": "0", "image_size": int(image_size),
+    fingerprint = {"pixel_pipeline_version": 1, "reader_version": "1", "image_size": int(image_size),
                    "resize": resize, "interpolation": "area-when-shrinking/cubic-when-growing", "pad_value": 0}
     digest = hashlib.sha256(json.dumps([fingerprint, files], separators=(",", ":")).encode())
     return f"s{int(image_size)}-{resize}-{digest.hexdigest()[:16]}", fingerprint
@@ -194,11 +204,12 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
     chunks = [tasks[s : s + chunk] for s in range(0, n, chunk)]
     outcome: dict[int, object] = {}  # row -> Geometry, or the reason it could not be read
     work = functools.partial(_cache_chunk, images_path, image_size, resize)
-    # forkserver, not fork: a process that already ran multithreaded OpenCV or torch code can
-    # deadlock the children it forks
-    context = multiprocessing.get_context("forkserver")
-    with (futures.ProcessPoolExecutor(workers, mp_context=context) if workers > 1 else contextlib.nullcontext()
-          ) as pool, tqdm(total=n, desc=f"caching images at {image_size}px", unit="img", disable=not progress) as bar:
+    # spawn, not fork: a process that already ran multithreaded OpenCV or torch code can deadlock
+    # the children it forks; nor forkserver: its workers would not be children of this process
+    context = multiprocessing.get_context("spawn")
+    with (futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent) if workers > 1
+          else contextlib.nullcontext()) as pool, \
+            tqdm(total=n, desc=f"caching images at {image_size}px", unit="img", disable=not progress) as bar:
         for result in (pool.map(work, chunks) if pool else map(work, chunks)):
             outcome.update(result)
             bar.update(len(result))
@@ -215,10 +226,8 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
     with open(folder / "index.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "id", "path", *GEOMETRY_FIELDS])
-        for row, i in enumerate(ok):
-            g = outcome[i]
-            writer.writerow([row, records[i].id, records[i].path, g.orig_h, g.orig_w,
-                             repr(g.scale_x), repr(g.scale_y), repr(g.pad_x), repr(g.pad_y)])
+        writer.writerows([row, records[i].id, records[i].path, outcome[i].orig_h, outcome[i].orig_w,
+                          *(repr(getattr(outcome[i], k)) for k in GEOMETRY_FIELDS[2:])] for row, i in enumerate(ok))
     failed = [i for i in range(n) if not isinstance(outcome[i], Geometry)]
     with open(folder / "report.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
@@ -250,12 +259,11 @@ def _open(folder: Path, records: list[Record]) -> Optional[ImageCache]:
         with open(folder / "index.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         with open(folder / "report.csv", newline="") as handle:
-            unreadable = [UnreadableImage(r["id"], r["path"], r["reason"]) for r in csv.DictReader(handle)]
+            unreadable = list(csv.DictReader(handle))
     except (OSError, ValueError, KeyError):
         return None
     by_id = {r.id: r for r in records}
-    geometry = [Geometry(int(r["orig_h"]), int(r["orig_w"]), *(float(r[k]) for k in GEOMETRY_FIELDS[2:]))
-                for r in rows]
+    geometry = [Geometry(int(r["orig_h"]), int(r["orig_w"]), *(float(r[k]) for k in GEOMETRY_FIELDS[2:])) for r in rows]
     return ImageCache(folder, [by_id[r["id"]] for r in rows], geometry, int(meta["image_size"]), unreadable)
 
 
@@ -268,6 +276,5 @@ def pixel_mean_std(cache: ImageCache, rows: Optional[Sequence[int]] = None, *, c
     for start in range(0, rows.size, chunk_rows):
         counts += np.bincount(cache.images[rows[start : start + chunk_rows]].ravel(), minlength=256)
     values = np.arange(256, dtype=np.float64) / 255.0
-    total = counts.sum()
-    mean = float((counts * values).sum() / total)
-    return mean, math.sqrt(float((counts * (values - mean) ** 2).sum() / total))
+    mean = float(np.average(values, weights=counts))
+    return mean, math.sqrt(float(np.average((values - mean) ** 2, weights=counts)))

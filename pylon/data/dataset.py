@@ -20,8 +20,6 @@ from torch.utils.data import Dataset, default_collate, get_worker_info
 
 from pylon.data.cache import ImageCache
 
-Item = dict[str, Any]
-
 
 def train_transform(image_size: int, augment_cfg: Any, *, mean: float, std: float) -> A.Compose:
     """The reference training augmentation from the config's data.augment section."""
@@ -30,10 +28,9 @@ def train_transform(image_size: int, augment_cfg: Any, *, mean: float, std: floa
     if a.rotate_limit > 0 and a.p_rotate > 0:
         steps.append(A.Rotate(limit=a.rotate_limit, interpolation=cubic, border_mode=cv2.BORDER_CONSTANT, fill=0,
                               p=a.p_rotate))
-    low, high = (float(v) for v in a.crop_scale)
-    if low < 1.0:
-        steps.append(A.RandomResizedCrop(size=(image_size, image_size), scale=(low, high), ratio=tuple(a.crop_ratio),
-                                         interpolation=cubic, p=1.0))
+    if a.crop_scale[0] < 1.0:
+        steps.append(A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(a.crop_scale),
+                                         ratio=tuple(a.crop_ratio), interpolation=cubic, p=1.0))
     else:
         steps.append(A.Resize(image_size, image_size, interpolation=cubic))
     if a.hflip > 0:
@@ -70,22 +67,11 @@ class CxrDataset(Dataset):
     def __len__(self) -> int:
         return int(self.rows.size)
 
-    @property
-    def labels(self) -> np.ndarray:
-        return self.cache.labels[self.rows]
-
-    def reseed(self, seed: int) -> None:
-        """Restart the transform's random stream (main-process loading; workers seed themselves)."""
-        reseed(self.transform, seed)
-
-    def _seed_for_worker(self) -> None:
+    def __getitem__(self, index: int) -> dict[str, Any]:
         info = get_worker_info()
-        if info is not None and self._seeded_for != (info.id, info.seed):
-            self.reseed(info.seed)
+        if info is not None and self._seeded_for != (info.id, info.seed):  # a worker's first item
+            reseed(self.transform, info.seed)
             self._seeded_for = (info.id, info.seed)
-
-    def __getitem__(self, index: int) -> Item:
-        self._seed_for_worker()
         row = int(self.rows[index])
         boxes = self.cache.boxes_in_cache_frame(row)
         out = self.transform(image=self.cache.image(row), bboxes=boxes)
@@ -95,31 +81,21 @@ class CxrDataset(Dataset):
             "boxes": torch.from_numpy(np.asarray(out.get("bboxes", boxes), dtype=np.float32).reshape(-1, 4)),
             "row": row,
             "id": self.cache.records[row].id,
-            "source": self.cache.sources[row],
+            "source": self.cache.records[row].source,
         }
 
 
-def collate(batch: Sequence[Item]) -> Item:
-    """Stack images (N, 1, S, S) and labels (N, 1); boxes stay a list of (k, 4) tensors."""
+def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Stack images (N, 1, S, S), labels (N, 1) and rows (N,); boxes, ids and sources stay lists."""
+    out = {key: [item[key] for item in batch] for key in batch[0]}
     # default_collate stacks straight into shared memory inside a worker: one copy fewer
-    return {
-        "image": default_collate([b["image"] for b in batch]),
-        "label": default_collate([b["label"] for b in batch]),
-        "boxes": [b["boxes"] for b in batch],
-        "row": torch.tensor([b["row"] for b in batch], dtype=torch.int64),
-        "id": [b["id"] for b in batch],
-        "source": [b["source"] for b in batch],
-    }
+    out.update(image=default_collate(out["image"]), label=default_collate(out["label"]), row=torch.tensor(out["row"]))
+    return out
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: seed numpy/random/the transform from torch's worker seed;
-    keep OpenCV and torch single-threaded (the workers are the parallelism)."""
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
+    """DataLoader ``worker_init_fn``: keep OpenCV and torch single-threaded (the workers are the
+    parallelism). The seeds need nothing here: torch seeds random and numpy in each worker, and
+    CxrDataset seeds its transform."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)
-    info = get_worker_info()
-    if info is not None and isinstance(info.dataset, CxrDataset):
-        info.dataset._seed_for_worker()

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
+from pylon import demo
 from pylon.config import ConfigError
 from pylon.data.cache import ImageCache, build_cache, pixel_mean_std
-from pylon.data.dataset import CxrDataset, collate, eval_transform, seed_worker, train_transform
+from pylon.data.dataset import CxrDataset, collate, eval_transform, reseed, seed_worker, train_transform
 from pylon.data.records import Record
 from pylon.data.sources import SOURCES, root_key, source_root
 from pylon.data.splits import split_records
@@ -38,12 +39,9 @@ class PreparedData:
     def records(self, split: str) -> list[Record]:
         return [self.cache.records[i] for i in self.rows[split]]
 
-    def labels(self, split: str) -> np.ndarray:
-        return np.array([r.label for r in self.records(split)], dtype=np.int64)
-
     def prevalence(self, split: str) -> float:
         """Fraction of positive images in `split`."""
-        return float(self.labels(split).astype(np.float64).mean())
+        return float(np.mean([r.label for r in self.records(split)], dtype=np.float64))
 
     def summary(self) -> str:
         parts = []
@@ -60,11 +58,15 @@ def _generate_demo(data_cfg: Any) -> None:
     if len(parents) != 1 or {r.name for r in roots} - {"kaggle", "rsna"}:
         raise ConfigError("data.generate_demo needs data.kaggle_root and data.rsna_root to be <dir>/kaggle "
                           "and <dir>/rsna")
-    from pylon.demo import generate_demo, is_generated_demo
-
-    demo_root = parents.pop()
-    if not is_generated_demo(demo_root):  # a demo set made earlier is used as it is
-        generate_demo(demo_root)
+    demo_root = parents.pop().resolve()
+    if demo.is_generated_demo(demo_root):  # a demo set made earlier is used as it is
+        return
+    if demo.holds_other_data(demo_root):
+        raise ConfigError(f"data.generate_demo: {demo_root} is not a demo set and is never overwritten; point "
+                          "data.kaggle_root/data.rsna_root at another <dir>/kaggle, <dir>/rsna, or set "
+                          "data.generate_demo=false")
+    print(f"writing the demo data set to {demo_root} (data.generate_demo: true) ...", flush=True)
+    demo.generate_demo(demo_root)
 
 
 def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
@@ -81,9 +83,12 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
         if not (Path(root) / source.MARKER).exists():
             raise ConfigError(f"data.{key}: {root} has no {source.MARKER} - download the data as "
                               f"datasets/README.md describes, or point at it with --set data.{key}=/path/to/it")
-        records += source.index(Path(root), Path(data_cfg.cache_dir))
+        indexed = source.index(Path(root), Path(data_cfg.cache_dir))
+        if not indexed:
+            raise ConfigError(f"data.{key}: no {name} images found under {root}")
+        records += indexed
     if not split:
-        return [r.with_split(ALL) for r in records]
+        return [replace(r, split=ALL) for r in records]
     return split_records(records, val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.rsna_test_fraction,
                          seed=data_cfg.split_seed)
 
@@ -100,12 +105,25 @@ def prepare_data(data_cfg: Any, *, progress: bool = True, split: bool = True) ->
     rows = {name: np.flatnonzero(split_of == name) for name in SPLITS}
     for name in ("train", "val"):
         if len(rows[name]) == 0:
-            raise ConfigError(f"the {name} split is empty: check data.sources and the data roots")
+            raise ConfigError(f"the {name} split is empty: {_why_empty(name, cache, data_cfg)}")
     mean, std = data_cfg.mean, data_cfg.std
     if data_cfg.normalize_from_train:
         mean, std = pixel_mean_std(cache, rows["train"])
         log.info("normalisation from the training split: mean %.4f, std %.4f", mean, std)
     return PreparedData(cache, rows, float(mean), float(std))
+
+
+def _why_empty(split: str, cache: ImageCache, data_cfg: Any) -> str:
+    """The cause of an empty split, and what to change, for its error message."""
+    if not len(cache):
+        return f"none of the images could be read, see {cache.path / 'report.csv'}"
+    patients = Counter(source for source, _ in {(r.source, r.patient_id) for r in cache.records})
+    counts = " and ".join(f"{n} {source}" for source, n in sorted(patients.items()))
+    if split == "val":
+        return (f"data.val_fraction={data_cfg.val_fraction} of {counts} patients rounds to none; raise "
+                "data.val_fraction or add data")
+    return (f"data.val_fraction={data_cfg.val_fraction} and data.rsna_test_fraction={data_cfg.rsna_test_fraction} "
+            f"of {counts} patients leave none for training; lower them or add data")
 
 
 def split_loader(data: PreparedData, split: str, data_cfg: Any, batch_size: int, *, train: bool, seed: int = 0,
@@ -120,7 +138,7 @@ def split_loader(data: PreparedData, split: str, data_cfg: Any, batch_size: int,
     dataset = CxrDataset(data.cache, rows, transform)
     sampler = None
     if train and data_cfg.balanced_sampler:  # positives and negatives drawn equally often
-        labels = dataset.labels.astype(np.float64)
+        labels = data.cache.labels[rows].astype(np.float64)
         n_pos = int(labels.sum())
         if n_pos in (0, labels.size):
             raise ConfigError(f"data.balanced_sampler needs both classes in {split}: {n_pos} of {labels.size} positive")
@@ -130,17 +148,16 @@ def split_loader(data: PreparedData, split: str, data_cfg: Any, batch_size: int,
     elif train:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
-    workers = data_cfg.num_workers
-    if workers > 0:
+    if data_cfg.num_workers > 0:
         # OpenCV's thread pool does not survive fork: a worker that reconfigures it (as
         # seed_worker does) can wait forever on a condition copied mid-wait from a parent thread
         cv2.setNumThreads(1)
     else:
-        dataset.reseed(seed + rank)  # main-process loading: one seeded stream
+        reseed(transform, seed + rank)  # main-process loading: one seeded stream (workers seed themselves)
     # Each process draws its own augmentations; the sampler already splits the images.
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, collate_fn=collate,
-                      worker_init_fn=seed_worker, generator=torch.Generator().manual_seed(int(seed + rank)),
-                      drop_last=train, pin_memory=torch.cuda.is_available())
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
+                      collate_fn=collate, worker_init_fn=seed_worker, drop_last=train,
+                      generator=torch.Generator().manual_seed(int(seed + rank)), pin_memory=torch.cuda.is_available())
 
 
 def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> None:
@@ -150,7 +167,6 @@ def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -
         loader.sampler.set_epoch(epoch)
     elif getattr(loader.sampler, "generator", None) is not None:
         loader.sampler.generator.manual_seed(epoch_seed)
-    if loader.generator is not None:
-        loader.generator.manual_seed(epoch_seed)
+    loader.generator.manual_seed(epoch_seed)
     if loader.num_workers == 0:
-        loader.dataset.reseed(epoch_seed)
+        reseed(loader.dataset.transform, epoch_seed)

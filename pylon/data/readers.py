@@ -1,31 +1,32 @@
 """Read any supported radiograph file into one 2-D uint8 array, bright = dense.
 
-DICOM (detected by content, every transfer syntax pydicom can decode), JPEG and PNG. Whatever
-cannot honestly become a single grey radiograph raises ImageReadError naming the file and why.
+DICOM (detected by content, every transfer syntax pydicom can decode), JPEG and PNG; colour
+becomes its luminance. Whatever cannot honestly become a single grey radiograph raises
+ImageReadError naming the file and why.
 """
 from __future__ import annotations
 
+import logging
+import re
 import warnings
 from pathlib import Path
-from typing import Union
 
 import numpy as np
 import pydicom
 from PIL import Image, UnidentifiedImageError
-from pydicom.dataset import Dataset
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
-from pydicom.pixels.decoders import JPEGBaseline8BitDecoder
+from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import JPEGBaseline8Bit
 
-from pylon.data.records import DatasetLayoutError  # noqa: F401  (re-exported: readers' errors in one place)
-
-PathLike = Union[str, Path]
+log = logging.getLogger(__name__)
+# pydicom logs whole tracebacks for files that read_image then reports in one line
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+_warned: set[str] = set()  # kinds of warning already given in this process
 
 
 class ImageReadError(ValueError):
     """A file that cannot be read as a radiograph; the message names the file and the reason."""
 
-    def __init__(self, path: PathLike, reason: str):
+    def __init__(self, path: str | Path, reason: str):
         self.path, self.reason = str(path), reason
         super().__init__(f"cannot read image {self.path}: {reason}")
 
@@ -33,34 +34,45 @@ class ImageReadError(ValueError):
         return (type(self), (self.path, self.reason))
 
 
-def read_image(path: PathLike) -> np.ndarray:
-    """The image at `path` as a 2-D np.uint8 array (H, W) in MONOCHROME2 sense."""
+def read_image(path: str | Path) -> np.ndarray:
+    """The image at `path` as a 2-D np.uint8 array (H, W) in MONOCHROME2 sense; any problem with
+    the file raises ImageReadError."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
             head = handle.read(132)
-    except FileNotFoundError:
-        raise ImageReadError(path, "file not found") from None
     except OSError as error:
-        raise ImageReadError(path, f"cannot open file ({error})") from None
+        missing = isinstance(error, FileNotFoundError)
+        raise ImageReadError(path, "file not found" if missing else f"cannot open file ({error})") from None
     if not head:
         raise ImageReadError(path, "file is empty (0 bytes)")
-    if head[128:132] == b"DICM":
-        return _read_dicom(path, has_preamble=True)
     pillow_magic = head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"))
-    if not pillow_magic and path.suffix.lower() in (".dcm", ".dicom", ".dic"):
-        return _read_dicom(path, has_preamble=False)  # old DICOM files may lack the preamble
-    return _read_with_pillow(path)
-
-
-def _read_dicom(path: Path, has_preamble: bool) -> np.ndarray:
+    # DICOM by content; old DICOM files may lack the preamble, so a DICOM suffix is tried too
+    dicom = head[128:132] == b"DICM" or (not pillow_magic and path.suffix.lower() in (".dcm", ".dicom", ".dic"))
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            # pydicom warns, instead of raising, on truncation: kept to explain missing pixels
-            warnings.simplefilter("always")
-            ds = pydicom.dcmread(path, force=not has_preamble)
-    except Exception as error:  # pydicom raises many types for corrupt files
-        raise ImageReadError(path, f"not a readable DICOM file ({type(error).__name__}: {error})") from error
+        with warnings.catch_warnings(record=True) as caught:  # pydicom warns where it could raise: not shown,
+            warnings.simplefilter("always")  # kept to explain missing pixels
+            return _read_dicom(path, head[128:132] == b"DICM", caught) if dicom else _read_with_pillow(path)
+    except ImageReadError:
+        raise
+    except Exception as error:  # corrupt data, a malformed header value, ...: one line naming the file
+        kind = "not a readable DICOM file" if dicom else "corrupt or truncated image"
+        raise ImageReadError(path, f"{kind} ({_describe(error)})") from error
+
+
+def _describe(error: BaseException) -> str:
+    """'Type: message' on one line (pydicom puts whole tracebacks into some messages)."""
+    return f"{type(error).__name__}: {' '.join(str(error).split('Traceback')[0].split())}"
+
+
+def _warn_once(kind: str, message: str, *args) -> None:
+    if kind not in _warned:
+        _warned.add(kind)
+        log.warning(message + " (said once per process)", *args)
+
+
+def _read_dicom(path: Path, has_preamble: bool, caught: list) -> np.ndarray:
+    ds = pydicom.dcmread(path, force=not has_preamble)
     if "PixelData" not in ds:
         truncation = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
         if truncation:
@@ -73,22 +85,38 @@ def _read_dicom(path: Path, has_preamble: bool) -> np.ndarray:
         raise ImageReadError(path, f"multi-frame DICOM ({frames} frames); expected a single radiograph")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
-    if samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
-        raise ImageReadError(path, f"colour DICOM ({photometric}, {samples} samples per pixel) "
-                                   "is not a grey radiograph")
+    colour = samples == 3 or photometric == "PALETTE COLOR"  # secondary captures of films, mostly
+    if not colour and (samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2")):
+        raise ImageReadError(path, f"unsupported DICOM image ({photometric}, {samples} samples per pixel)")
+    modality = str(ds.get("Modality") or "CR").strip().upper()
+    if modality not in ("CR", "DX"):
+        _warn_once("modality", "%s: DICOM Modality %s is not a radiograph (CR, DX); reading it anyway", path, modality)
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return _dicom_to_uint8(_decode_pixels(ds, syntax), ds, inverted=photometric == "MONOCHROME1")
+        pixels = _decode_pixels(ds, syntax)
+        grey = _colour_to_grey(pixels, ds, photometric) if colour else \
+            _dicom_to_uint8(pixels, ds, inverted=photometric == "MONOCHROME1")
     except Exception as error:
         name = syntax.name if syntax else "unknown transfer syntax"
         raise ImageReadError(path, f"cannot decode DICOM pixel data or apply its LUT ({name}; "
-                                   f"{type(error).__name__}: {error})") from error
+                                   f"{_describe(error)})") from error
+    if colour:
+        _warn_once("colour", "%s: colour DICOM (%s) converted to grey by luminance", path, photometric)
+    return grey
 
 
-def _decode_pixels(ds: Dataset, syntax) -> np.ndarray:
-    if syntax == JPEGBaseline8Bit and "pillow" in JPEGBaseline8BitDecoder.available_plugins:
+def _colour_to_grey(pixels: np.ndarray, ds: pydicom.Dataset, photometric: str) -> np.ndarray:
+    """Rec. 601 luminance of the RGB pydicom gives (it converts YBR); palette entries span their
+    own bit depth, other colour samples BitsStored."""
+    palette = photometric == "PALETTE COLOR"
+    rgb = apply_color_lut(pixels, ds) if palette else pixels
+    top = np.iinfo(rgb.dtype).max if palette else 2 ** int(ds.get("BitsStored", ds.BitsAllocated)) - 1
+    grey = rgb.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
+    return np.clip(np.rint(grey * np.float32(255.0 / top)), 0, 255).astype(np.uint8)
+
+
+def _decode_pixels(ds: pydicom.Dataset, syntax) -> np.ndarray:
+    if syntax == JPEGBaseline8Bit:
         try:  # Pillow's libjpeg-turbo decodes RSNA-size images ~3x faster than pylibjpeg
             return pixel_array(ds, decoding_plugin="pillow")
         except Exception:
@@ -96,17 +124,16 @@ def _decode_pixels(ds: Dataset, syntax) -> np.ndarray:
     return ds.pixel_array
 
 
-def _dicom_to_uint8(stored: np.ndarray, ds: Dataset, inverted: bool) -> np.ndarray:
+def _dicom_to_uint8(values: np.ndarray, ds: pydicom.Dataset, inverted: bool) -> np.ndarray:
     has_modality = "RescaleSlope" in ds or "RescaleIntercept" in ds or "ModalityLUTSequence" in ds
     has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
-    if stored.dtype == np.uint8 and not has_modality and not has_voi:  # all RSNA files: nothing to map
-        return (255 - stored) if inverted else stored
+    if values.dtype == np.uint8 and not has_modality and not has_voi:  # all RSNA files: nothing to map
+        return (255 - values) if inverted else values
     # The output range is what the LUT chain makes of the extreme stored values, so a 12-bit
     # image fills 0..255 and a window's bounds map to 0 and 255.
     bits = int(ds.get("BitsStored", ds.BitsAllocated))
     signed = int(ds.get("PixelRepresentation", 0)) == 1
     extremes = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], np.int64)
-    values = stored
     if has_modality:
         values, extremes = apply_modality_lut(values, ds), apply_modality_lut(extremes, ds)
     if has_voi:
@@ -129,12 +156,12 @@ def _read_with_pillow(path: Path) -> np.ndarray:
                 raise ImageReadError(path, f"{image.format} has {frames} frames; expected one image")
             image.load()  # decode now, so truncation surfaces here
             return _pillow_to_uint8(image)
-    except ImageReadError:
-        raise
     except UnidentifiedImageError:
         raise ImageReadError(path, "unknown file format; expected DICOM, JPEG or PNG") from None
-    except Exception as error:  # truncated or corrupt data: OSError, SyntaxError, ...
-        raise ImageReadError(path, f"corrupt or truncated image ({type(error).__name__}: {error})") from error
+    except Image.DecompressionBombError as error:
+        pixels = re.search(r"\d+", str(error))
+        raise ImageReadError(path, f"too large to decode safely ({pixels and pixels.group()} pixels; Pillow's limit "
+                                   f"is {2 * Image.MAX_IMAGE_PIXELS}, twice PIL.Image.MAX_IMAGE_PIXELS)") from None
 
 
 def _pillow_to_uint8(image: Image.Image) -> np.ndarray:

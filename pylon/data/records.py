@@ -1,8 +1,10 @@
 """The unit every data-handling step passes along: one image and what is known of it."""
 from __future__ import annotations
 
+import io
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple, Optional
 
 SCORED_FINDING = "pneumonia"  # the only finding whose boxes heatmaps are scored against
@@ -32,9 +34,6 @@ class Record:
     sex: Optional[str] = None
     detail_class: Optional[str] = None
 
-    def with_split(self, split: Optional[str]) -> "Record":
-        return replace(self, split=split)
-
     @property
     def scored_boxes(self) -> tuple[tuple[float, float, float, float], ...]:
         """(x, y, w, h) of the boxes localization is scored on (finding SCORED_FINDING)."""
@@ -45,9 +44,22 @@ class DatasetLayoutError(ValueError):
     """A data set folder or label file that does not have the expected layout."""
 
 
-def warn_problems(log: logging.Logger, source: str, problems: dict[str, list[str]]) -> None:
-    """One warning for an indexer: each kind of problem met, its count and a few examples."""
+def label_file(path: Path) -> io.StringIO:
+    """A label CSV's text, for the csv module; DatasetLayoutError naming the file when it is
+    not UTF-8 text or has no rows below its header."""
+    try:
+        text = Path(path).read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DatasetLayoutError(f"{path} is not UTF-8 text (byte {error.object[error.start]:#x} at offset "
+                                 f"{error.start}); save it as UTF-8") from None
+    if len(text.strip().splitlines()) < 2:
+        raise DatasetLayoutError(f"{path} is empty: no rows below a header")
+    return io.StringIO(text, newline="")
+
+
+def warn_problems(module: str, problems: dict[str, list[str]]) -> None:
+    """One warning from a source module's logger: each kind of problem met, its count and a few examples."""
     kinds = "; ".join(f"{kind}: {len(examples)} (e.g. {', '.join(examples[:3])})"
                       for kind, examples in sorted(problems.items()) if examples)
     if kinds:
-        log.warning("%s: problems found while indexing: %s", source, kinds)
+        logging.getLogger(module).warning("%s: problems found while indexing: %s", module.rsplit(".", 1)[-1], kinds)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import defaultdict
+from dataclasses import replace
 from typing import Iterable, Sequence
 
 from pylon.data.records import Record
@@ -26,8 +27,7 @@ class PatientLeakageError(ValueError):
     """A patient's images sit in more than one split."""
 
 
-def split_records(records: Sequence[Record], *, val_fraction: float, test_fraction: float, seed: int
-                  ) -> list[Record]:
+def split_records(records: Sequence[Record], *, val_fraction: float, test_fraction: float, seed: int) -> list[Record]:
     """Every record with its split set, in the input order (less any dropped overlap images)."""
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
@@ -49,7 +49,7 @@ def split_records(records: Sequence[Record], *, val_fraction: float, test_fracti
         part = _stratified_patients(records, pool, [val_fraction], seed)
         assigned.update((i, "test") for i in indices if records[i].split == "test")
         assigned.update((i, ("val", "train")[part[records[i].patient_id]]) for i in pool)
-    result = [records[i].with_split(assigned[i]) for i in range(len(records)) if i in assigned]
+    result = [replace(records[i], split=assigned[i]) for i in range(len(records)) if i in assigned]
     assert_no_patient_leakage(result)
     return result
 

@@ -16,10 +16,9 @@ SOURCES = {"kaggle": kaggle, "rsna": rsna, "nih": nih}
 
 def source_root(data_cfg: Any, name: str) -> Optional[str]:
     """The configured root of source `name`: ``data.roots[name]``, else ``data.<name>_root``."""
-    roots = data_cfg.get("roots") or {}
-    return roots[name] if name in roots else data_cfg.get(f"{name}_root")
+    return data_cfg.roots[name] if name in data_cfg.roots else data_cfg.get(f"{name}_root")
 
 
 def root_key(data_cfg: Any, name: str) -> str:
     """The config key that holds source `name`'s root, for messages."""
-    return f"roots.{name}" if name in (data_cfg.get("roots") or {}) else f"{name}_root"
+    return f"roots.{name}" if name in data_cfg.roots else f"{name}_root"

@@ -8,7 +8,6 @@ patient is parsed from the file name so that a splitter keeps each child's image
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 from collections import defaultdict
@@ -20,7 +19,6 @@ from pylon.data.records import DatasetLayoutError, Record, warn_problems
 MARKER = "chest_xray"
 OFFICIAL_TEST = True
 
-log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 LABEL_FOLDERS = {"NORMAL": 0, "PNEUMONIA": 1}
 _PERSON = re.compile(r"(person\d+)_(bacteria|virus)_\d+(?:_\d+)*", re.IGNORECASE)
@@ -46,17 +44,15 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
     problems: dict[str, list[str]] = defaultdict(list)
     records: list[Record] = []
     seen: set[str] = set()
-    for split in SPLITS:
-        if not (base / split).is_dir():
-            continue
-        for folder in sorted(os.scandir(base / split), key=lambda e: e.name):
+    for split in SPLITS:  # an absent split folder globs to nothing
+        for folder in sorted((base / split).glob("*")):
             if folder.name.startswith(".") or not folder.is_dir():
                 continue
             label = LABEL_FOLDERS.get(folder.name.upper())
             if label is None:
                 problems["unknown_folder"].append(f"{split}/{folder.name}")
                 continue
-            for entry in sorted(os.scandir(folder.path), key=lambda e: e.name):
+            for entry in sorted(folder.glob("*")):
                 where = f"{split}/{folder.name}/{entry.name}"
                 stem, suffix = os.path.splitext(entry.name)
                 if entry.name.startswith("."):
@@ -77,15 +73,11 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
                     problems["duplicate_id"].append(where)
                     record_id = f"kaggle/{split}/{folder.name}/{entry.name}"
                 seen.add(record_id)
-                records.append(Record(id=record_id, patient_id=patient, source="kaggle", path=str(Path(entry.path)),
+                records.append(Record(id=record_id, patient_id=patient, source="kaggle", path=str(entry),
                                       label=label, split=split, detail_class=detail))
     # The official split puts some children in train and test; split_records drops the leak.
     in_test = {r.patient_id for r in records if r.split == "test"}
     shared = in_test & {r.patient_id for r in records if r.split != "test"}
-    problems["patient_in_train_and_test"] += sorted(shared, key=_natural_key)
-    warn_problems(log, "kaggle", problems)
+    problems["patient_in_train_and_test"] += sorted(shared)
+    warn_problems(__name__, problems)
     return records
-
-
-def _natural_key(text: str) -> list:
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", text)]

@@ -9,7 +9,6 @@ its boxes; view, age and sex come from the DICOM headers, read without pixels an
 from __future__ import annotations
 
 import csv
-import logging
 import math
 import os
 import re
@@ -19,17 +18,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+import pydicom
 from tqdm import tqdm
 
-from pylon.data.records import Box, DatasetLayoutError, Record, warn_problems
+from pylon.data.records import Box, DatasetLayoutError, Record, label_file, warn_problems
 
 MARKER = "stage_2_train_labels.csv"
 OFFICIAL_TEST = False
 
-log = logging.getLogger(__name__)
-IMAGES_DIR = "stage_2_train_images"
-CLASS_CSV = "stage_2_detailed_class_info.csv"
-HEADER_CACHE = "rsna_headers.csv"
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 MAX_PLAUSIBLE_AGE = 120  # the official file has a few ages like 148 and 155: typos
 
@@ -48,14 +44,14 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
     """The RSNA training images under `root`, sorted by patientId; malformed rows, boxes and
     images are counted per kind and reported in one warning."""
     root = Path(root).resolve()
-    images_dir = root / IMAGES_DIR
+    images_dir = root / "stage_2_train_images"
     if not (root / MARKER).is_file():
         raise DatasetLayoutError(f"RSNA label file not found: {root / MARKER}")
     if not images_dir.is_dir():
         raise DatasetLayoutError(f"RSNA image folder not found: {images_dir}")
     problems: Problems = defaultdict(list)
     targets, raw_boxes = read_labels(root / MARKER, problems)
-    detail = _read_detail_classes(root / CLASS_CSV)
+    detail = _read_detail_classes(root / "stage_2_detailed_class_info.csv")
     on_disk = {e.name[:-4] for e in os.scandir(images_dir) if e.name.endswith(".dcm") and e.is_file()}
     problems["image_without_label"] += sorted(on_disk - targets.keys())
     present = []
@@ -68,7 +64,7 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
             present.append(patient)
 
     paths = [images_dir / f"{patient}.dcm" for patient in present]
-    headers = read_headers(paths, None if cache_dir is None else Path(cache_dir) / HEADER_CACHE)
+    headers = read_headers(paths, None if cache_dir is None else Path(cache_dir) / "rsna_headers.csv")
     records = []
     for patient, path in zip(present, paths):
         header = headers[path.name]
@@ -87,7 +83,7 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
             problems["detail_class_conflict"].append(f"{patient} ({detail_class}, Target {label})")
         records.append(Record(id=patient, patient_id=patient, source="rsna", path=str(path), label=label,
                               boxes=boxes, view=header.view, age=age, sex=header.sex, detail_class=detail_class))
-    warn_problems(log, "rsna", problems)
+    warn_problems(__name__, problems)
     return records
 
 
@@ -97,53 +93,50 @@ def read_labels(path: Path, problems: Optional[Problems] = None
     problems = defaultdict(list) if problems is None else problems
     targets: dict[str, set[int]] = {}
     boxes: dict[str, list[tuple[float, float, float, float]]] = {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DatasetLayoutError(f"{path} lacks column(s) {missing}; expected {list(LABEL_COLUMNS)}")
-        for line, row in enumerate(reader, start=2):
-            patient = (row["patientId"] or "").strip()
-            if not patient:
-                problems["missing_patient_id"].append(f"line {line}")
-                continue
-            try:
-                target = float((row["Target"] or "").strip())
-            except ValueError:
-                target = math.nan
-            if target not in (0.0, 1.0):
-                problems["bad_target"].append(f"line {line} ({patient}: {row['Target']!r})")
-                continue
-            targets.setdefault(patient, set()).add(int(target))
-            cells = [(row[c] or "").strip() for c in ("x", "y", "width", "height")]
-            if not any(cells):
-                continue
-            if not all(cells):
-                problems["incomplete_box"].append(f"line {line} ({patient})")
-                continue
-            try:
-                values = tuple(float(c) for c in cells)
-            except ValueError:
-                values = (math.nan,)
-            if not all(math.isfinite(v) for v in values):
-                problems["bad_box_value"].append(f"line {line} ({patient})")
-                continue
-            boxes.setdefault(patient, []).append(values)  # type: ignore[arg-type]
+    reader = csv.DictReader(label_file(path))
+    missing = [c for c in LABEL_COLUMNS if c not in reader.fieldnames]
+    if missing:
+        raise DatasetLayoutError(f"{path} lacks column(s) {missing}; expected {list(LABEL_COLUMNS)}")
+    for line, row in enumerate(reader, start=2):
+        patient = (row["patientId"] or "").strip()
+        if not patient:
+            problems["missing_patient_id"].append(f"line {line}")
+            continue
+        try:
+            target = float((row["Target"] or "").strip())
+        except ValueError:
+            target = math.nan
+        if target not in (0.0, 1.0):
+            problems["bad_target"].append(f"line {line} ({patient}: {row['Target']!r})")
+            continue
+        targets.setdefault(patient, set()).add(int(target))
+        cells = [(row[c] or "").strip() for c in ("x", "y", "width", "height")]
+        if not any(cells):
+            continue
+        if not all(cells):
+            problems["incomplete_box"].append(f"line {line} ({patient})")
+            continue
+        try:
+            values = tuple(float(c) for c in cells)
+        except ValueError:
+            values = (math.nan,)
+        if not all(math.isfinite(v) for v in values):
+            problems["bad_box_value"].append(f"line {line} ({patient})")
+            continue
+        boxes.setdefault(patient, []).append(values)  # type: ignore[arg-type]
     return targets, boxes
 
 
 def _read_detail_classes(path: Path) -> dict[str, str]:
     if not path.is_file():
         return {}
-    with open(path, newline="", encoding="utf-8-sig") as handle:
-        reader = csv.DictReader(handle)
-        if not {"patientId", "class"} <= set(reader.fieldnames or []):
-            raise DatasetLayoutError(f"{path} lacks column(s) patientId and class")
-        return {row["patientId"].strip(): row["class"].strip() for row in reader}  # one row per box row
+    reader = csv.DictReader(label_file(path))
+    if not {"patientId", "class"} <= set(reader.fieldnames):
+        raise DatasetLayoutError(f"{path} lacks column(s) patientId and class")
+    return {row["patientId"].strip(): row["class"].strip() for row in reader}  # one row per box row
 
 
-def _clean_boxes(patient: str, label: int, raw: list, size: tuple[int, int], problems: Problems
-                 ) -> tuple[Box, ...]:
+def _clean_boxes(patient: str, label: int, raw: list, size: tuple[int, int], problems: Problems) -> tuple[Box, ...]:
     """Positive images' boxes: empty ones dropped, clipped to the image, duplicates dropped."""
     if label == 0:
         if raw:
@@ -174,15 +167,17 @@ def _clean_boxes(patient: str, label: int, raw: list, size: tuple[int, int], pro
     return tuple(kept)
 
 
-# ---------------------------------------------------------------- DICOM headers
-
 _HEADER_TAGS = ["ViewPosition", "PatientAge", "PatientSex", "Rows", "Columns", "SeriesDescription"]
 
 
 def read_headers(paths: list[Path], cache: Optional[Path] = None) -> dict[str, Optional[Header]]:
     """Header per file name (None where unreadable), reusing the CSV `cache` for unchanged files."""
-    stamps = {p.name: _stamp(p) for p in paths}
-    known = _load_header_cache(cache) if cache is not None and cache.is_file() else {}
+    stamps = {p.name: (s.st_size, s.st_mtime_ns) for p in paths for s in [p.stat()]}
+    known = {}
+    if cache is not None and cache.is_file():
+        with open(cache, newline="", encoding="utf-8") as handle:
+            known = {row["file"]: ((int(row["size"]), int(row["mtime_ns"])),
+                                   Header(*(row[f] or None for f in Header._fields))) for row in csv.DictReader(handle)}
     result = {p.name: known[p.name][1] for p in paths if p.name in known and known[p.name][0] == stamps[p.name]}
     to_read = [p for p in paths if p.name not in result]
     if to_read:
@@ -197,15 +192,13 @@ def read_headers(paths: list[Path], cache: Optional[Path] = None) -> dict[str, O
                 writer = csv.writer(handle)
                 writer.writerow(["file", "size", "mtime_ns", *Header._fields])
                 writer.writerows([name, *stamps[name], *(v or "" for v in header)]  # unreadable: retried next time
-                                 for name, header in sorted(result.items()) if header and stamps[name])
+                                 for name, header in sorted(result.items()) if header)
             os.replace(partial, cache)
     return result
 
 
 def read_header(path: Path) -> Optional[Header]:
     """The indexing fields of one DICOM file, or None when its header cannot be parsed."""
-    import pydicom
-
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # bare RSNA ages ('58') trigger validation warnings
@@ -220,30 +213,10 @@ def read_header(path: Path) -> Optional[Header]:
     return Header(*(v or None for v in (view.upper(), age, sex, rows, columns)))
 
 
-def _stamp(path: Path) -> Optional[tuple[int, int]]:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None
-    return stat.st_size, stat.st_mtime_ns
-
-
-def _load_header_cache(path: Path) -> dict[str, tuple[tuple[int, int], Header]]:
-    try:
-        with open(path, newline="", encoding="utf-8") as handle:
-            return {row["file"]: ((int(row["size"]), int(row["mtime_ns"])),
-                                  Header(*(row[field] or None for field in Header._fields)))
-                    for row in csv.DictReader(handle)}
-    except (KeyError, ValueError, csv.Error) as error:
-        log.warning("ignoring unreadable header cache %s (%s); rebuilding it", path, error)
-        return {}
-
-
 def parse_age(text: Optional[str]) -> Optional[int]:
     """Whole years from a DICOM Age String ('045Y', '006M', '010W', '003D') or a bare '58'."""
     match = re.fullmatch(r"\s*(\d+)\s*([YMWD]?)\s*", str(text), re.IGNORECASE) if text is not None else None
     if not match:
         return None
     number, unit = int(match.group(1)), match.group(2).upper() or "Y"
-    days_per_unit = {"Y": None, "M": 365.25 / 12, "W": 7, "D": 1}[unit]
-    return number if days_per_unit is None else int(number * days_per_unit // 365.25)
+    return int(number * {"Y": 365.25, "M": 365.25 / 12, "W": 7, "D": 1}[unit] // 365.25)
