@@ -48,15 +48,20 @@ def test_dicom_png_jpeg_are_predicted_and_a_corrupt_file_is_reported(tiny_run, t
     Image.fromarray(phantom).save(files["chest.png"])
     Image.fromarray(phantom).save(files["chest.jpg"], quality=92)
     files["broken.dcm"].write_bytes(b"\x00" * 128 + b"DICM" + b"not a dataset")
-    order = ["chest.dcm", "broken.dcm", "chest.png", "chest.jpg"]
+    from pydicom.data import get_testdata_file
+
+    files["badVR.dcm"] = Path(get_testdata_file("badVR.dcm"))  # a malformed integer header: NumberOfFrames '1A'
+    order = ["chest.dcm", "broken.dcm", "badVR.dcm", "chest.png", "chest.jpg"]
 
     code, table = run_predict(run, tmp_path / "out", *[files[n] for n in order])
     assert code == 1
     err = capsys.readouterr().err
     assert f"cannot read image {files['broken.dcm']}" in err
     assert list(table.file) == [str(files[n]) for n in order]
-    broken = table[table.id == "broken"].iloc[0]
-    assert "cannot read image" in broken.error and broken.probability == ""
+    for bad in ("broken", "badVR"):  # reported by name; the rest of the batch goes on
+        row = table[table.id == bad].iloc[0]
+        assert "cannot read image" in row.error and row.probability == ""
+    assert f"cannot read image {files['badVR.dcm']}" in err
     good = table[table.error == ""]
     assert len(good) == 3 and set(good.method) == {"pylon"}
     for row in good.itertuples():
