@@ -192,8 +192,7 @@ def fit(cfg: Any, run: Optional[RunPaths] = None) -> dict[str, Any]:
     optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
     scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype(d.device, cfg.train) == torch.float16)
-    pos_weight = _auto_pos_weight(data) if cfg.train.pos_weight == "auto" else cfg.train.pos_weight
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor([float(pos_weight)], device=d.device))
+    loss_fn = build_loss(cfg.train, data, d.device)
 
     state = LoopState()
     if saved is not None:
@@ -234,6 +233,12 @@ def fit(cfg: Any, run: Optional[RunPaths] = None) -> dict[str, Any]:
         tracker.log_artifact(run.best, f"{run.root.name}-best")
     tracker.finish()
     return summary
+
+
+def build_loss(cfg_train: Any, data: PreparedData, device: torch.device) -> nn.Module:
+    """BCE on the logits, with ``train.pos_weight`` ('auto': negatives per positive in the training split)."""
+    pos_weight = _auto_pos_weight(data) if cfg_train.pos_weight == "auto" else cfg_train.pos_weight
+    return nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor([float(pos_weight)], device=device))
 
 
 def _auto_pos_weight(data: PreparedData) -> float:

@@ -1,0 +1,170 @@
+"""Learning-rate range test: python tools/lr_find.py --config X [--set k=v ...] [--start 1e-7] [--end 10] [--steps N]
+
+A fresh model of the config trains as train.py's first epoch would (same data order, loss,
+optimizer and step) while the learning rate grows exponentially from --start to --end over one
+epoch (or --steps steps). It stops once the smoothed loss exceeds 4x its best or the loss blows
+up. Writes <runs_dir>/<name>-lrfind-<time>/ with lr_find.csv, lr_find.png, lr_find.json and
+config.yaml; no checkpoint and no W&B. One process (not under torchrun).
+
+Suggested rate: where the smoothed loss falls fastest against log10(lr) (np.gradient), over the
+points before the stop, leaving out the first and last tenth (at least one point each), where
+the average still settles or already turns up.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from typing import Any, Optional, Sequence
+
+from pylon import cli
+
+BETA = 0.98  # loss smoothing: an exponential moving average over about 50 steps
+DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of its best
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_config_args(parser, required=True)
+    parser.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
+    parser.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
+    parser.add_argument("--steps", type=int, help="optimizer steps from --start to --end (default and most: one epoch)")
+    args = parser.parse_args(argv)
+
+    from pylon.config import ConfigError, load_config
+
+    if not 0 < args.start < args.end:
+        raise ConfigError(f"--start must be positive and below --end, got --start {args.start:g} --end {args.end:g}")
+    if args.steps is not None and args.steps < 2:
+        raise ConfigError(f"--steps must be at least 2, got {args.steps}")
+    cfg = load_config(args.config, args.overrides)
+    result = lr_range_test(cfg, args.start, args.end, args.steps)
+    run = result["run"]
+    if result["suggested_lr"] is None:
+        print("no suggestion: the loss diverged at the first step; lower --start")
+    else:
+        print(f"suggested lr: {result['suggested_lr']:.3g} (steepest descent; train.lr is {cfg.train.lr:.3g}, "
+              f"the smoothed loss is lowest at {result['min_loss_lr']:.3g}); try --set train.lr={result['suggested_lr']:.2g}")
+    print(f"{result['steps']} steps, " + ("stopped early: the loss diverged" if result["diverged"] else "no divergence"))
+    if result["steps"] < 50:  # BETA averages over about 50 steps: fewer make the curve a running mean of noisy batches
+        print(f"note: {result['steps']} steps are few for a range test; the suggestion is rough (narrowing "
+              "--start/--end gives more points per decade)")
+    for name in ("lr_find.csv", "lr_find.png", "lr_find.json", "config.yaml"):
+        print(run.root / name)
+    return 0
+
+
+def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = None) -> dict[str, Any]:
+    """Run the range test of ``cfg`` and write its run folder; lr_find.json's values plus ``run``."""
+    import numpy as np
+    import pandas as pd
+    import torch
+    from tqdm.auto import tqdm
+
+    from pylon.config import ConfigError, to_yaml
+    from pylon.data.pipeline import prepare_data, set_loader_epoch, split_loader
+    from pylon.distributed import Dist, seed_everything
+    from pylon.engine import TrainingDiverged, build_loss, build_optimizer, train_step
+    from pylon.inference import amp_dtype, bar_disabled, resolve_device
+    from pylon.models import build_model
+    from pylon.runs import absolute_roots, check_writable, new_run
+
+    d = Dist(device=resolve_device(cfg.train.device))
+    check_writable(cfg.logging.runs_dir)
+    absolute_roots(cfg.data)
+    # Set up in the order fit() does, so that the first steps see train.py's weights and batches.
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model).to(d.device)
+    data = prepare_data(cfg.data)
+    print(f"data: {data.summary()}", flush=True)
+    if cfg.train.channels_last and d.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.train)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype(d.device, cfg.train) == torch.float16)
+    loss_fn = build_loss(cfg.train, data, d.device)
+    loader = split_loader(data, "train", cfg.data, cfg.train.batch_size, train=True, seed=cfg.train.seed)
+    n = min(len(loader), cfg.train.max_steps_per_epoch or len(loader), steps or len(loader))
+    if n == 0:
+        raise ConfigError(f"no training batch: train.batch_size={cfg.train.batch_size} is larger than "
+                          f"the training split ({len(loader.dataset)} images)")
+    run = new_run(cfg.logging.runs_dir, f"{cfg.name}-lrfind")
+    (run.root / "config.yaml").write_text(to_yaml(cfg))
+
+    if cfg.train.freeze_encoder_epochs:
+        model.freeze_encoder(True)  # train.lr is the rate of the first, decoder-only stage
+    train_model = torch.compile(model) if cfg.train.compile else model
+    train_model.train()
+    seed_everything(cfg.train.seed * 100_003)  # epoch 0, as in fit()
+    set_loader_epoch(loader, cfg.train.seed, 0)
+    lrs = start * (end / start) ** (np.arange(n) / (n - 1 if n > 1 else 1))
+    rows: list[tuple[int, float, float, float]] = []
+    average, best, diverged, before_stop = 0.0, math.inf, False, None
+    bar = tqdm(total=n, desc="lr range test", disable=bar_disabled(True))
+    for step, (lr, batch) in enumerate(zip(lrs.tolist(), loader)):
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        try:
+            loss = train_step(train_model, batch, optimizer, loss_fn, scaler, d, cfg.train)
+        except TrainingDiverged:  # NaN or a blown-up loss: the end of the test, not an error
+            diverged = True
+            break
+        average = BETA * average + (1 - BETA) * loss
+        smoothed = average / (1 - BETA ** (step + 1))  # bias correction: the average starts at 0
+        rows.append((step + 1, lr, loss, smoothed))
+        bar.set_postfix(lr=f"{lr:.2e}", loss=f"{smoothed:.4f}")
+        bar.update()
+        if not math.isfinite(smoothed) or smoothed > DIVERGE_FACTOR * best:
+            diverged, before_stop = True, len(rows) - 1
+            break
+        best = min(best, smoothed)
+    bar.close()
+
+    table = pd.DataFrame(rows, columns=["step", "lr", "loss", "smoothed"])
+    usable = table.iloc[:before_stop]
+    suggested, min_loss = suggest(usable["lr"].to_numpy(), usable["smoothed"].to_numpy())
+    result = {"suggested_lr": suggested, "config_lr": float(cfg.train.lr), "min_loss_lr": min_loss,
+              "steps": len(rows), "diverged": diverged}
+    table.to_csv(run.root / "lr_find.csv", index=False)
+    (run.root / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(table, usable, result, run.root / "lr_find.png")
+    return {**result, "run": run}
+
+
+def suggest(lrs: Any, smoothed: Any) -> tuple[Optional[float], Optional[float]]:
+    """(the lr of steepest descent, the lr of the lowest smoothed loss); None for no points."""
+    import numpy as np
+
+    n = len(lrs)
+    if n == 0:
+        return None, None
+    lowest = float(lrs[int(np.argmin(smoothed))])
+    if n == 1:
+        return float(lrs[0]), lowest
+    slope = np.gradient(smoothed, np.log10(lrs))
+    skip = max(1, n // 10) if n >= 5 else 0
+    return float(lrs[skip + int(np.argmin(slope[skip:n - skip]))]), lowest
+
+
+def plot(table: Any, usable: Any, result: dict[str, Any], path: Any) -> None:
+    """Loss against lr on a log axis, the suggested and the configured rate marked."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot(table["lr"], table["loss"], color="0.7", linewidth=1, label="batch loss")
+    ax.plot(table["lr"], table["smoothed"], linewidth=1.8, label="smoothed loss")
+    if result["suggested_lr"] is not None:
+        ax.axvline(result["suggested_lr"], color="tab:red", linestyle="--", linewidth=1.2,
+                   label=f"suggested {result['suggested_lr']:.2e}")
+    ax.axvline(result["config_lr"], color="0.3", linestyle=":", linewidth=1.2, label=f"train.lr {result['config_lr']:.2e}")
+    if len(usable):  # a diverging tail would squash the interesting part
+        ax.set_ylim(0.9 * float(usable[["loss", "smoothed"]].min().min()), 1.2 * float(usable["smoothed"].max()))
+    ax.set(xscale="log", xlabel="learning rate", ylabel="training loss (BCE)",
+           title="learning-rate range test" + (" (stopped: diverged)" if result["diverged"] else ""))
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.savefig(path, format="png")
+
+
+if __name__ == "__main__":
+    cli.run(main)
