@@ -88,7 +88,7 @@ def test_history_replaces_repeated_epochs_and_keeps_new_columns(tmp_path):
     assert history["val_auroc"].isna().tolist() == [True, False]
 
 
-def test_online_without_credentials_or_network_falls_back_to_offline(tmp_path, capsys, monkeypatch):
+def test_online_without_credentials_falls_back_to_offline(tmp_path, capsys, monkeypatch):
     tracker = Tracker(tmp_path / "no-key", logging_cfg("online"))
     assert tracker.mode == "offline" and tracker.run is not None
     assert "logging offline instead" in capsys.readouterr().out
@@ -96,7 +96,10 @@ def test_online_without_credentials_or_network_falls_back_to_offline(tmp_path, c
     tracker = Tracker(tmp_path / "auto-no-key", logging_cfg("auto"))  # no login: offline, nothing to say
     assert tracker.mode == "offline" and capsys.readouterr().out == ""
     tracker.finish()
-    # Credentials but no server: wandb gives up after its init timeout, and the run goes offline.
+
+
+def test_credentials_but_no_server_fall_back_to_offline(tmp_path, capsys, monkeypatch):
+    # wandb gives up after its init timeout (read when wandb is set up: before any run here).
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
