@@ -9,6 +9,18 @@ import numpy as np
 import pytest
 
 
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """In-process training and inference share two cores with the other test worker: a second
+    torch thread would only fight it."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def realdata_root() -> Path:
     """The real data samples: $PYLON_REALDATA, else ../shared/realdata beside the repository."""
     override = os.environ.get("PYLON_REALDATA")

@@ -15,15 +15,6 @@ from pylon.models import BaselineConfig, PylonConfig
 OTHER_ENCODER = "mobilenet_v2"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny inputs: a second thread only adds contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def baseline():
     torch.manual_seed(0)

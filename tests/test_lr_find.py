@@ -8,21 +8,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 
 from conftest import load_script, run_folders, tiny_overrides
 from pylon.config import load_config
 from pylon.data.pipeline import prepare_data
 
 lr_find = load_script("tools/lr_find")
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def range_test(tiny_data: Path, runs: Path, *args: str, batch_size: int = 2) -> tuple[Path, pd.DataFrame, dict]:

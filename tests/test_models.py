@@ -26,15 +26,6 @@ from pylon.models import (
 OTHER_ENCODER = "mobilenet_v2"  # a non-ResNet smp encoder that builds fast
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny inputs: a second thread only adds contention on a shared machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def n_params(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 

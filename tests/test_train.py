@@ -42,15 +42,6 @@ def _load_train_module():
 train_module = _load_train_module()
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """In-process runs share two cores with the other test worker: threads would only fight."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train(*argv: str) -> int:
     """train.py's main() in this process."""
     return train_module.main(list(argv))
