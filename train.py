@@ -36,16 +36,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if not args.resume and not args.config:
         parser.error("give --config NAME (e.g. --config pylon_r50.yaml) or --resume")
 
-    from pylon.config import ConfigError, LoggingConfig, load_config
+    from pylon.config import LoggingConfig, load_config, restrict_overrides
     from pylon.runs import find_run
 
     run = None
     if args.resume:
-        for item in args.overrides:
-            key = item.split("=", 1)[0].strip()
-            if not any(key == k or key.startswith(k) for k in RESUMABLE):
-                raise ConfigError(f"--set {key} cannot change in a resumed run (only {', '.join(RESUMABLE)}*); "
-                                  "start a new run with --config to train with other settings")
+        restrict_overrides(args.overrides, RESUMABLE, "in a resumed run",
+                           "start a new run with --config to train with other settings")
         runs_dir = next((i.split("=", 1)[1] for i in reversed(args.overrides) if i.startswith("logging.runs_dir=")),
                         LoggingConfig.runs_dir)
         run = find_run(None if args.resume == "latest" else args.resume, runs_dir)

@@ -183,6 +183,15 @@ def _one_line(err: OmegaConfBaseException, origin: str, override: str = "") -> C
     return ConfigError(f"{origin}: bad value for '{key}': {message}")
 
 
+def restrict_overrides(overrides: list[str], allowed: tuple[str, ...], when: str, advice: str) -> None:
+    """Reject ``--set`` keys outside ``allowed`` (exact keys, or prefixes ending in '.'), by name."""
+    for item in overrides:
+        key = item.split("=", 1)[0].strip()
+        if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
+            names = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
+            raise ConfigError(f"--set {key} cannot change {when} (only {names}); {advice}")
+
+
 def parse_overrides(overrides: list[str]) -> DictConfig:
     """``section.key=value`` strings (values parsed as YAML) into a config layer."""
     for item in overrides:

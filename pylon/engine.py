@@ -2,8 +2,8 @@
 
 An epoch's data order and augmentation are a function of (seed, epoch) only, and ``last.pt``
 is written at epoch boundaries, so a resumed run repeats exactly what the uninterrupted run
-would have done. Mistakes surface before anything slow or written: the model is built (missing
-weights fail), the resume checkpoint read, the data prepared, and only then the run folder made.
+would have done. Mistakes surface before anything slow or written: the resume checkpoint is read,
+the model built (missing weights fail), the data prepared, and only then the run folder made.
 Under torchrun every process trains on its own shard with ``batch_size / world_size`` images per
 step; validation shards the rows without padding and gathers predictions; rank 0 writes.
 """
@@ -39,7 +39,7 @@ SUMMARY_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "n")
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss became NaN, infinite or far beyond any working BCE value; the last good checkpoint is kept."""
 
 
 # --------------------------------------------------------------------------- one epoch
@@ -164,6 +164,28 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg_train: Any) -> Optiona
     return None
 
 
+def setup(cfg: Any, d: Dist) -> tuple[nn.Module, PreparedData, torch.optim.Optimizer, torch.amp.GradScaler, nn.Module]:
+    """Model, data, optimizer, AMP scaler and loss of ``cfg``, built in the one order that makes a
+    run reproducible: seed, then the model (missing pretrained weights fail before the data is
+    cached), then the data (rank 0 first, so the cache is built once)."""
+    seed_everything(cfg.train.seed)
+    model = build_model(cfg.model).to(d.device)
+    data = main_first(d, lambda: prepare_data(cfg.data, progress=d.is_main))
+    if d.is_main:
+        print(f"data: {data.summary()}", flush=True)
+    if cfg.train.channels_last and d.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg.train)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype(d.device, cfg.train) == torch.float16)
+    return model, data, optimizer, scaler, build_loss(cfg.train, data, d.device)
+
+
+def start_epoch(loader: Any, cfg_train: Any, epoch: int, rank: int = 0) -> None:
+    """Reseed everything for ``epoch``: its batches and augmentations depend on (seed, epoch) only."""
+    seed_everything(cfg_train.seed * 100_003 + epoch)
+    set_loader_epoch(loader, cfg_train.seed, epoch, rank)
+
+
 def fit(cfg: Any, run: Optional[RunPaths] = None) -> dict[str, Any]:
     """Train ``cfg`` into a new run folder, or continue ``run`` from its last.pt; the summary."""
     started = time.time()
@@ -175,24 +197,15 @@ def fit(cfg: Any, run: Optional[RunPaths] = None) -> dict[str, Any]:
     if d.is_main and run is None:
         check_writable(cfg.logging.runs_dir)  # before minutes of caching, not after
     absolute_roots(cfg.data)  # the run's config must find its data from any working directory
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model).to(d.device)  # missing pretrained weights fail before the data is cached
     saved = None
     if run is not None:
         if not run.last.is_file():
             raise ConfigError(f"{run.root} has no checkpoints/last.pt to resume from (no epoch of it finished)")
         saved = load_checkpoint(run.last)
-    data = main_first(d, lambda: prepare_data(cfg.data, progress=d.is_main))
+    model, data, optimizer, scaler, loss_fn = setup(cfg, d)
     if run is not None and run.splits.is_file():
         check_splits(run.splits, data, SPLITS, cfg.data.sources)  # resuming on other data would silently train something else
-    if d.is_main:
-        print(f"data: {data.summary()}", flush=True)
-    if cfg.train.channels_last and d.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.train)
     scheduler = build_scheduler(optimizer, cfg.train)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype(d.device, cfg.train) == torch.float16)
-    loss_fn = build_loss(cfg.train, data, d.device)
 
     state = LoopState()
     if saved is not None:
@@ -298,8 +311,7 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
                 train_model = stage(epoch)
                 for group in optimizer.param_groups:
                     group["lr"] *= cfg.train.finetune_lr_factor
-            seed_everything(cfg.train.seed * 100_003 + epoch)
-            set_loader_epoch(train_loader, cfg.train.seed, epoch, d.rank)
+            start_epoch(train_loader, cfg.train, epoch, d.rank)
             t0 = time.time()
             last_good = f"{run.last} (epoch {state.epoch})" if state.epoch else "none yet (no epoch finished)"
             train_loss = train_epoch(train_model, train_loader, optimizer, loss_fn, scaler, d, cfg, state,

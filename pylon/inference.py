@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from pylon import plots
 from pylon.checkpoint import load_checkpoint, load_weights
-from pylon.config import ConfigError, load_config
+from pylon.config import ConfigError, load_config, restrict_overrides
 from pylon.data.cache import Geometry, resize_image
 from pylon.data.dataset import eval_transform
 from pylon.data.readers import ImageReadError, read_image
@@ -30,7 +30,7 @@ from pylon.runs import RunPaths
 
 # What --set may change when a trained run is evaluated; the rest is what was trained.
 ALLOWED_OVERRIDES = ("eval.", "logging.", "train.device", "train.amp", "data.num_workers", "data.sources",
-                     "data.cache_dir", "data.kaggle_root", "data.rsna_root", "data.roots")
+                     "data.cache_dir", "data.kaggle_root", "data.rsna_root", "data.roots", "data.roots.")
 MAX_OVERLAY_SIDE = 1024  # predict.py overlays of bigger originals are shrunk to this
 
 
@@ -109,10 +109,8 @@ class TrainedRun:
 
 def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str] = None) -> TrainedRun:
     """The run's config (plus the few overrides evaluation may change) and its best checkpoint."""
-    for item in overrides:
-        key = item.split("=", 1)[0].strip()
-        if not any(key == a or key.startswith(a) for a in ALLOWED_OVERRIDES):
-            raise ConfigError(f"--set {key}: only {', '.join(ALLOWED_OVERRIDES)} can change for a trained run")
+    restrict_overrides(list(overrides), ALLOWED_OVERRIDES, "for a trained run",
+                       "train a new run to change what was trained")
     cfg = load_config(run.config, list(overrides))
     cfg.data.generate_demo = False  # only train.py writes demo data; a trained run reads what it was trained on
     if not run.best.is_file():

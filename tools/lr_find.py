@@ -62,26 +62,17 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     from tqdm.auto import tqdm
 
     from pylon.config import ConfigError, to_yaml
-    from pylon.data.pipeline import prepare_data, set_loader_epoch, split_loader
-    from pylon.distributed import Dist, seed_everything
-    from pylon.engine import TrainingDiverged, build_loss, build_optimizer, train_step
-    from pylon.inference import amp_dtype, bar_disabled, resolve_device
-    from pylon.models import build_model
+    from pylon.data.pipeline import split_loader
+    from pylon.distributed import Dist
+    from pylon.engine import TrainingDiverged, setup, start_epoch, train_step
+    from pylon.inference import bar_disabled, resolve_device
     from pylon.runs import absolute_roots, check_writable, new_run
 
     d = Dist(device=resolve_device(cfg.train.device))
     check_writable(cfg.logging.runs_dir)
     absolute_roots(cfg.data)
-    # Set up in the order fit() does, so that the first steps see train.py's weights and batches.
-    seed_everything(cfg.train.seed)
-    model = build_model(cfg.model).to(d.device)
-    data = prepare_data(cfg.data)
-    print(f"data: {data.summary()}", flush=True)
-    if cfg.train.channels_last and d.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(model, cfg.train)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype(d.device, cfg.train) == torch.float16)
-    loss_fn = build_loss(cfg.train, data, d.device)
+    # fit()'s own setup and epoch-0 seeding: the first steps see train.py's weights and batches.
+    model, data, optimizer, scaler, loss_fn = setup(cfg, d)
     loader = split_loader(data, "train", cfg.data, cfg.train.batch_size, train=True, seed=cfg.train.seed)
     n = min(len(loader), cfg.train.max_steps_per_epoch or len(loader), steps or len(loader))
     if n == 0:
@@ -94,8 +85,7 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
         model.freeze_encoder(True)  # train.lr is the rate of the first, decoder-only stage
     train_model = torch.compile(model) if cfg.train.compile else model
     train_model.train()
-    seed_everything(cfg.train.seed * 100_003)  # epoch 0, as in fit()
-    set_loader_epoch(loader, cfg.train.seed, 0)
+    start_epoch(loader, cfg.train, 0)
     lrs = start * (end / start) ** (np.arange(n) / (n - 1 if n > 1 else 1))
     rows: list[tuple[int, float, float, float]] = []
     average, best, diverged, before_stop = 0.0, math.inf, False, None
