@@ -51,7 +51,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
 
     from pylon.distributed import is_main_process, shutdown_distributed
-    from pylon.engine import fit, format_summary
+    from pylon.engine import fit
 
     try:
         summary = fit(cfg, run)
@@ -61,6 +61,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(format_summary(summary))
         print(json.dumps(_json_safe(summary)))
     return 0
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """The lines train.py prints at the end: how it went and where everything is."""
+    lines = [summary["note"]] if summary.get("note") else []
+    if summary.get("best_epoch", -1) > 0:
+        auroc = summary.get("best_val_auroc")
+        auroc_text = "n/a" if auroc is None or not math.isfinite(auroc) else f"{auroc:.4f}"
+        lines.append(f"best epoch {summary['best_epoch']} of {summary['epochs']}: val loss "
+                     f"{summary['best_val_loss']:.4f}, val AUROC {auroc_text}")
+    if summary.get("stop_reason"):
+        lines.append(f"stopped: {summary['stop_reason']}")
+    lines += [f"best checkpoint: {summary['best_checkpoint']}",
+              f"last checkpoint: {summary['last_checkpoint']} (resume: python train.py --resume {summary['run']})",
+              f"history: {summary['history']}"]
+    if summary.get("wandb"):
+        lines.append(summary["wandb"])
+    return "\n".join(lines)
 
 
 def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:

@@ -277,7 +277,7 @@ def _summary(run: RunPaths, state: LoopState, tracker: Optional[Tracker], starte
         "global_step": state.global_step, "best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss,
         **{f"best_val_{k}": state.best_metrics[k] for k in SUMMARY_METRICS if k in state.best_metrics},
         "minutes": round((time.time() - started) / 60, 3),
-        "best_checkpoint": str(run.best), "last_checkpoint": str(run.last), "history": str(run.root / "history.csv"),
+        "best_checkpoint": str(run.best), "last_checkpoint": str(run.last), "history": str(run.history),
     }
     if tracker is not None and tracker.note:
         summary["wandb"] = tracker.note
@@ -382,21 +382,3 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
         raise
     finally:
         bar.close()
-
-
-def format_summary(summary: dict[str, Any]) -> str:
-    """The lines train.py prints at the end: how it went and where everything is."""
-    lines = [summary["note"]] if summary.get("note") else []
-    if summary.get("best_epoch", -1) > 0:
-        auroc = summary.get("best_val_auroc")
-        auroc_text = "n/a" if auroc is None or not math.isfinite(auroc) else f"{auroc:.4f}"
-        lines.append(f"best epoch {summary['best_epoch']} of {summary['epochs']}: val loss "
-                     f"{summary['best_val_loss']:.4f}, val AUROC {auroc_text}")
-    if summary.get("stop_reason"):
-        lines.append(f"stopped: {summary['stop_reason']}")
-    lines += [f"best checkpoint: {summary['best_checkpoint']}",
-              f"last checkpoint: {summary['last_checkpoint']} (resume: python train.py --resume {summary['run']})",
-              f"history: {summary['history']}"]
-    if summary.get("wandb"):
-        lines.append(summary["wandb"])
-    return "\n".join(lines)
