@@ -1,12 +1,14 @@
-"""Evaluate a trained run: python evaluate.py [--run runs/<name>] [--localization] [--split test|val|all]
+"""Evaluate a trained run: python evaluate.py [--run runs/<name>] [--localization] [--embeddings] [--split test|val|all]
 
 With no --run, the most recent run. Rebuilds the run's data (same split and cache), loads
 checkpoints/best.pt and writes <run>/eval/ (or --out DIR): metrics.json (classification at 0.5
 and at the Youden threshold chosen on val, with bootstrap 95% intervals, per source and per
 RSNA view; with --localization, point_acc, pointing_game_15px, energy_in_box and
 laterality_acc per heatmap method, overall and per view, beside the image-blind prior and
-center baselines), predictions.csv and figures. Change evaluation settings with
---set eval.key=value (e.g. eval.methods=[pylon]).
+center baselines), predictions.csv and figures; with --embeddings, t-SNE and UMAP maps of the
+encoder embeddings, embeddings.csv and the shortcut probe (what the features predict besides
+pneumonia: view within RSNA, source; beside the model's AUROC within each view and source).
+Change evaluation settings with --set eval.key=value (e.g. eval.methods=[pylon]).
 
 Score a trained run on another data set, with the run's stored normalisation, threshold and
 box prior (nothing is estimated from the new data):
@@ -27,6 +29,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--runs-dir", default="runs", help="where runs live when --run is not given (default: runs)")
     parser.add_argument("--localization", action="store_true",
                         help="also score heatmaps against the boxes (every method the model supports, or eval.methods)")
+    parser.add_argument("--embeddings", action="store_true",
+                        help="also map the encoder embeddings (t-SNE, UMAP; by label, source, view) and probe "
+                             "them for shortcuts (view, source) beside the model's AUROC within each group")
     parser.add_argument("--split", choices=("test", "val", "all"),
                         help="the split to evaluate (default: eval.split, test); all = every image of the "
                              "configured sources, for scoring the run on another data set")
@@ -43,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     overrides = list(args.overrides) + ([f"eval.split={args.split}"] if args.split else [])
     print(f"evaluating {run.root}")
-    result = evaluate_run(run, overrides=overrides, localization=args.localization, out=args.out)
+    result = evaluate_run(run, overrides=overrides, localization=args.localization,
+                          embeddings=args.embeddings, out=args.out)
     print()
     print(result.text)
     print()

@@ -316,7 +316,7 @@ class EvaluationResult:
 
 
 def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: bool = False,
-                 out: Optional[Path] = None) -> EvaluationResult:
+                 embeddings: bool = False, out: Optional[Path] = None) -> EvaluationResult:
     """Everything evaluate.py does; returns metrics.json's content and the files written."""
     trained = load_run(run, overrides)
     cfg = trained.cfg
@@ -376,6 +376,11 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
                         "in the original image; energy_in_box: share of the min-max scaled map inside the boxes; "
                         "laterality: peak on the boxes' side of the midline, images with boxes on one side only)\n"
                         + localization_table(metrics["localization"]))
+    if embeddings:  # imported here: numba compiles UMAP on import
+        from pylon.embeddings import embedding_maps
+
+        metrics["embeddings"], maps, shortcut_text = embedding_maps(trained, data, split, per_image, out, n_boot, seed)
+        figures, outputs, text = figures + maps, outputs + [out / "embeddings.csv"], text + [shortcut_text]
 
     scored = [evaluated] if split in ("val", ALL) else [val, evaluated]
     pd.concat([s.frame(data) for s in scored], ignore_index=True).to_csv(out / "predictions.csv", index=False)

@@ -158,6 +158,21 @@ def plot_learning_curves(history_csv: PathLike, path: PathLike) -> Path:
     return _save(fig, path)
 
 
+def plot_embedding(points: np.ndarray, colourings: Mapping[str, Sequence[str]], path: PathLike, title: str = "") -> Path:
+    """One scatter of the same 2-D points per colouring (``{panel title: category per point}``)."""
+    fig = _figure(4.6 * len(colourings), 4.8)
+    for ax, (name, categories) in zip(np.atleast_1d(fig.subplots(1, len(colourings))), colourings.items()):
+        categories = np.asarray(list(categories), dtype=str)
+        for k, category in enumerate(sorted(set(categories.tolist()))):
+            chosen = categories == category
+            ax.scatter(points[chosen, 0], points[chosen, 1], s=9, alpha=0.7, color=colormaps["tab10"](k % 10),
+                       linewidths=0, label=f"{category} ({int(chosen.sum())})")
+        ax.set(title=f"by {name}", xticks=[], yticks=[])
+        ax.legend(fontsize=8, markerscale=1.5, loc="best")
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
 # ============================================================================ overlays
 
 

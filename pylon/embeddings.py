@@ -1,0 +1,193 @@
+"""Embedding maps and the shortcut probe (``evaluate.py --embeddings``).
+
+Both architectures read the encoder's deepest feature map; its global average is each image's
+embedding. The maps project the evaluated split's embeddings to 2-D with t-SNE and UMAP,
+coloured by label, source and view. The probe asks what else those features know: a logistic
+regression, cross-validated with the folds grouped by patient, predicts the view (AP vs PA,
+within RSNA) and the source (where two are present) from them. Its AUROC sits beside the
+model's own pneumonia AUROC within each view and source, and beside what the view or source
+alone would score (each group's positive rate in the training split as the prediction). On
+merged data a probe near 1 with a pneumonia AUROC that falls within each view says the features
+can tell the hospital, and that the merged figure leans on it.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import warnings
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from sklearn.decomposition import PCA
+from sklearn.linear_model import LogisticRegression
+from sklearn.manifold import TSNE
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from tqdm.auto import tqdm
+
+from pylon import plots
+from pylon.config import ConfigError
+from pylon.data.pipeline import PreparedData, split_loader
+from pylon.inference import TrainedRun, autocast, bar_disabled
+from pylon.metrics import bootstrap_ci, classification_rows
+from pylon.models import unwrap
+
+PROJECTIONS = ("tsne", "umap")
+PROBE_FOLDS = 5
+NO_VIEW = "no view"  # Kaggle films carry none
+
+
+@torch.no_grad()
+def encoder_features(trained: TrainedRun, data: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
+    """(cache rows, embeddings): the deepest encoder map of each image of ``split``, averaged over space."""
+    encoder = unwrap(trained.model).encoder.eval()
+    loader = split_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
+    rows, features = [], []
+    for batch in tqdm(loader, desc=f"{split} embeddings", leave=False, disable=bar_disabled(True)):
+        with autocast(trained.device, trained.dtype):
+            deepest = encoder(batch["image"].to(trained.device))[-1]
+        features.append(deepest.float().mean(dim=(-2, -1)).cpu().numpy())
+        rows.append(np.asarray(batch["row"]))
+    return np.concatenate(rows).astype(np.int64), np.concatenate(features).astype(np.float64)
+
+
+def project(features: np.ndarray, seed: int) -> dict[str, np.ndarray]:
+    """2-D t-SNE and UMAP of the standardised embeddings, each after PCA to at most 50
+    dimensions (the usual denoising step before either)."""
+    import umap  # numba compiles on import: only when maps are asked for
+
+    n = len(features)
+    if n < 4:
+        raise ConfigError(f"{n} images are too few to map; evaluate a larger split")
+    reduced = PCA(n_components=min(50, n, features.shape[1]), random_state=seed).fit_transform(
+        StandardScaler().fit_transform(features))
+    tsne = TSNE(n_components=2, perplexity=min(30.0, (n - 1) / 3), init="pca", random_state=seed)
+    with warnings.catch_warnings():  # a seeded UMAP runs on one thread and says so
+        warnings.filterwarnings("ignore", message="n_jobs value", category=UserWarning)
+        umap_map = umap.UMAP(n_components=2, n_neighbors=min(15, n - 1), random_state=seed,
+                             init="spectral" if n > 16 else "random")  # the spectral start needs a real graph
+        return {"tsne": tsne.fit_transform(reduced), "umap": umap_map.fit_transform(reduced)}
+
+
+def _auroc_with_ci(target: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    entry: dict[str, Any] = {"n": int(target.size), "n_positive": int(target.sum())}
+    if 0 < entry["n_positive"] < target.size:
+        entry["auroc"] = float(roc_auc_score(target, scores))
+        if n_boot >= 1:
+            statistic = partial(classification_rows, threshold=0.5)
+            entry["ci"] = bootstrap_ci(lambda y, p: {"auroc": statistic(y, p)["auroc"]}, target, scores,
+                                       n_boot=n_boot, seed=seed)["auroc"]
+    else:
+        entry["auroc"], entry["note"] = None, "one class only"
+    return entry
+
+
+def probe(features: np.ndarray, target: np.ndarray, patients: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    """Out-of-fold AUROC of a logistic regression predicting ``target`` from the embeddings,
+    folds grouped by patient (no patient's films on both sides) and stratified."""
+    target = target.astype(int)
+    smallest = min(int(target.sum()), int((1 - target).sum()), len(set(patients.tolist())))
+    if smallest < 2:
+        return {"n": int(target.size), "n_positive": int(target.sum()), "auroc": None,
+                "note": "fewer than 2 images (or patients) of a class: nothing to cross-validate"}
+    folds = min(PROBE_FOLDS, smallest)
+    classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
+    scores = cross_val_predict(classifier, features, target, groups=patients, method="predict_proba",
+                               cv=StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed))[:, 1]
+    return {**_auroc_with_ci(target, scores, n_boot, seed), "folds": folds}
+
+
+def _train_rate(data: PreparedData, key: str) -> dict[str, float]:
+    """Each group's positive rate in the training split: the prediction of a shortcut that
+    knows only the group."""
+    frame = pd.DataFrame([(getattr(r, key), r.label) for r in data.records("train")], columns=["group", "label"])
+    return frame.groupby("group")["label"].mean().to_dict()
+
+
+def shortcut_report(features: np.ndarray, frame: pd.DataFrame, data: PreparedData, n_boot: int, seed: int) -> dict:
+    """The ``embeddings.shortcut_probe`` section: what the features predict besides pneumonia,
+    the model's pneumonia AUROC per group, and what view or source alone would score."""
+    y, p, patients = frame["label"].to_numpy(), frame["prob"].to_numpy(), frame["patient_id"].to_numpy()
+    rsna_view = (frame["source"] == "rsna").to_numpy() & frame["view"].isin(["AP", "PA"]).to_numpy()
+    probes = {"view_AP_vs_PA_in_rsna": probe(features[rsna_view], (frame["view"][rsna_view] == "AP").to_numpy(),
+                                             patients[rsna_view], n_boot, seed)}
+    for a, b in itertools.combinations(sorted(set(frame["source"])), 2):
+        pair = frame["source"].isin([a, b]).to_numpy()
+        probes[f"source_{b}_vs_{a}"] = probe(features[pair], (frame["source"][pair] == b).to_numpy(), patients[pair],
+                                             n_boot, seed)
+    groups = {"all": np.ones(len(frame), dtype=bool)}
+    groups.update({s: (frame["source"] == s).to_numpy() for s in sorted(set(frame["source"]))})
+    groups.update({f"rsna/{v}": rsna_view & (frame["view"] == v).to_numpy() for v in ("AP", "PA")})
+    groups = {name: keep for name, keep in groups.items() if keep.any()}
+    # What the features know of pneumonia itself, in the same groups as the model's AUROC.
+    probes.update({f"pneumonia_in_{name}": probe(features[keep], y[keep], patients[keep], n_boot, seed)
+                   for name, keep in groups.items()})
+    model = {name: _auroc_with_ci(y[keep], p[keep], n_boot, seed) for name, keep in groups.items()}
+
+    alone: dict[str, Any] = {}
+    if len(data.rows.get("train", [])):
+        source_rate = _train_rate(data, "source")
+        if len(set(frame["source"])) > 1:
+            alone["source_only"] = _auroc_with_ci(y, frame["source"].map(source_rate).fillna(0.5).to_numpy(),
+                                                  n_boot, seed)
+        if rsna_view.any():
+            view_rate = _train_rate(data, "view")
+            alone["view_only_in_rsna"] = _auroc_with_ci(
+                y[rsna_view], frame["view"][rsna_view].map(view_rate).fillna(0.5).to_numpy(), n_boot, seed)
+    return {"features_predict": probes, "model_pneumonia_auroc": model, "shortcut_alone_pneumonia_auroc": alone,
+            "classifier": f"standardised features, L2 logistic regression, up to {PROBE_FOLDS}-fold CV grouped by patient"}
+
+
+def _fmt_auroc(entry: Mapping[str, Any]) -> str:
+    if entry.get("auroc") is None:
+        return entry.get("note", "-")
+    bounds = entry.get("ci")
+    ci = f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds and all(math.isfinite(b) for b in bounds) else ""
+    return f"{entry['auroc']:.3f}{ci}"
+
+
+def shortcut_table(report: Mapping[str, Any], split: str, dim: int) -> str:
+    lines = [f"shortcut probe on {split} ({dim}-d encoder embeddings; {report['classifier']})",
+             f"{'':<44} {'n':>5}  AUROC [95% CI]"]
+    sections = (("the features predict", report["features_predict"]),
+                ("the model's pneumonia AUROC", report["model_pneumonia_auroc"]),
+                ("pneumonia from a shortcut alone (train rates)", report["shortcut_alone_pneumonia_auroc"]))
+    for title, entries in sections:
+        if entries:
+            lines.append(title)
+            lines += [f"  {name:<42} {entry['n']:>5}  {_fmt_auroc(entry)}" for name, entry in entries.items()]
+    return "\n".join(lines)
+
+
+def embedding_maps(trained: TrainedRun, data: PreparedData, split: str, predictions: pd.DataFrame, out: Path,
+                   n_boot: int, seed: int) -> tuple[dict, list[Path], str]:
+    """What ``--embeddings`` adds: (metrics.json section, figures, printed table), and embeddings.csv.
+    ``predictions`` is the split's per-image frame (id, source, view, label, prob) in cache-row order."""
+    rows, features = encoder_features(trained, data, split)
+    records = [data.cache.records[r] for r in rows]
+    by_id = predictions.set_index("id")
+    frame = pd.DataFrame({"id": [r.id for r in records], "patient_id": [r.patient_id for r in records],
+                          "source": [r.source for r in records],
+                          "view": [r.view if r.source == "rsna" else None for r in records],
+                          "label": [r.label for r in records]})
+    frame["prob"] = frame["id"].map(by_id["prob"]).to_numpy()
+    points = project(features, seed)
+    figures = []
+    for name in PROJECTIONS:
+        frame[f"{name}_x"], frame[f"{name}_y"] = points[name][:, 0], points[name][:, 1]
+        colourings = {"label": frame["label"].map({0: "negative", 1: "pneumonia"}), "source": frame["source"],
+                      "view": frame["view"].fillna(NO_VIEW)}
+        figures.append(plots.plot_embedding(points[name], colourings, out / f"embeddings_{name}.png",
+                                            title=f"{name.upper()} of the encoder embeddings ({split}, n={len(frame)})"))
+    frame.to_csv(out / "embeddings.csv", index=False)
+    report = shortcut_report(features, frame, data, n_boot, seed)
+    section = {"split": split, "n": len(frame), "dim": int(features.shape[1]), "projections": list(PROJECTIONS),
+               "shortcut_probe": report}
+    return section, figures, shortcut_table(report, split, features.shape[1])
+
