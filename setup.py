@@ -31,6 +31,8 @@ setup(
         "matplotlib==3.11.2",
         "tqdm==4.70.1",
         "wandb==0.31.0",
+        "optuna==5.0.0",
+        "umap-learn==0.5.12",
     ],
     extras_require={
         "dev": [

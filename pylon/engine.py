@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from pylon.runs import RunPaths, absolute_roots, check_splits, check_writable, n
 from pylon.tracking import Tracker
 
 ALL_EPOCHS_DONE = "all epochs done"
+PRUNED = "stopped by the sweep's pruner"  # fit(on_epoch=...) returned True
 SUMMARY_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "n")
 
 
@@ -186,8 +187,11 @@ def start_epoch(loader: Any, cfg_train: Any, epoch: int, rank: int = 0) -> None:
     set_loader_epoch(loader, cfg_train.seed, epoch, rank)
 
 
-def fit(cfg: Any, run: Optional[RunPaths] = None) -> dict[str, Any]:
-    """Train ``cfg`` into a new run folder, or continue ``run`` from its last.pt; the summary."""
+def fit(cfg: Any, run: Optional[RunPaths] = None,
+        on_epoch: Optional[Callable[[int, dict], bool]] = None) -> dict[str, Any]:
+    """Train ``cfg`` into a new run folder, or continue ``run`` from its last.pt; the summary.
+    ``on_epoch(epoch, history_row)`` is asked on rank 0 after each validation: True ends the run
+    after that epoch like an early stop (a sweep's pruner), so the folder stays a complete run."""
     started = time.time()
     d = init_distributed(cfg.train.device)
     if cfg.train.batch_size % d.world_size:
@@ -236,7 +240,7 @@ def fit(cfg: Any, run: Optional[RunPaths] = None) -> dict[str, Any]:
                       run_id=None if saved is None else saved.get("wandb_run_id"))
     try:
         _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
-                train_loader, val_loader)
+                train_loader, val_loader, on_epoch)
     except BaseException:
         tracker.finish(exit_code=1)
         raise
@@ -287,7 +291,7 @@ def _summary(run: RunPaths, state: LoopState, tracker: Optional[Tracker], starte
 
 
 def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
-            train_loader, val_loader) -> None:
+            train_loader, val_loader, on_epoch=None) -> None:
     """The epoch loop of ``fit``; updates ``state`` and writes checkpoints and history."""
     freeze_epochs = cfg.train.freeze_encoder_epochs
 
@@ -345,6 +349,9 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
                 state.stop_reason = f"learning rate {new_lr:.1e} fell below train.min_lr={cfg.train.min_lr:.1e}"
             elif state.epoch >= cfg.train.epochs:
                 state.stop_reason = ALL_EPOCHS_DONE
+            # Asked even when a stop rule fired, so the caller sees every epoch; all ranks follow rank 0.
+            if on_epoch is not None and gather(d.is_main and bool(on_epoch(epoch + 1, row)), d)[0]:
+                state.stop_reason = state.stop_reason or PRUNED
 
             if d.is_main:
                 weights = unwrap(model).state_dict()

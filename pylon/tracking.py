@@ -74,6 +74,8 @@ class Tracker:
                 return
         self.run.define_metric(STEP)
         self.run.define_metric("*", step_metric=STEP)
+        # A run's summary val_loss is its best epoch's, what checkpointing (and a W&B sweep) selects on.
+        self.run.define_metric("val_loss", step_metric=STEP, summary="min")
         self.id = self.run.id  # stored in the checkpoints, so a resumed run or its evaluation continues it
         self.mode = "offline" if self.run.settings._offline else "online"
         self.dir = Path(self.run.settings.sync_dir)

@@ -78,10 +78,12 @@ def load_script(name: str):
     """A top-level script (train.py, evaluate.py, predict.py) imported as a module, so tests
     can call its ``main(argv)`` in-process."""
     import importlib.util
+    import sys
 
     path = Path(__file__).resolve().parents[1] / f"{name}.py"
     spec = importlib.util.spec_from_file_location(f"_script_{name}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in a script look their module up there
     spec.loader.exec_module(module)
     return module
 

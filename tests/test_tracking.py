@@ -77,6 +77,16 @@ def test_offline_run_is_logged_and_readable_by_wandb(tmp_path):
     again.finish()
 
 
+def test_summary_val_loss_is_the_best_epochs(tmp_path):
+    # What a W&B sweep ranks runs by, and what best.pt was selected on: not the last epoch's.
+    tracker = Tracker(tmp_path, logging_cfg(), config={})
+    for epoch, loss in enumerate((0.55, 0.7), start=1):
+        tracker.log_epoch(epoch, {"val_loss": loss}, step=epoch)
+    tracker.finish()
+    updates = [r["summary"]["update"] for r in read_wandb_records(tracker.dir) if r["type"] == "summary"]
+    assert [u["val_loss"] for u in updates if "val_loss" in u][-1] == {"min": 0.55}
+
+
 def test_history_replaces_repeated_epochs_and_keeps_new_columns(tmp_path):
     tracker = Tracker(tmp_path, logging_cfg("disabled"))
     assert tracker.run is None and tracker.note == "W&B disabled"

@@ -1,0 +1,310 @@
+"""Sweeps: the shipped W&B sweep files drive train.py the way W&B's agent calls it, and
+tools/sweep.py runs the same files offline on the tiny generated data set (each trial a complete
+run folder, pruning through the engine's on_epoch hook, failed trials recorded, continuation,
+best.yaml); mistakes in a sweep file are one line, before anything trains."""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+from omegaconf import OmegaConf
+
+from conftest import REPO_ROOT, load_script, tiny_overrides
+from pylon import engine
+from pylon.checkpoint import load_checkpoint
+from pylon.config import load_config, to_dict
+from pylon.runs import RunPaths
+
+sweep = load_script("tools/sweep")
+train_script = load_script("train")
+SHIPPED = sorted((REPO_ROOT / "configs" / "sweeps").glob("*.yaml"))
+FAST = ("train.max_steps_per_epoch=2",)
+
+
+def sweep_args(tiny_data: Path, runs: Path, *extra: str) -> list[str]:
+    return ["--set", *tiny_overrides(tiny_data, runs, *FAST, *extra)]
+
+
+def only_sweep(runs: Path) -> Path:
+    (folder,) = (runs / "sweeps").iterdir()
+    return folder
+
+
+def trial_folders(sweep_dir: Path) -> list[Path]:
+    return sorted(p for p in sweep_dir.iterdir() if p.is_dir())
+
+
+class Trained(Exception):
+    """Raised by a stand-in for the engine's fit: train.py parsed and loaded this config."""
+
+    def __init__(self, cfg):
+        super().__init__("fit called")
+        self.cfg = cfg
+
+
+def config_train_py_would_train(monkeypatch, argv: list[str]):
+    """train.py's own argument parsing and config loading, stopped where training would start."""
+    def fit(cfg, run=None, on_epoch=None):
+        raise Trained(cfg)
+
+    monkeypatch.setattr(engine, "fit", fit)
+    with pytest.raises(Trained) as caught:
+        train_script.main(argv)
+    return caught.value.cfg
+
+
+# ---------------------------------------------------------------------------------------------
+# The W&B side: the agent's command line for sampled parameters, through train.py
+
+
+def agent_command(sweep_config: dict, params: dict) -> list[str]:
+    """The command W&B's agent runs for ``params``: wandb's own helpers build the macro values
+    (create_sweep_command, create_sweep_command_args); the loop that splices them into
+    ``command`` is the one of wandb_agent.Agent._command_run, which is not a function of its own."""
+    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
+
+    command = create_sweep_command(list(sweep_config["command"]))
+    macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
+    macros.update(interpreter=["python"], program=[sweep_config["program"]], env=["/usr/bin/env"])
+    line: list[str] = []
+    for chunk in map(str, command):
+        line += (macros.get(chunk[2:-1]) or []) if chunk.startswith("${") and chunk.endswith("}") else [chunk]
+    return line
+
+
+def sample_like_wandb(parameters: dict, rng: random.Random) -> dict:
+    """A draw from each W&B distribution the shipped files use (W&B samples on its server)."""
+    drawn = {}
+    for key, spec in parameters.items():
+        kind = spec.get("distribution")
+        if "value" in spec:
+            drawn[key] = spec["value"]
+        elif "values" in spec:
+            drawn[key] = rng.choice(spec["values"])
+        elif kind == "log_uniform_values":
+            drawn[key] = math.exp(rng.uniform(math.log(spec["min"]), math.log(spec["max"])))
+        elif kind == "uniform":
+            drawn[key] = rng.uniform(spec["min"], spec["max"])
+        elif kind == "int_uniform":
+            drawn[key] = rng.randint(spec["min"], spec["max"])
+        else:
+            raise AssertionError(f"{key}: distribution {kind} not covered here")
+    return drawn
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
+def test_wandb_agent_command_of_shipped_sweeps_is_accepted_by_train_py(path, monkeypatch):
+    sweep_config = yaml.safe_load(path.read_text())
+    assert (REPO_ROOT / sweep_config["program"]).is_file()
+    rng = random.Random(0)
+    for _ in range(3):
+        params = sample_like_wandb(sweep_config["parameters"], rng)
+        line = agent_command(sweep_config, params)
+        assert line[:3] == ["/usr/bin/env", "python", "train.py"]
+        assert all(f"{key}={value}" in line for key, value in params.items())
+        cfg = config_train_py_would_train(monkeypatch, line[3:])
+        for key, value in params.items():
+            loaded = OmegaConf.select(cfg, key)
+            assert loaded == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
+    # The offline runner reads the same file: same config, every key and range accepted.
+    space = sweep.read_space(str(path))
+    assert space.config == sweep_config["command"][sweep_config["command"].index("--config") + 1]
+    sweep.check_parameters(space, space.config)
+
+
+# ---------------------------------------------------------------------------------------------
+# The engine hook
+
+
+def test_on_epoch_true_ends_the_run_after_that_epoch_like_an_early_stop(tiny_data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    cfg = load_config("demo.yaml", tiny_overrides(tiny_data, runs, "train.epochs=3", "train.max_steps_per_epoch=1"))
+    asked = []
+    summary = engine.fit(cfg, on_epoch=lambda epoch, row: asked.append((epoch, row)) or epoch == 2)
+    run = RunPaths(summary["run"])
+    history = pd.read_csv(run.history)
+    assert [epoch for epoch, _ in asked] == [1, 2] and history["epoch"].tolist() == [1, 2]
+    assert [row["val_loss"] for _, row in asked] == pytest.approx(history["val_loss"].tolist())
+    assert summary["stop_reason"] == engine.PRUNED == "stopped by the sweep's pruner"
+    loop = load_checkpoint(run.last)["loop"]
+    assert loop["epoch"] == 2 and loop["stop_reason"] == engine.PRUNED and run.best.is_file()
+    capsys.readouterr()
+    assert train_script.main(["--resume", str(run.root)]) == 0  # a finished run, not an interrupted one
+    assert "nothing to resume" in capsys.readouterr().out and len(pd.read_csv(run.history)) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# tools/sweep.py end to end
+
+
+def test_sweep_runs_complete_trial_folders_prunes_continues_and_writes_best(tiny_data, tmp_path, monkeypatch, capsys):
+    runs = tmp_path / "runs"
+    # Trial 1's pruner says stop after its first epoch; what the engine and the sweep do with
+    # that is real. (Hyperband itself is Optuna's: which trial it stops depends on the losses.)
+    monkeypatch.setattr(optuna.trial.Trial, "should_prune", lambda trial: trial.number == 1)
+    assert sweep.main(["--space", "demo", "--trials", "3", *sweep_args(tiny_data, runs)]) == 0
+    sweep_dir = only_sweep(runs)
+    assert sweep_dir.name.startswith("demo-")
+    folders = trial_folders(sweep_dir)
+    assert [p.name[:13] for p in folders] == ["demo-trial000", "demo-trial001", "demo-trial002"]
+    assert {p.name for p in sweep_dir.iterdir()} - {p.name for p in folders} == {
+        "optuna_journal.log", "sweep.csv", "best.yaml"}
+
+    table = pd.read_csv(sweep_dir / "sweep.csv")
+    assert list(table.columns) == ["number", "state", "train.lr", "train.weight_decay", "train.epochs",
+                                   "best_val_loss", "epochs", "run", "error"]
+    assert table["state"].tolist() == ["COMPLETE", "PRUNED", "COMPLETE"]
+    assert table["epochs"].tolist() == [2, 1, 2]
+    assert (table["train.epochs"] == 2).all()  # --set wins over the file's fixed value (8)
+    study = optuna.load_study(study_name=sweep.STUDY, storage=optuna.storages.JournalStorage(
+        optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna_journal.log"))))
+    for (_, row), trial in zip(table.iterrows(), study.trials):
+        run = RunPaths(row["run"])
+        assert run.root.parent == sweep_dir and run.best.is_file() and run.last.is_file()
+        cfg = load_config(run.config)
+        assert cfg.name == f"demo-trial{row['number']:03d}" and cfg.logging.runs_dir == str(sweep_dir)
+        assert cfg.train.lr == pytest.approx(row["train.lr"], rel=1e-12)
+        assert cfg.train.weight_decay == pytest.approx(row["train.weight_decay"], rel=1e-12)
+        history = pd.read_csv(run.history)
+        assert len(history) == row["epochs"] and row["best_val_loss"] == pytest.approx(history["val_loss"].min())
+        # Every epoch was reported, also the last one, where the all-epochs rule had already fired.
+        assert list(trial.intermediate_values.values()) == pytest.approx(history["val_loss"].tolist())
+        reason = load_checkpoint(run.last)["loop"]["stop_reason"]
+        assert reason == (engine.PRUNED if row["state"] == "PRUNED" else engine.ALL_EPOCHS_DONE)
+    assert set(sweep.VAL_METRICS) == {c for c in history.columns if c.startswith("val_")}
+
+    complete = table[table["state"] == "COMPLETE"]
+    best_row = complete.loc[complete["best_val_loss"].idxmin()]
+    assert study.best_trial.number == best_row["number"]
+    best = to_dict(load_config(sweep_dir / "best.yaml"))
+    expected = to_dict(load_config(Path(best_row["run"]) / "config.yaml"))
+    expected["name"], expected["logging"]["runs_dir"] = "demo", str(runs)  # trains a normal run, not a trial
+    assert best == expected
+    out = capsys.readouterr().out
+    assert "trial 1 PRUNED: val_loss" in out and "after 1 epoch (train.lr=" in out
+    assert f"train it: python train.py --config {sweep_dir / 'best.yaml'}" in out
+    cfg = config_train_py_would_train(monkeypatch, ["--config", str(sweep_dir / "best.yaml")])
+    assert to_dict(cfg) == best
+
+    monkeypatch.undo()
+    assert sweep.main(["--space", "demo", "--trials", "1", "--out", str(sweep_dir),
+                       *sweep_args(tiny_data, runs)]) == 0
+    table = pd.read_csv(sweep_dir / "sweep.csv")
+    assert table["number"].tolist() == [0, 1, 2, 3] and len(trial_folders(sweep_dir)) == 4
+    # Hyperband's call now; its one rung (min_iter 2) is the last epoch, and a trial that trained
+    # every epoch is complete whatever the pruner says there.
+    assert table["state"].iloc[3] == "COMPLETE"
+    assert table["train.lr"].iloc[3] not in table["train.lr"].iloc[:3].tolist()  # the sampler did not restart
+
+    with pytest.raises(SystemExit) as stop:  # a continuation must sweep the same thing
+        sweep.cli.run(sweep.main, ["--space", "demo", "--trials", "1", "--out", str(sweep_dir),
+                                   *sweep_args(tiny_data, runs, "train.seed=1")])
+    assert stop.value.code == 2
+    assert "was started with other overrides" in capsys.readouterr().err
+    assert len(trial_folders(sweep_dir)) == 4
+
+
+def test_a_diverging_trial_is_recorded_failed_and_the_sweep_goes_on(tiny_data, tmp_path, capsys):
+    space = tmp_path / "grid.yaml"
+    space.write_text(yaml.safe_dump({
+        "program": "train.py", "method": "grid", "metric": {"name": "val_auroc", "goal": "maximize"},
+        "parameters": {"train.lr": {"values": [1.0e-3, 1.0e13]}},
+        "command": ["${env}", "${interpreter}", "${program}", "--config", "demo.yaml", "--set", "${args_no_hyphens}"]}))
+    runs = tmp_path / "runs"
+    assert sweep.main(["--space", str(space), "--trials", "5", *sweep_args(tiny_data, runs, "train.epochs=1")]) == 0
+    table = pd.read_csv(only_sweep(runs) / "sweep.csv").set_index("train.lr")
+    assert len(table) == 2  # the grid is done after its two points, whatever --trials says
+    assert table.loc[1e13, "state"] == "FAIL" and table.loc[1e13, "epochs"] == 0
+    assert table.loc[1e-3, "state"] == "COMPLETE" and math.isfinite(table.loc[1e-3, "best_val_auroc"])
+    assert load_config(only_sweep(runs) / "best.yaml").train.lr == 1e-3
+    failed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("trial ") and " FAIL" in line]
+    assert len(failed) == 1 and "(train.lr=1e+13): the training (epoch 1, step" in failed[0]
+    assert "loss became" in table.loc[1e13, "error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the file: distributions, samplers, pruners, and mistakes as one line
+
+
+def write_space(tmp_path: Path, **changes) -> Path:
+    raw = yaml.safe_load((REPO_ROOT / "configs" / "sweeps" / "demo.yaml").read_text())
+    for key, value in changes.items():
+        if value is None:
+            raw.pop(key, None)
+        else:
+            raw[key] = value
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_wandb_distributions_become_optuna_suggestions(tmp_path):
+    path = write_space(tmp_path, method="random", early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2},
+                       parameters={
+                           "train.lr": {"distribution": "log_uniform_values", "min": 1.0e-5, "max": 1.0e-2},
+                           "train.grad_clip": {"distribution": "uniform", "min": 0.5, "max": 2.0},
+                           "data.augment.hflip": {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.25},
+                           "train.plateau_patience": {"min": 0, "max": 3},  # ints: W&B's int_uniform
+                           "train.optimizer": {"values": ["adam", "adamw"]},
+                           "train.seed": {"distribution": "constant", "value": 3}})
+    space = sweep.read_space(str(path))
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    values = {key: p.suggest(trial) for key, p in space.parameters.items()}
+    dists = trial.distributions
+    assert dists["train.lr"] == optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)
+    assert dists["train.grad_clip"] == optuna.distributions.FloatDistribution(0.5, 2.0)
+    assert dists["data.augment.hflip"] == optuna.distributions.FloatDistribution(0.0, 1.0, step=0.25)
+    assert dists["train.plateau_patience"] == optuna.distributions.IntDistribution(0, 3)
+    assert dists["train.optimizer"] == optuna.distributions.CategoricalDistribution(["adam", "adamw"])
+    assert "train.seed" not in dists and values["train.seed"] == 3
+    sweep.check_parameters(space, space.config)
+
+    base = load_config("demo.yaml", ["train.epochs=9"])
+    assert isinstance(sweep.make_sampler(space, 0), optuna.samplers.RandomSampler)
+    pruner = sweep.make_pruner(space, base)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (1, 9, 2)
+    space.method, space.hyperband = "bayes", None
+    assert isinstance(sweep.make_sampler(space, 0), optuna.samplers.TPESampler)
+    assert isinstance(sweep.make_pruner(space, base), optuna.pruners.MedianPruner)
+    grid = sweep.read_space(str(write_space(tmp_path, method="grid", parameters={
+        "train.optimizer": {"values": ["adam", "adamw"]}, "train.seed": {"value": 1}})))
+    assert isinstance(sweep.make_sampler(grid, 0), optuna.samplers.GridSampler)
+
+
+@pytest.mark.parametrize("changes, args, message", [
+    ({"parameters": {"train.lrr": {"values": [0.1]}}}, [], "space.yaml: unknown key 'train.lrr'"),
+    ({"metric": {"name": "test_auroc", "goal": "maximize"}}, [], "metric 'test_auroc' is not a validation metric"),
+    ({"metric": {"name": "train_loss", "goal": "minimize"}}, [], "a sweep never selects on the test split"),
+    ({"metric": {"name": "val_loss", "goal": "maximize"}}, [], "metric val_loss needs goal: minimize"),
+    ({"parameters": {"train.lr": {"distribution": "normal", "mu": 0, "sigma": 1}}}, [],
+     "unsupported distribution 'normal'"),
+    ({"parameters": {"train.lr": {"distribution": "log_uniform_values", "min": "1e-4", "max": 1.0}}}, [], "write 1.0e-4"),
+    ({"parameters": {"train.grad_clip": {"values": [None, 1.0]}}}, [], "values must be numbers, text or booleans"),
+    ({"parameters": {"train": {"parameters": {"lr": {"value": 0.1}}}}}, [], "nested parameters are not supported"),
+    ({"parameters": {"train.optimizer": {"values": ["adam", "sgd"]}}}, [], "bad value for 'train.optimizer'"),
+    ({"early_terminate": {"type": "hyperband", "max_iter": 27, "s": 2}}, [],
+     "unsupported early_terminate keys: max_iter, s"),
+    ({"controller": {"type": "local"}}, [], "unsupported sweep keys: controller"),
+    ({"command": ["${env}", "${interpreter}", "${program}", "--config", "demo.yaml", "${args_no_hyphens}"]}, [],
+     "command must run train.py with the parameters as --set values"),
+    ({}, ["--set", "train.lr=0.1"], "--set train.lr is swept by"),
+    ({}, ["--trials", "0"], "--trials must be at least 1, got 0"),
+    ({}, ["--space", "no_such_sweep"], "sweep file not found: no_such_sweep (configs/sweeps/ has: demo.yaml"),
+    ({}, ["--out", "{tmp}"], "is not a sweep folder (no optuna_journal.log in it)"),
+])
+def test_mistakes_are_one_line_and_nothing_trains(tmp_path, capsys, changes, args, message):
+    path = write_space(tmp_path, **changes)
+    runs = tmp_path / "runs"
+    argv = ["--space", str(path), "--trials", "2", *[a.replace("{tmp}", str(tmp_path)) for a in args]]
+    with pytest.raises(SystemExit) as stop:
+        sweep.cli.run(sweep.main, [*argv, "--set", f"logging.runs_dir={runs}"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not runs.exists()
