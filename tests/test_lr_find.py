@@ -51,13 +51,23 @@ def test_huge_end_stops_early_and_still_writes(tiny_data, tmp_path):
     run, table, result = range_test(tiny_data, tmp_path / "runs", "--start", "1e-4", "--end", "1e8")
     cfg = load_config(run / "config.yaml")
     steps_per_epoch = len(prepare_data(cfg.data, progress=False).rows["train"]) // 2  # batch 2, last one dropped
-    # Without --steps the schedule spans one epoch, and the test stopped well before its end.
-    assert np.allclose(table["lr"], 1e-4 * 1e12 ** (np.arange(len(table)) / (steps_per_epoch - 1)), rtol=1e-12)
-    assert result["diverged"] is True and result["steps"] == len(table) < steps_per_epoch
+    # Without --steps an epoch this short is stretched to 100 steps, and the test stopped before their end.
+    assert steps_per_epoch < lr_find.MIN_STEPS
+    assert np.allclose(table["lr"], 1e-4 * 1e12 ** (np.arange(len(table)) / (lr_find.MIN_STEPS - 1)), rtol=1e-12)
+    assert result["diverged"] is True and result["steps"] == len(table) < lr_find.MIN_STEPS
     assert {p.name for p in run.iterdir()} == {"config.yaml", "lr_find.csv", "lr_find.json", "lr_find.png"}
     assert not list(tmp_path.rglob("*.pt"))  # no checkpoint anywhere
     # The suggestion comes from before the stop: never the point that blew up.
     assert 1e-4 <= result["suggested_lr"] < table["lr"].iloc[-1]
+
+
+def test_a_test_longer_than_an_epoch_goes_on_into_the_next(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    cfg = load_config("demo.yaml", tiny_overrides(tiny_data, runs, "train.batch_size=2"))
+    steps_per_epoch = len(prepare_data(cfg.data, progress=False).rows["train"]) // 2
+    run, table, result = range_test(tiny_data, runs, "--start", "1e-6", "--end", "1e-5",
+                                    "--steps", str(2 * steps_per_epoch + 3))
+    assert result["steps"] == len(table) == 2 * steps_per_epoch + 3 and result["diverged"] is False
 
 
 def test_a_blown_up_loss_ends_the_test_instead_of_raising(tiny_data, tmp_path):

@@ -1,9 +1,10 @@
 """Learning-rate range test: python tools/lr_find.py --config X [--set k=v ...] [--start 1e-7] [--end 10] [--steps N]
 
-A fresh model of the config trains as train.py's first epoch would (same data order, loss,
-optimizer and step) while the learning rate grows exponentially from --start to --end over one
-epoch (or --steps steps). It stops once the smoothed loss exceeds 4x its best or the loss blows
-up. Writes <runs_dir>/<name>-lrfind-<time>/ with lr_find.csv, lr_find.png, lr_find.json and
+A fresh model of the config trains as train.py would (same data order, loss, optimizer and step)
+while the learning rate grows exponentially from --start to --end over one epoch, or over
+100 steps when an epoch is shorter (the data goes round again, reshuffled as train.py's next
+epoch would be: the smoothed loss needs about 50 steps to mean anything), or over --steps steps.
+It stops once the smoothed loss exceeds 4x its best or the loss blows up. Writes <runs_dir>/<name>-lrfind-<time>/ with lr_find.csv, lr_find.png, lr_find.json and
 config.yaml; no checkpoint and no W&B. One process (not under torchrun).
 
 Suggested rate: where the smoothed loss falls fastest against log10(lr) (np.gradient), over the
@@ -14,13 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import itertools
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 from pylon import cli
 
 BETA = 0.98  # loss smoothing: an exponential moving average over about 50 steps
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of its best
+MIN_STEPS = 100  # the default length when an epoch is shorter
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -28,7 +31,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     cli.add_config_args(parser, required=True)
     parser.add_argument("--start", type=float, default=1e-7, help="first learning rate (default 1e-7)")
     parser.add_argument("--end", type=float, default=10.0, help="last learning rate (default 10)")
-    parser.add_argument("--steps", type=int, help="optimizer steps from --start to --end (default and most: one epoch)")
+    parser.add_argument("--steps", type=int, help=f"optimizer steps from --start to --end (default: one epoch, "
+                                                   f"at least {MIN_STEPS})")
     args = parser.parse_args(argv)
 
     from pylon.config import ConfigError, load_config
@@ -46,9 +50,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"suggested lr: {result['suggested_lr']:.3g} (steepest descent; train.lr is {cfg.train.lr:.3g}, "
               f"the smoothed loss is lowest at {result['min_loss_lr']:.3g}); try --set train.lr={result['suggested_lr']:.2g}")
     print(f"{result['steps']} steps, " + ("stopped early: the loss diverged" if result["diverged"] else "no divergence"))
-    if result["steps"] < 50:  # BETA averages over about 50 steps: fewer make the curve a running mean of noisy batches
-        print(f"note: {result['steps']} steps are few for a range test; the suggestion is rough (narrowing "
-              "--start/--end gives more points per decade)")
     for name in ("lr_find.csv", "lr_find.png", "lr_find.json", "config.yaml"):
         print(run.root / name)
     return 0
@@ -64,7 +65,7 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     from pylon.config import ConfigError, to_yaml
     from pylon.data.pipeline import split_loader
     from pylon.distributed import Dist
-    from pylon.engine import TrainingDiverged, setup, start_epoch, train_step
+    from pylon.engine import TrainingDiverged, setup, train_step
     from pylon.inference import bar_disabled, resolve_device
     from pylon.runs import absolute_roots, check_writable, new_run
 
@@ -74,8 +75,8 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     # fit()'s own setup and epoch-0 seeding: the first steps see train.py's weights and batches.
     model, data, optimizer, scaler, loss_fn = setup(cfg, d)
     loader = split_loader(data, "train", cfg.data, cfg.train.batch_size, train=True, seed=cfg.train.seed)
-    n = min(len(loader), cfg.train.max_steps_per_epoch or len(loader), steps or len(loader))
-    if n == 0:
+    per_epoch = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
+    if per_epoch == 0:
         raise ConfigError(f"no training batch: train.batch_size={cfg.train.batch_size} is larger than "
                           f"the training split ({len(loader.dataset)} images)")
     run = new_run(cfg.logging.runs_dir, f"{cfg.name}-lrfind")
@@ -85,12 +86,12 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
         model.freeze_encoder(True)  # train.lr is the rate of the first, decoder-only stage
     train_model = torch.compile(model) if cfg.train.compile else model
     train_model.train()
-    start_epoch(loader, cfg.train, 0)
+    n = steps or max(per_epoch, MIN_STEPS)
     lrs = start * (end / start) ** (np.arange(n) / (n - 1 if n > 1 else 1))
     rows: list[tuple[int, float, float, float]] = []
     average, best, diverged, before_stop = 0.0, math.inf, False, None
     bar = tqdm(total=n, desc="lr range test", disable=bar_disabled(True))
-    for step, (lr, batch) in enumerate(zip(lrs.tolist(), loader)):
+    for step, (lr, batch) in enumerate(zip(lrs.tolist(), epochs_of(loader, cfg.train, per_epoch))):
         for group in optimizer.param_groups:
             group["lr"] = lr
         try:
@@ -118,6 +119,15 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     (run.root / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(table, usable, result, run.root / "lr_find.png")
     return {**result, "run": run}
+
+
+def epochs_of(loader: Any, cfg_train: Any, per_epoch: int) -> Iterator[Any]:
+    """train.py's batches, epoch after epoch, each epoch seeded as fit() seeds it."""
+    from pylon.engine import start_epoch
+
+    for epoch in itertools.count():
+        start_epoch(loader, cfg_train, epoch)
+        yield from itertools.islice(loader, per_epoch)
 
 
 def suggest(lrs: Any, smoothed: Any) -> tuple[Optional[float], Optional[float]]:
