@@ -38,7 +38,7 @@ from pylon.inference import TrainedRun, autocast, bar_disabled
 from pylon.metrics import bootstrap_ci, classification_rows
 from pylon.models import unwrap
 
-PROJECTIONS = ("tsne", "umap")
+PROJECTIONS = {"tsne": "t-SNE", "umap": "UMAP"}  # file name: title
 PROBE_FOLDS = 5
 NO_VIEW = "no view"  # Kaggle films carry none
 
@@ -184,7 +184,7 @@ def embedding_maps(trained: TrainedRun, data: PreparedData, split: str, predicti
         colourings = {"label": frame["label"].map({0: "negative", 1: "pneumonia"}), "source": frame["source"],
                       "view": frame["view"].fillna(NO_VIEW)}
         figures.append(plots.plot_embedding(points[name], colourings, out / f"embeddings_{name}.png",
-                                            title=f"{name.upper()} of the encoder embeddings ({split}, n={len(frame)})"))
+                                            title=f"{PROJECTIONS[name]} of the encoder embeddings ({split}, n={len(frame)})"))
     frame.to_csv(out / "embeddings.csv", index=False)
     report = shortcut_report(features, frame, data, n_boot, seed)
     section = {"split": split, "n": len(frame), "dim": int(features.shape[1]), "projections": list(PROJECTIONS),
