@@ -140,16 +140,16 @@ class ConfigError(ValueError):
     """A user mistake in a config file or override; its message is one line."""
 
 
-def resolve_config_path(name_or_path: Union[str, Path]) -> Path:
-    """A path as given if it exists, else a bare name looked up in ``configs/``."""
+def resolve_config_path(name_or_path: Union[str, Path], folder: Path = CONFIG_DIR, what: str = "config file") -> Path:
+    """A path as given if it exists, else a bare name looked up in ``folder`` (``configs/``)."""
     path = Path(name_or_path)
     if path.is_file():
         return path
-    for candidate in (CONFIG_DIR / path, CONFIG_DIR / f"{path}.yaml"):
+    for candidate in (folder / path, folder / f"{path}.yaml"):
         if len(path.parts) == 1 and candidate.is_file():
             return candidate
-    known = ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
-    raise ConfigError(f"config file not found: {name_or_path} (configs/ has: {known})")
+    known = ", ".join(sorted(p.name for p in folder.glob("*.yaml")))
+    raise ConfigError(f"{what} not found: {name_or_path} ({folder.relative_to(CONFIG_DIR.parent)}/ has: {known})")
 
 
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:

@@ -29,7 +29,7 @@ from typing import Any, Optional, Sequence
 
 from pylon import cli
 
-SWEEP_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"
+SWEEP_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"  # where a bare --space name is looked up
 # history.csv's validation columns, each with the direction that is better.
 VAL_METRICS = {"val_loss": "minimize", "val_auroc": "maximize", "val_accuracy": "maximize",
                "val_sensitivity": "maximize", "val_specificity": "maximize"}
@@ -125,27 +125,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 # --------------------------------------------------------------------------- the sweep file
 
 
-def resolve_space_path(name_or_path: str) -> Path:
-    """A path as given if it exists, else a bare name looked up in ``configs/sweeps/``."""
-    from pylon.config import ConfigError
-
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (SWEEP_DIR / path, SWEEP_DIR / f"{path}.yaml"):
-        if len(path.parts) == 1 and candidate.is_file():
-            return candidate
-    known = ", ".join(sorted(p.name for p in SWEEP_DIR.glob("*.yaml")))
-    raise ConfigError(f"sweep file not found: {name_or_path} (configs/sweeps/ has: {known})")
-
-
 def read_space(name_or_path: str) -> Space:
     """The sweep file, checked for everything both W&B and this tool need; errors are one line."""
     import yaml
 
-    from pylon.config import ConfigError
+    from pylon.config import ConfigError, resolve_config_path
 
-    path = resolve_space_path(name_or_path)
+    path = resolve_config_path(name_or_path, SWEEP_DIR, "sweep file")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError:
