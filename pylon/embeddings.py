@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 from pylon import plots
 from pylon.config import ConfigError
 from pylon.data.pipeline import PreparedData, split_loader
+from pylon.evaluation import SplitPredictions
 from pylon.inference import TrainedRun, autocast, bar_disabled
 from pylon.metrics import bootstrap_ci, classification_rows
 from pylon.models import unwrap
@@ -110,10 +111,22 @@ def _train_rate(data: PreparedData, key: str) -> dict[str, float]:
     return frame.groupby("group")["label"].mean().to_dict()
 
 
-def shortcut_report(features: np.ndarray, frame: pd.DataFrame, data: PreparedData, n_boot: int, seed: int) -> dict:
+def _from_classification(block: Mapping[str, Any]) -> dict[str, Any]:
+    """The model's AUROC entry of one group, as the classification report already computed it."""
+    entry = {"n": block["n"], "n_positive": block["n_pos"], "auroc": block["auroc"]}
+    if not math.isfinite(entry["auroc"]):
+        entry["auroc"], entry["note"] = None, "one class only"
+    elif "ci" in block:
+        entry["ci"] = block["ci"]["auroc"]
+    return entry
+
+
+def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: Mapping[str, Any],
+                    data: PreparedData, n_boot: int, seed: int) -> dict:
     """The ``embeddings.shortcut_probe`` section: what the features predict besides pneumonia,
-    the model's pneumonia AUROC per group, and what view or source alone would score."""
-    y, p, patients = frame["label"].to_numpy(), frame["prob"].to_numpy(), frame["patient_id"].to_numpy()
+    the model's pneumonia AUROC per group (from ``classification``, the report of the same
+    split), and what view or source alone would score."""
+    y, patients = frame["label"].to_numpy(), frame["patient_id"].to_numpy()
     rsna_view = (frame["source"] == "rsna").to_numpy() & frame["view"].isin(["AP", "PA"]).to_numpy()
     probes = {"view_AP_vs_PA_in_rsna": probe(features[rsna_view], (frame["view"][rsna_view] == "AP").to_numpy(),
                                              patients[rsna_view], n_boot, seed)}
@@ -128,7 +141,9 @@ def shortcut_report(features: np.ndarray, frame: pd.DataFrame, data: PreparedDat
     # What the features know of pneumonia itself, in the same groups as the model's AUROC.
     probes.update({f"pneumonia_in_{name}": probe(features[keep], y[keep], patients[keep], n_boot, seed)
                    for name, keep in groups.items()})
-    model = {name: _auroc_with_ci(y[keep], p[keep], n_boot, seed) for name, keep in groups.items()}
+    blocks = {"all": classification, **classification["by_source"],
+              **{f"rsna/{v}": b for v, b in classification["by_view"].items()}}
+    model = {name: _from_classification(blocks[name]) for name in groups}
 
     alone: dict[str, Any] = {}
     if len(data.rows.get("train", [])):
@@ -165,18 +180,15 @@ def shortcut_table(report: Mapping[str, Any], split: str, dim: int) -> str:
     return "\n".join(lines)
 
 
-def embedding_maps(trained: TrainedRun, data: PreparedData, split: str, predictions: pd.DataFrame, out: Path,
-                   n_boot: int, seed: int) -> tuple[dict, list[Path], str]:
-    """What ``--embeddings`` adds: (metrics.json section, figures, printed table), and embeddings.csv.
-    ``predictions`` is the split's per-image frame (id, source, view, label, prob) in cache-row order."""
-    rows, features = encoder_features(trained, data, split)
-    records = [data.cache.records[r] for r in rows]
-    by_id = predictions.set_index("id")
-    frame = pd.DataFrame({"id": [r.id for r in records], "patient_id": [r.patient_id for r in records],
-                          "source": [r.source for r in records],
-                          "view": [r.view if r.source == "rsna" else None for r in records],
-                          "label": [r.label for r in records]})
-    frame["prob"] = frame["id"].map(by_id["prob"]).to_numpy()
+def embedding_maps(trained: TrainedRun, data: PreparedData, evaluated: SplitPredictions, classification: Mapping[str, Any],
+                   out: Path, n_boot: int, seed: int) -> tuple[dict, list[Path], str]:
+    """What ``--embeddings`` adds for the evaluated split, given its predictions and classification
+    report: (metrics.json section, figures, printed table), and embeddings.csv."""
+    rows, features = encoder_features(trained, data, evaluated.split)
+    position = {row: i for i, row in enumerate(rows.tolist())}
+    features = features[[position[row] for row in evaluated.rows.tolist()]]  # in the predictions' order
+    frame = evaluated.frame(data)
+    frame.insert(1, "patient_id", [data.cache.records[r].patient_id for r in evaluated.rows])
     points = project(features, seed)
     figures = []
     for name in PROJECTIONS:
@@ -184,10 +196,9 @@ def embedding_maps(trained: TrainedRun, data: PreparedData, split: str, predicti
         colourings = {"label": frame["label"].map({0: "negative", 1: "pneumonia"}), "source": frame["source"],
                       "view": frame["view"].fillna(NO_VIEW)}
         figures.append(plots.plot_embedding(points[name], colourings, out / f"embeddings_{name}.png",
-                                            title=f"{PROJECTIONS[name]} of the encoder embeddings ({split}, n={len(frame)})"))
+                                            title=f"{PROJECTIONS[name]} of the encoder embeddings ({evaluated.split}, n={len(frame)})"))
     frame.to_csv(out / "embeddings.csv", index=False)
-    report = shortcut_report(features, frame, data, n_boot, seed)
-    section = {"split": split, "n": len(frame), "dim": int(features.shape[1]), "projections": list(PROJECTIONS),
-               "shortcut_probe": report}
-    return section, figures, shortcut_table(report, split, features.shape[1])
-
+    report = shortcut_report(features, frame, classification, data, n_boot, seed)
+    section = {"split": evaluated.split, "n": len(frame), "dim": int(features.shape[1]),
+               "projections": list(PROJECTIONS), "shortcut_probe": report}
+    return section, figures, shortcut_table(report, evaluated.split, features.shape[1])

@@ -379,7 +379,7 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     if embeddings:  # imported here: numba compiles UMAP on import
         from pylon.embeddings import embedding_maps
 
-        metrics["embeddings"], maps, shortcut_text = embedding_maps(trained, data, split, per_image, out, n_boot, seed)
+        metrics["embeddings"], maps, shortcut_text = embedding_maps(trained, data, evaluated, classification, out, n_boot, seed)
         figures, outputs, text = figures + maps, outputs + [out / "embeddings.csv"], text + [shortcut_text]
 
     scored = [evaluated] if split in ("val", ALL) else [val, evaluated]
