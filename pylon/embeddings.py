@@ -15,47 +15,26 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from functools import partial
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import pandas as pd
-import torch
 from sklearn.decomposition import PCA
 from sklearn.linear_model import LogisticRegression
 from sklearn.manifold import TSNE
-from sklearn.metrics import roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
-from tqdm.auto import tqdm
 
 from pylon import plots
 from pylon.config import ConfigError
-from pylon.data.pipeline import PreparedData, split_loader
-from pylon.evaluation import SplitPredictions
-from pylon.inference import TrainedRun, autocast, bar_disabled
-from pylon.metrics import bootstrap_ci, classification_rows
-from pylon.models import unwrap
+from pylon.data.pipeline import PreparedData
+from pylon.evaluation import SplitPredictions, group_block
 
 PROJECTIONS = {"tsne": "t-SNE", "umap": "UMAP"}  # file name: title
 PROBE_FOLDS = 5
 NO_VIEW = "no view"  # Kaggle films carry none
-
-
-@torch.no_grad()
-def encoder_features(trained: TrainedRun, data: PreparedData, split: str) -> tuple[np.ndarray, np.ndarray]:
-    """(cache rows, embeddings): the deepest encoder map of each image of ``split``, averaged over space."""
-    encoder = unwrap(trained.model).encoder.eval()
-    loader = split_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
-    rows, features = [], []
-    for batch in tqdm(loader, desc=f"{split} embeddings", leave=False, disable=bar_disabled(True)):
-        with autocast(trained.device, trained.dtype):
-            deepest = encoder(batch["image"].to(trained.device))[-1]
-        features.append(deepest.float().mean(dim=(-2, -1)).cpu().numpy())
-        rows.append(np.asarray(batch["row"]))
-    return np.concatenate(rows).astype(np.int64), np.concatenate(features).astype(np.float64)
 
 
 def project(features: np.ndarray, seed: int) -> dict[str, np.ndarray]:
@@ -76,17 +55,19 @@ def project(features: np.ndarray, seed: int) -> dict[str, np.ndarray]:
         return {"tsne": tsne.fit_transform(reduced), "umap": umap_map.fit_transform(reduced)}
 
 
-def _auroc_with_ci(target: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    entry: dict[str, Any] = {"n": int(target.size), "n_positive": int(target.sum())}
-    if 0 < entry["n_positive"] < target.size:
-        entry["auroc"] = float(roc_auc_score(target, scores))
-        if n_boot >= 1:
-            statistic = partial(classification_rows, threshold=0.5)
-            entry["ci"] = bootstrap_ci(lambda y, p: {"auroc": statistic(y, p)["auroc"]}, target, scores,
-                                       n_boot=n_boot, seed=seed)["auroc"]
-    else:
+def _auroc_entry(block: Mapping[str, Any]) -> dict[str, Any]:
+    """An AUROC entry (n, n_positive, auroc, its 95% interval) from a ``group_block`` of the
+    classification report: the model's own, or one made here for a probe or a shortcut."""
+    entry = {"n": block["n"], "n_positive": block["n_pos"], "auroc": block["auroc"]}
+    if not math.isfinite(entry["auroc"]):
         entry["auroc"], entry["note"] = None, "one class only"
+    elif "ci" in block:
+        entry["ci"] = block["ci"]["auroc"]
     return entry
+
+
+def _auroc(target: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
+    return _auroc_entry(group_block(target, scores, None, n_boot, seed))
 
 
 def probe(features: np.ndarray, target: np.ndarray, patients: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
@@ -101,7 +82,7 @@ def probe(features: np.ndarray, target: np.ndarray, patients: np.ndarray, n_boot
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     scores = cross_val_predict(classifier, features, target, groups=patients, method="predict_proba",
                                cv=StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed))[:, 1]
-    return {**_auroc_with_ci(target, scores, n_boot, seed), "folds": folds}
+    return {**_auroc(target, scores, n_boot, seed), "folds": folds}
 
 
 def _train_rate(data: PreparedData, key: str) -> dict[str, float]:
@@ -109,16 +90,6 @@ def _train_rate(data: PreparedData, key: str) -> dict[str, float]:
     knows only the group."""
     frame = pd.DataFrame([(getattr(r, key), r.label) for r in data.records("train")], columns=["group", "label"])
     return frame.groupby("group")["label"].mean().to_dict()
-
-
-def _from_classification(block: Mapping[str, Any]) -> dict[str, Any]:
-    """The model's AUROC entry of one group, as the classification report already computed it."""
-    entry = {"n": block["n"], "n_positive": block["n_pos"], "auroc": block["auroc"]}
-    if not math.isfinite(entry["auroc"]):
-        entry["auroc"], entry["note"] = None, "one class only"
-    elif "ci" in block:
-        entry["ci"] = block["ci"]["auroc"]
-    return entry
 
 
 def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: Mapping[str, Any],
@@ -143,17 +114,17 @@ def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: M
                    for name, keep in groups.items()})
     blocks = {"all": classification, **classification["by_source"],
               **{f"rsna/{v}": b for v, b in classification["by_view"].items()}}
-    model = {name: _from_classification(blocks[name]) for name in groups}
+    model = {name: _auroc_entry(blocks[name]) for name in groups}
 
     alone: dict[str, Any] = {}
     if len(data.rows.get("train", [])):
         source_rate = _train_rate(data, "source")
         if len(set(frame["source"])) > 1:
-            alone["source_only"] = _auroc_with_ci(y, frame["source"].map(source_rate).fillna(0.5).to_numpy(),
+            alone["source_only"] = _auroc(y, frame["source"].map(source_rate).fillna(0.5).to_numpy(),
                                                   n_boot, seed)
         if rsna_view.any():
             view_rate = _train_rate(data, "view")
-            alone["view_only_in_rsna"] = _auroc_with_ci(
+            alone["view_only_in_rsna"] = _auroc(
                 y[rsna_view], frame["view"][rsna_view].map(view_rate).fillna(0.5).to_numpy(), n_boot, seed)
     return {"features_predict": probes, "model_pneumonia_auroc": model, "shortcut_alone_pneumonia_auroc": alone,
             "classifier": f"standardised features, L2 logistic regression, up to {PROBE_FOLDS}-fold CV grouped by patient"}
@@ -180,13 +151,11 @@ def shortcut_table(report: Mapping[str, Any], split: str, dim: int) -> str:
     return "\n".join(lines)
 
 
-def embedding_maps(trained: TrainedRun, data: PreparedData, evaluated: SplitPredictions, classification: Mapping[str, Any],
-                   out: Path, n_boot: int, seed: int) -> tuple[dict, list[Path], str]:
+def embedding_maps(data: PreparedData, evaluated: SplitPredictions, classification: Mapping[str, Any], out: Path,
+                   n_boot: int, seed: int) -> tuple[dict, list[Path], str]:
     """What ``--embeddings`` adds for the evaluated split, given its predictions and classification
     report: (metrics.json section, figures, printed table), and embeddings.csv."""
-    rows, features = encoder_features(trained, data, evaluated.split)
-    position = {row: i for i, row in enumerate(rows.tolist())}
-    features = features[[position[row] for row in evaluated.rows.tolist()]]  # in the predictions' order
+    features = evaluated.embeddings
     frame = evaluated.frame(data)
     frame.insert(1, "patient_id", [data.cache.records[r].patient_id for r in evaluated.rows])
     points = project(features, seed)

@@ -50,6 +50,7 @@ class SplitPredictions:
     loss: float
     sources: np.ndarray
     views: np.ndarray  # "" where unknown
+    embeddings: Optional[np.ndarray] = None  # (n, channels) pooled encoder features, when asked for
 
     def frame(self, data: PreparedData) -> pd.DataFrame:
         return pd.DataFrame({"id": [data.cache.records[r].id for r in self.rows], "source": self.sources,
@@ -57,16 +58,17 @@ class SplitPredictions:
                              "split": self.split})
 
 
-def predict_split(trained: TrainedRun, data: PreparedData, split: str) -> SplitPredictions:
+def predict_split(trained: TrainedRun, data: PreparedData, split: str, embeddings: bool = False) -> SplitPredictions:
     if len(data.rows[split]) == 0:
         raise ConfigError(f"the {split} split is empty: nothing to evaluate")
     loader = split_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
     out = predict_loader(trained.model, loader, trained.device, trained.dtype, nn.BCEWithLogitsLoss(),
-                         desc=f"{split} predictions")
+                         desc=f"{split} predictions", embeddings=embeddings)
     records = [data.cache.records[r] for r in out["rows"]]
     return SplitPredictions(split, out["rows"], out["labels"], out["probs"].astype(np.float64),
                             out["loss_sum"] / max(len(records), 1), np.array([r.source for r in records]),
-                            np.array([(r.view or "") if r.source == "rsna" else "" for r in records]))
+                            np.array([(r.view or "") if r.source == "rsna" else "" for r in records]),
+                            out.get("embeddings"))
 
 
 # --------------------------------------------------------------------------- classification
@@ -331,8 +333,8 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     out = run.eval_dir if out is None else Path(out)
     out.mkdir(parents=True, exist_ok=True)
 
-    val = None if split == ALL else predict_split(trained, data, "val")
-    evaluated = val if split == "val" else predict_split(trained, data, split)
+    val = None if split == ALL else predict_split(trained, data, "val", embeddings and split == "val")
+    evaluated = val if split == "val" else predict_split(trained, data, split, embeddings)
     youden = trained.info.get("threshold_youden")  # chosen on val when the run was trained
     youden_note = "no Youden threshold: the val split had one class" if youden is None else None
     classification = classification_report(evaluated, youden, youden_note, n_boot, seed)
@@ -379,7 +381,7 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     if embeddings:  # imported here: numba compiles UMAP on import
         from pylon.embeddings import embedding_maps
 
-        metrics["embeddings"], maps, shortcut_text = embedding_maps(trained, data, evaluated, classification, out, n_boot, seed)
+        metrics["embeddings"], maps, shortcut_text = embedding_maps(data, evaluated, classification, out, n_boot, seed)
         figures, outputs, text = figures + maps, outputs + [out / "embeddings.csv"], text + [shortcut_text]
 
     scored = [evaluated] if split in ("val", ALL) else [val, evaluated]

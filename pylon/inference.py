@@ -64,22 +64,31 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
 
 @torch.no_grad()
 def predict_loader(model: nn.Module, loader: Any, device: torch.device, dtype: Optional[torch.dtype],
-                   loss_fn: Optional[nn.Module] = None, desc: str = "predict", progress: bool = True) -> dict:
-    """Labels, probabilities, cache rows and the summed loss over a loader (plain model, not DDP)."""
+                   loss_fn: Optional[nn.Module] = None, desc: str = "predict", progress: bool = True,
+                   embeddings: bool = False) -> dict:
+    """Labels, probabilities, cache rows and the summed loss over a loader (plain model, not DDP);
+    with ``embeddings``, also each image's deepest encoder map averaged over space, from the same pass."""
     model.eval()
-    loss_sum, labels, probs, rows = 0.0, [], [], []
-    for batch in tqdm(loader, desc=desc, leave=False, disable=bar_disabled(progress)):
-        target = batch["label"].to(device)
-        with autocast(device, dtype):
-            logits = model(batch["image"].to(device, non_blocking=True)).logits.float()
-        if loss_fn is not None:
-            loss_sum += float(loss_fn(logits, target)) * len(target)
-        labels.append(target[:, 0].cpu().numpy())
-        probs.append(torch.sigmoid(logits[:, 0]).cpu().numpy())
-        rows.append(np.asarray(batch["row"]))
+    loss_sum, labels, probs, rows, pooled = 0.0, [], [], [], []
+    hook = model.encoder.register_forward_hook(
+        lambda _module, _inputs, features: pooled.append(features[-1].float().mean(dim=(-2, -1)).cpu().numpy())
+    ) if embeddings else None
+    try:
+        for batch in tqdm(loader, desc=desc, leave=False, disable=bar_disabled(progress)):
+            target = batch["label"].to(device)
+            with autocast(device, dtype):
+                logits = model(batch["image"].to(device, non_blocking=True)).logits.float()
+            if loss_fn is not None:
+                loss_sum += float(loss_fn(logits, target)) * len(target)
+            labels.append(target[:, 0].cpu().numpy())
+            probs.append(torch.sigmoid(logits[:, 0]).cpu().numpy())
+            rows.append(np.asarray(batch["row"]))
+    finally:
+        if hook is not None:
+            hook.remove()
     join = lambda parts: np.concatenate(parts) if parts else np.array([])  # noqa: E731
     return {"loss_sum": loss_sum, "labels": join(labels).astype(np.int64), "probs": join(probs),
-            "rows": join(rows).astype(np.int64)}
+            "rows": join(rows).astype(np.int64), **({"embeddings": join(pooled).astype(np.float64)} if embeddings else {})}
 
 
 @dataclass

@@ -110,3 +110,24 @@ def test_probe_reads_a_signal_and_its_folds_keep_patients_apart():
     assert found["auroc"] > 0.9 and found["ci"][0] <= found["auroc"] <= found["ci"][1]
     one_class = probe(features, np.zeros(len(coin)), patients, n_boot=0, seed=0)
     assert one_class["auroc"] is None and "nothing to cross-validate" in one_class["note"]
+
+
+@pytest.mark.parametrize("arch", ["pylon", "baseline"])
+def test_embeddings_come_from_the_prediction_pass(arch):
+    import torch
+
+    from pylon.inference import predict_loader
+    from pylon.models import BaselineConfig, PylonConfig
+
+    conf = PylonConfig if arch == "pylon" else BaselineConfig
+    model = conf(n_in=1, n_out=1, backbone="resnet18", weights=None).make_model().eval()
+    images = torch.randn(5, 1, 64, 64)
+    batches = [{"image": images[:3], "label": torch.zeros(3, 1), "row": np.arange(3)},
+               {"image": images[3:], "label": torch.ones(2, 1), "row": np.arange(3, 5)}]
+    out = predict_loader(model, batches, torch.device("cpu"), None, embeddings=True, progress=False)
+    with torch.no_grad():
+        expected = model.encoder(images)[-1].mean(dim=(-2, -1)).numpy()
+    assert out["embeddings"].shape == (5, 512)
+    np.testing.assert_allclose(out["embeddings"], expected, rtol=1e-4, atol=1e-5)
+    assert not model.encoder._forward_hooks  # the capture ends with the pass
+    assert "embeddings" not in predict_loader(model, batches, torch.device("cpu"), None, progress=False)
