@@ -31,6 +31,7 @@ from pylon import plots
 from pylon.config import ConfigError
 from pylon.data.pipeline import PreparedData
 from pylon.evaluation import SplitPredictions, group_block
+from pylon.tables import shortcut_table
 
 PROJECTIONS = {"tsne": "t-SNE", "umap": "UMAP"}  # file name: title
 PROBE_FOLDS = 5
@@ -128,27 +129,6 @@ def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: M
                 y[rsna_view], frame["view"][rsna_view].map(view_rate).fillna(0.5).to_numpy(), n_boot, seed)
     return {"features_predict": probes, "model_pneumonia_auroc": model, "shortcut_alone_pneumonia_auroc": alone,
             "classifier": f"standardised features, L2 logistic regression, up to {PROBE_FOLDS}-fold CV grouped by patient"}
-
-
-def _fmt_auroc(entry: Mapping[str, Any]) -> str:
-    if entry.get("auroc") is None:
-        return entry.get("note", "-")
-    bounds = entry.get("ci")
-    ci = f" [{bounds[0]:.3f}, {bounds[1]:.3f}]" if bounds and all(math.isfinite(b) for b in bounds) else ""
-    return f"{entry['auroc']:.3f}{ci}"
-
-
-def shortcut_table(report: Mapping[str, Any], split: str, dim: int) -> str:
-    lines = [f"shortcut probe on {split} ({dim}-d encoder embeddings; {report['classifier']})",
-             f"{'':<44} {'n':>5}  AUROC [95% CI]"]
-    sections = (("the features predict", report["features_predict"]),
-                ("the model's pneumonia AUROC", report["model_pneumonia_auroc"]),
-                ("pneumonia from a shortcut alone (train rates)", report["shortcut_alone_pneumonia_auroc"]))
-    for title, entries in sections:
-        if entries:
-            lines.append(title)
-            lines += [f"  {name:<42} {entry['n']:>5}  {_fmt_auroc(entry)}" for name, entry in entries.items()]
-    return "\n".join(lines)
 
 
 def embedding_maps(data: PreparedData, evaluated: SplitPredictions, classification: Mapping[str, Any], out: Path,

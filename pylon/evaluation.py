@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -30,14 +30,13 @@ from pylon.data.pipeline import ALL, PreparedData, prepare_data, split_loader
 from pylon.data.sources import source_root
 from pylon.heatmaps import heatmaps, methods_for
 from pylon.inference import TrainedRun, bar_disabled, load_run, model_inputs, predict_loader
-from pylon.metrics import (argmax_points, bootstrap_ci, by_group, classification_metrics, classification_rows,
-                           energy_in_box, expected_calibration_error, jsonable, laterality_hits, pointing_game)
+from pylon.metrics import (LOCALIZATION_METRICS, POINTING_KEY, argmax_points, bootstrap_ci, by_group,
+                           classification_metrics, classification_rows, energy_in_box, expected_calibration_error,
+                           jsonable, laterality_hits, pointing_game)
 from pylon.runs import RunPaths, check_splits
+from pylon.tables import classification_table, localization_table
 from pylon.tracking import Tracker
 
-CI_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "precision", "f1")
-POINTING_KEY = "pointing_game_15px"  # the contract's name, whatever the tolerance is set to
-LOCALIZATION_METRICS = ("point_acc", POINTING_KEY, "energy_in_box", "laterality_acc")
 N_FAILURES = 16  # images per failure gallery
 
 
@@ -124,8 +123,6 @@ class Localization:
     values: dict[str, dict[str, list]]  # method -> metric -> per-image values
     points: dict[str, list]  # method -> (x, y) in the network-input frame
     points_original: dict[str, list]
-    overlay_rows: list = field(default_factory=list)
-    gallery: dict[str, list] = field(default_factory=dict)  # the primary method's misses
 
 
 def resolve_methods(model: nn.Module, requested: Sequence[str], has_prior: bool = True) -> list[str]:
@@ -137,8 +134,7 @@ def resolve_methods(model: nn.Module, requested: Sequence[str], has_prior: bool 
     return list(dict.fromkeys([*requested, *[m for m in ("prior", "center") if m in supported]])) if requested else supported
 
 
-def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Sequence[str],
-             probs_by_row: Mapping[int, float]) -> Localization:
+def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Sequence[str]) -> Localization:
     """Score every method on every boxed image of ``split`` in one batched pass."""
     cfg, cache = trained.cfg, data.cache
     rows = np.array([r for r in data.rows[split] if len(cache.boxes_in_cache_frame(r))], dtype=np.int64)
@@ -147,41 +143,23 @@ def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Seque
                            {m: [] for m in methods}, {m: [] for m in methods})
     if rows.size == 0:
         return outcome
-    primary = next(m for m in methods if m != "center")
     loader = split_loader(replace(data, rows={**data.rows, "boxed": rows}), "boxed", cfg.data, cfg.eval.batch_size, train=False)
     size = (cache.image_size, cache.image_size)
-    gallery: dict[str, list] = {k: [] for k in ("images", "heatmaps", "boxes", "points", "hits", "captions")}
     for batch in tqdm(loader, desc=f"localization ({', '.join(methods)})", leave=False, disable=bar_disabled(True)):
         batch_rows = [int(r) for r in batch["row"]]
         boxes = [cache.boxes_in_cache_frame(r) for r in batch_rows]
         boxes_original = [np.asarray(cache.records[r].scored_boxes) for r in batch_rows]
-        maps = {}
         for m in methods:
-            maps[m] = heatmaps(trained.model, batch["image"], m, prior=trained.prior).float().numpy()
-            points = argmax_points(maps[m], size)
+            maps = heatmaps(trained.model, batch["image"], m, prior=trained.prior).float().numpy()
+            points = argmax_points(maps, size)
             original = np.concatenate([cache.to_original(r, pt[None]) for r, pt in zip(batch_rows, points)])
             values = outcome.values[m]
             values["point_acc"] += list(pointing_game(points, boxes, 0.0))
             values[POINTING_KEY] += list(pointing_game(original, boxes_original, outcome.tolerance_px))
-            values["energy_in_box"] += list(energy_in_box(maps[m], boxes, size))
+            values["energy_in_box"] += list(energy_in_box(maps, boxes, size))
             values["laterality_acc"] += list(laterality_hits(points, boxes, size[1]))
             outcome.points[m] += points.tolist()
             outcome.points_original[m] += original.tolist()
-        for k, row in enumerate(batch_rows):
-            index = len(outcome.points[primary]) - len(batch_rows) + k
-            rec = cache.records[row]
-            caption = f"{rec.id.rsplit('/', 1)[-1][:14]} {rec.view or ''} p={probs_by_row.get(row, math.nan):.2f}"
-            if len(outcome.overlay_rows) < cfg.eval.n_overlays:
-                outcome.overlay_rows.append(plots.OverlayRow(
-                    cache.image(row), {m: maps[m][k] for m in methods}, boxes[k].tolist(),
-                    {m: outcome.points[m][index] for m in methods}, caption,
-                    {m: bool(outcome.values[m]["point_acc"][index]) for m in methods}))
-            hit = bool(outcome.values[primary]["point_acc"][index])
-            keep = not hit and sum(x is not None for x in gallery["images"]) < N_FAILURES
-            for key, value in zip(gallery, (cache.image(row) if keep else None, maps[primary][k] if keep else None,
-                                            boxes[k].tolist(), outcome.points[primary][index], hit, caption)):
-                gallery[key].append(value)
-    outcome.gallery = gallery
     return outcome
 
 
@@ -228,7 +206,7 @@ def localization_frame(outcome: Localization, data: PreparedData) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------- figures and tables
+# --------------------------------------------------------------------------- figures
 
 
 def classification_figures(evaluated: SplitPredictions, youden: Optional[float], history: Path, out: Path) -> list[Path]:
@@ -248,63 +226,62 @@ def classification_figures(evaluated: SplitPredictions, youden: Optional[float],
     return paths
 
 
+def _maps_of(trained: TrainedRun, data: PreparedData, rows: Sequence[int], method: str) -> np.ndarray:
+    """``method``'s heatmaps of a few cache rows (the images a figure shows)."""
+    if not len(rows):
+        return np.zeros((0, 1, 1), dtype=np.float32)
+    batch = model_inputs([data.cache.image(r) for r in rows], data.mean, data.std)
+    return np.concatenate([heatmaps(trained.model, part, method, prior=trained.prior).float().numpy()
+                           for part in batch.split(trained.cfg.eval.batch_size)])
+
+
+def _caption(data: PreparedData, row: int, prob: float) -> str:
+    record = data.cache.records[row]
+    return f"{record.source} {record.id.rsplit('/', 1)[-1][:14]} {record.view or ''} y={record.label} p={prob:.2f}"
+
+
 def misclassified_gallery(trained: TrainedRun, data: PreparedData, evaluated: SplitPredictions,
                           threshold: float, out: Path) -> Path:
     """The most confident errors at ``threshold``, with the model's own heatmap."""
     wrong = np.flatnonzero((evaluated.probs >= threshold) != evaluated.labels.astype(bool))
     chosen = wrong[np.argsort(-np.abs(evaluated.probs[wrong] - 0.5), kind="stable")][:N_FAILURES]
-    title = f"Misclassified at threshold {threshold:.3f} ({evaluated.split}, most confident first)"
-    if chosen.size == 0:
-        return plots.plot_failure_gallery([], [], [], [], [], out, title=title)
-    cache, rows = data.cache, [int(r) for r in evaluated.rows[chosen]]
-    images = [cache.image(r) for r in rows]
-    batch = model_inputs(images, data.mean, data.std)
-    maps = np.concatenate([heatmaps(trained.model, part, methods_for(trained.model)[0]).float().numpy()
-                           for part in batch.split(trained.cfg.eval.batch_size)])
-    captions = [f"{evaluated.sources[i]} {cache.records[r].id.rsplit('/', 1)[-1][:14]} y={int(evaluated.labels[i])} "
-                f"p={evaluated.probs[i]:.2f}" for r, i in zip(rows, chosen)]
-    return plots.plot_failure_gallery(images, list(maps), [cache.boxes_in_cache_frame(r).tolist() for r in rows],
-                                      list(argmax_points(maps, images[0].shape)), [False] * len(rows), out,
-                                      captions=captions, max_items=N_FAILURES, title=title)
+    rows = [int(r) for r in evaluated.rows[chosen]]
+    maps = _maps_of(trained, data, rows, methods_for(trained.model)[0])
+    return plots.plot_failure_gallery(
+        [data.cache.image(r) for r in rows], list(maps), [data.cache.boxes_in_cache_frame(r).tolist() for r in rows],
+        [argmax_points(m[None], (data.cache.image_size,) * 2)[0] for m in maps], out,
+        captions=[_caption(data, r, evaluated.probs[i]) for r, i in zip(rows, chosen)], n_failures=len(wrong),
+        n_images=len(evaluated.probs), title=f"Misclassified at threshold {threshold:.3f} ({evaluated.split}, most confident first)")
 
 
-def _fmt(value: Any) -> str:
-    return "-" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{value:.3f}"
+def localization_figures(trained: TrainedRun, data: PreparedData, outcome: Localization,
+                         probs_by_row: Mapping[int, float], out: Path) -> list[Path]:
+    """The overlay grid (the first ``eval.n_overlays`` boxed images, every method) and the
+    primary method's first missed localizations; only the shown images' heatmaps are computed again."""
+    cache, methods = data.cache, outcome.methods
+    primary = next(m for m in methods if m != "center")  # the model's own method, or the prior
+    hit = {m: np.asarray(outcome.values[m]["point_acc"]) == 1 for m in methods}
+    caption = lambda i: _caption(data, int(outcome.rows[i]), probs_by_row.get(int(outcome.rows[i]), math.nan))  # noqa: E731
+    figures = []
+    shown = list(range(min(trained.cfg.eval.n_overlays, len(outcome.rows))))
+    if shown:
+        maps = {m: _maps_of(trained, data, outcome.rows[shown].tolist(), m) for m in methods}
+        grid = [plots.OverlayRow(cache.image(int(outcome.rows[i])), {m: maps[m][k] for m in methods},
+                                 cache.boxes_in_cache_frame(int(outcome.rows[i])).tolist(),
+                                 {m: outcome.points[m][i] for m in methods}, caption(i), {m: bool(hit[m][i]) for m in methods})
+                for k, i in enumerate(shown)]
+        figures.append(plots.plot_overlay_grid(grid, out / "overlays.png", title=(
+            f"Heatmaps on boxed images (green: boxes, cross: argmax; {', '.join(methods)})")))
+    misses = np.flatnonzero(~hit[primary])
+    chosen = misses[:N_FAILURES].tolist()
+    rows = outcome.rows[chosen].tolist()
+    figures.append(plots.plot_failure_gallery(
+        [cache.image(r) for r in rows], list(_maps_of(trained, data, rows, primary)),
+        [cache.boxes_in_cache_frame(r).tolist() for r in rows], [outcome.points[primary][i] for i in chosen],
+        out / "failures_localization.png", captions=[caption(i) for i in chosen], n_failures=len(misses),
+        n_images=len(outcome.rows), title=f"Missed localizations ({primary}, point_acc)"))
+    return figures
 
-
-def _fmt_ci(entry: Mapping[str, Any], key: str) -> str:
-    bounds = (entry.get("ci") or {}).get(key)
-    if not bounds or any(b is None or not math.isfinite(b) for b in bounds):
-        return _fmt(entry.get(key))
-    return f"{_fmt(entry.get(key))} [{_fmt(bounds[0])}, {_fmt(bounds[1])}]"
-
-
-def classification_table(report: Mapping[str, Any]) -> str:
-    head = (f"classification on {report['split']} (n={report['n']}): AUROC with 95% CI; acc/sens/spec/F1 at 0.5 | "
-            f"at the Youden threshold {_fmt(report['threshold_youden'].get('threshold'))} (chosen on val)")
-    header = (f"{'group':<12} {'n':>5}  {'AUROC [95% CI]':<24} {'acc':>6} {'sens':>6} {'spec':>6} {'F1':>6} | "
-              f"{'acc':>6} {'sens':>6} {'spec':>6} {'F1':>6}  {'ECE':>6}")
-    lines = [head, header, "-" * len(header)]
-    groups = [("all", report), *report["by_source"].items(), *[(f"rsna/{v}", b) for v, b in report["by_view"].items()]]
-    for name, block in groups:
-        at_j = block.get("threshold_youden", {})
-        cells = ("accuracy", "sensitivity", "specificity", "f1")
-        lines.append(f"{name:<12} {block['n']:>5}  {_fmt_ci(block, 'auroc'):<24} "
-                     + " ".join(f"{_fmt(block[k]):>6}" for k in cells) + " | "
-                     + " ".join(f"{_fmt(at_j.get(k)):>6}" for k in cells) + f"  {_fmt(block['ece']):>6}")
-    return "\n".join(lines)
-
-
-def localization_table(report: Mapping[str, Any]) -> str:
-    header = (f"{'method':<10} {'view':<4} {'n':>4} | {'point_acc':<21} | {'pointing_15px':<21} | "
-              f"{'energy_in_box':<21} | {'laterality (n)':<27}")
-    lines = [header, "-" * len(header)]
-    for method, entry in report.items():
-        for view, b in [("all", entry), *entry["by_view"].items()]:
-            laterality = f"{_fmt_ci(b, 'laterality_acc')} ({b['n_laterality']})"
-            lines.append(f"{method:<10} {view:<4} {b['n']:>4} | {_fmt_ci(b, 'point_acc'):<21} | {_fmt_ci(b, POINTING_KEY):<21} | "
-                         f"{_fmt_ci(b, 'energy_in_box'):<21} | {laterality:<27}")
-    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- evaluate.py
@@ -349,7 +326,7 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     per_image = evaluated.frame(data)
     outputs: list[Path] = []
     if localization:
-        outcome = localize(trained, data, split, methods, dict(zip(evaluated.rows.tolist(), evaluated.probs.tolist())))
+        outcome = localize(trained, data, split, methods)
         if outcome.rows.size == 0:
             metrics["localization"] = {}
             metrics["localization_note"] = f"no images with boxes in the {split} split: localization not scored"
@@ -359,13 +336,8 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
             metrics["localization"] = localization_report(outcome, views, n_boot, seed)
             if outcome.tolerance_px != 15.0:
                 metrics["localization_note"] = f"{POINTING_KEY} uses a tolerance of {outcome.tolerance_px:g} px"
-            if outcome.overlay_rows:
-                figures.append(plots.plot_overlay_grid(outcome.overlay_rows, out / "overlays.png", title=(
-                    f"Heatmaps on boxed images (green: boxes, cross: argmax; {', '.join(methods)})")))
-            g, primary = outcome.gallery, next(m for m in methods if m != "center")
-            figures.append(plots.plot_failure_gallery(
-                g["images"], g["heatmaps"], g["boxes"], g["points"], g["hits"], out / "failures_localization.png",
-                captions=g["captions"], max_items=N_FAILURES, title=f"Missed localizations ({primary}, point_acc)"))
+            figures += localization_figures(trained, data, outcome, dict(zip(evaluated.rows.tolist(),
+                                                                             evaluated.probs.tolist())), out)
             frame = localization_frame(outcome, data)
             frame.to_csv(out / "localization.csv", index=False)
             outputs.append(out / "localization.csv")

@@ -26,6 +26,8 @@ from scipy.stats import rankdata
 from sklearn.metrics import confusion_matrix, roc_auc_score, roc_curve
 
 Boxes = Sequence[Optional[Sequence[Sequence[float]]]]  # per image: a list of (x, y, w, h), or None
+POINTING_KEY = "pointing_game_15px"  # metrics.json's name, whatever eval.pointing_tolerance_px is
+LOCALIZATION_METRICS = ("point_acc", POINTING_KEY, "energy_in_box", "laterality_acc")
 
 _BOOT_BLOCK = 1 << 22  # bootstrap indices are drawn in blocks of about this many entries
 _CHUNK_PIXELS = 1 << 24  # upsampled maps are arg-maxed in chunks of about this many pixels

@@ -264,28 +264,22 @@ def plot_overlay_grid(rows: Sequence[OverlayRow], path: PathLike, title: str = "
 
 
 def plot_failure_gallery(images: Sequence[Any], heatmaps: Sequence[Any], boxes: Sequence[Sequence[Sequence[float]]],
-                         points: Sequence[Optional[Sequence[float]]], hits: Sequence[bool], path: PathLike,
-                         captions: Optional[Sequence[str]] = None, max_items: int = 16, title: str = "") -> Path:
-    """Overlays of the first ``max_items`` images whose ``hits`` is False, with boxes and
-    point; a one-line figure when there are none. Only the shown images are read, so the
-    others may be ``None``."""
-    n = len(hits)
+                         points: Sequence[Optional[Sequence[float]]], path: PathLike, *, captions: Sequence[str],
+                         n_failures: int, n_images: int, title: str = "") -> Path:
+    """Overlays of the failures shown (image, heatmap, boxes and point each), four to a row, titled
+    with how many of the ``n_failures`` among ``n_images`` images they are; one line when none."""
     prefix = f"{title}: " if title else ""
-    misses = [i for i in range(n) if not hits[i]]
-    shown = misses[:max_items]
-    if not shown:
+    if not images:
         fig = _figure(4.0, 1.5)
-        fig.text(0.5, 0.5, f"{prefix}none ({n} images, all hits)", ha="center", va="center")
+        fig.text(0.5, 0.5, f"{prefix}none of {n_images} images", ha="center", va="center")
         return _save(fig, path)
-    n_cols = min(4, len(shown))
-    n_rows = math.ceil(len(shown) / n_cols)
+    n_cols = min(4, len(images))
+    n_rows = math.ceil(len(images) / n_cols)
     fig = _figure(2.8 * n_cols, 2.9 * n_rows + 0.4)
     for k, ax in enumerate(fig.subplots(n_rows, n_cols, squeeze=False).flat):
-        if k >= len(shown):
+        if k < len(images):
+            _show(ax, overlay(images[k], heatmaps[k], boxes[k], points[k]), captions[k])
+        else:
             ax.axis("off")
-            continue
-        i = shown[k]
-        caption = captions[i] if captions is not None else f"#{i}"
-        _show(ax, overlay(images[i], heatmaps[i], boxes[i], points[i]), caption)
-    fig.suptitle(f"{prefix}{len(shown)} of {len(misses)} misses ({n} images)")
+    fig.suptitle(f"{prefix}{len(images)} of {n_failures} shown, out of {n_images} images")
     return _save(fig, path)

@@ -17,13 +17,13 @@ from conftest import load_script, quiet_wandb_env, read_wandb_records, run_folde
 from pylon.config import ConfigError, load_config
 from pylon.data.pipeline import prepare_data
 from pylon.checkpoint import load_checkpoint
-from pylon.evaluation import CI_METRICS
 from pylon.heatmaps import box_prior
 from pylon.metrics import argmax_points, classification_metrics, pointing_game, youden_threshold
 
 evaluate = load_script("evaluate")
 
 CONTRACT_KEYS = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "n")
+CI_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "precision", "f1")
 CLASSIFICATION_FIGURES = ("roc.png", "pr.png", "confusion.png", "calibration.png", "learning_curves.png",
                           "failures_misclassified.png")
 LOCALIZATION_FIGURES = ("overlays.png", "failures_localization.png")

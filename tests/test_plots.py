@@ -113,15 +113,12 @@ def test_overlay_grid_and_failure_gallery(tmp_path, phantom):
     ]
     assert_png(plot_overlay_grid(rows, tmp_path / "grid.png", title="methods"), (1248, 672))  # 4 x 2 cells
 
-    n = 6
-    hits = [True, False, False, True, False, True]
-    images = [image if not hit else None for hit in hits]  # only the misses are read
-    gallery = plot_failure_gallery(images, [hot_corner_map(8)] * n, [[(40, 40, 10, 10)]] * n, [(4.5, 4.5)] * n,
-                                   hits, tmp_path / "failures.png", captions=[f"img{i}" for i in range(n)])
+    gallery = plot_failure_gallery([image] * 3, [hot_corner_map(8)] * 3, [[(40, 40, 10, 10)]] * 3, [(4.5, 4.5)] * 3,
+                                   tmp_path / "failures.png", captions=["a", "b", "c"], n_failures=3, n_images=6)
     assert_png(gallery, (1008, 396))  # three misses in one row
-    many = plot_failure_gallery([image] * 20, [hot_corner_map(8)] * 20, [[]] * 20, [None] * 20, [False] * 20,
-                                tmp_path / "many.png", max_items=5, title="misses")
+    many = plot_failure_gallery([image] * 5, [hot_corner_map(8)] * 5, [[]] * 5, [None] * 5, tmp_path / "many.png",
+                                captions=[""] * 5, n_failures=20, n_images=30, title="misses")
     assert_png(many, (1344, 744))  # 5 of 20, in rows of 4
-    none = plot_failure_gallery([image], [hot_corner_map(8)], [[]], [None], [True], tmp_path / "none.png")
+    none = plot_failure_gallery([], [], [], [], tmp_path / "none.png", captions=[], n_failures=0, n_images=4)
     with Image.open(none) as img:
         assert img.size == (480, 180)
