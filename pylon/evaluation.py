@@ -259,7 +259,7 @@ def localization_figures(trained: TrainedRun, data: PreparedData, outcome: Local
     """The overlay grid (the first ``eval.n_overlays`` boxed images, every method) and the
     primary method's first missed localizations; only the shown images' heatmaps are computed again."""
     cache, methods = data.cache, outcome.methods
-    primary = next(m for m in methods if m != "center")  # the model's own method, or the prior
+    primary = next((m for m in methods if m != "center"), methods[0])  # the model's own method first
     hit = {m: np.asarray(outcome.values[m]["point_acc"]) == 1 for m in methods}
     caption = lambda i: _caption(data, int(outcome.rows[i]), probs_by_row.get(int(outcome.rows[i]), math.nan))  # noqa: E731
     figures = []
