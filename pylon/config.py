@@ -174,9 +174,11 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     return OmegaConf.merge(_read_yaml(parent_path, seen + (path.resolve(),)), layer)
 
 
-def _one_line(err: OmegaConfBaseException, origin: str, override: str = "") -> ConfigError:
+def _one_line(err: Exception, origin: str, override: str = "") -> ConfigError:
     key, _, value = override.partition("=")
     key = getattr(err, "full_key", None) or key.strip() or "?"
+    if isinstance(err, yaml.YAMLError):  # --set values are parsed as YAML
+        return ConfigError(f"{origin}: bad value for '{key}': {value!r} is not valid YAML")
     message = str(err).splitlines()[0].replace("$VALUE_TYPE", "text").replace("$VALUE", value)
     if "not in" in message or type(err).__name__ == "ConfigKeyError":
         return ConfigError(f"{origin}: unknown key '{key}'")
@@ -192,17 +194,6 @@ def restrict_overrides(overrides: list[str], allowed: tuple[str, ...], when: str
             raise ConfigError(f"--set {key} cannot change {when} (only {names}); {advice}")
 
 
-def parse_overrides(overrides: list[str]) -> DictConfig:
-    """``section.key=value`` strings (values parsed as YAML) into a config layer."""
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"--set expects section.key=value, got '{item}'")
-    try:
-        return OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"--set: cannot parse {' '.join(overrides)}: {err}") from None
-
-
 def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] = None) -> ExperimentConfig:
     """The resolved, type-checked and validated experiment config (an OmegaConf view of
     :class:`ExperimentConfig`); the only place config values are checked."""
@@ -213,9 +204,11 @@ def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] =
     except OmegaConfBaseException as err:
         raise _one_line(err, str(path)) from None
     for item in overrides or ():  # one at a time, so that an error names its key
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"--set expects section.key=value, got '{item}'")
         try:
-            cfg = OmegaConf.merge(cfg, parse_overrides([item]))
-        except OmegaConfBaseException as err:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise _one_line(err, "--set", item) from None
     validate(cfg)
     return cfg  # type: ignore[return-value]

@@ -72,6 +72,7 @@ def test_overrides_are_typed_and_applied():
         (["train.epochs"], "--set expects section.key=value"),
         (["data.augment.crop_scale=[0.5]"], "bad value for 'data.augment.crop_scale'"),
         (["train=5"], "bad value for 'train'"),
+        (["eval.methods=[pylon"], "bad value for 'eval.methods': '[pylon' is not valid YAML"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_naming_the_key(overrides, fragment):
