@@ -150,7 +150,7 @@ def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Seque
         boxes = [cache.boxes_in_cache_frame(r) for r in batch_rows]
         boxes_original = [np.asarray(cache.records[r].scored_boxes) for r in batch_rows]
         for m in methods:
-            maps = heatmaps(trained.model, batch["image"], m, prior=trained.prior).float().numpy()
+            maps = heatmaps(trained.model, batch["image"], m, prior=trained.prior).numpy()  # pylon: float64
             points = argmax_points(maps, size)
             original = np.concatenate([cache.to_original(r, pt[None]) for r, pt in zip(batch_rows, points)])
             values = outcome.values[m]
@@ -231,7 +231,7 @@ def _maps_of(trained: TrainedRun, data: PreparedData, rows: Sequence[int], metho
     if not len(rows):
         return np.zeros((0, 1, 1), dtype=np.float32)
     batch = model_inputs([data.cache.image(r) for r in rows], data.mean, data.std)
-    return np.concatenate([heatmaps(trained.model, part, method, prior=trained.prior).float().numpy()
+    return np.concatenate([heatmaps(trained.model, part, method, prior=trained.prior).numpy()
                            for part in batch.split(trained.cfg.eval.batch_size)])
 
 

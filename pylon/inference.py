@@ -163,7 +163,7 @@ def overlays(model: nn.Module, images: Sequence[np.ndarray], boxes: Sequence[Any
     """Images with the model's own heatmap, boxes and peak drawn (the W&B validation images)."""
     if not images:
         return []
-    maps = heatmaps(model, model_inputs(images, mean, std), methods_for(model)[0]).float().numpy()
+    maps = heatmaps(model, model_inputs(images, mean, std), methods_for(model)[0]).numpy()
     points = argmax_points(maps, images[0].shape)
     return [(plots.overlay(image, heat, b, p), caption)
             for image, heat, b, p, caption in zip(images, maps, boxes, points, captions)]

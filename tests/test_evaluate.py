@@ -297,3 +297,23 @@ def test_evaluation_scores_the_runs_own_split_from_any_folder_and_stops_when_the
     with pytest.raises(ConfigError, match="data.kaggle_root"):
         evaluate.main(["--run", str(moved)])
     assert not (tmp_path / "gone").exists()
+
+
+def test_a_confident_pylon_map_keeps_its_peak(tiny_run):
+    """Logits between ~17 and ~36 saturate a float32 sigmoid to 1.0 everywhere, and the peak would fall
+    to the first pixel; localization keeps heatmaps' float64, so shifting every logit moves no peak."""
+    import torch
+
+    from pylon.evaluation import localize
+    from pylon.inference import load_run
+    from pylon.runs import RunPaths
+
+    trained = load_run(RunPaths(tiny_run))
+    data = prepare_data(trained.cfg.data, progress=False)
+    base = localize(trained, data, "test", ["pylon"])
+    with torch.no_grad():
+        trained.model.head.bias += 25.0
+    shifted = localize(trained, data, "test", ["pylon"])
+    assert base.rows.size >= 2
+    cell = 4  # one heatmap pixel: PYLON maps are at 1/4 of the input
+    assert np.abs(np.subtract(shifted.points["pylon"], base.points["pylon"])).max() <= cell
