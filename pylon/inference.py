@@ -185,10 +185,12 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
                   boxes_by_id: Optional[Mapping[str, Sequence]] = None) -> list[FilePrediction]:
     """Probability, heatmap peak and an overlay PNG per file; unreadable files are reported and
     listed with their error, and the others still processed."""
-    supported = methods_for(trained.model)
+    supported = [m for m in methods_for(trained.model) if m != "prior" or trained.prior is not None]
     method = method or supported[0]
     if method not in supported:
-        raise ConfigError(f"--method {method}: not available for this {trained.cfg.model.arch} model; use one of {supported}")
+        why = "its training split had no boxes, so it stored no prior" if method == "prior" else \
+            f"not available for this {trained.cfg.model.arch} model"
+        raise ConfigError(f"--method {method}: {why}; use one of {supported}")
     size = int(trained.cfg.data.image_size)
     out.mkdir(parents=True, exist_ok=True)
     results, taken = [], set()

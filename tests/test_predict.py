@@ -132,6 +132,18 @@ def test_normalisation_comes_with_the_checkpoint(tiny_run, tmp_path):
     assert load_run(paths).mean_std == (0.25, 0.5)
 
 
+def test_the_prior_of_a_run_without_one_is_refused_in_one_line(tiny_run, tmp_path):
+    run = tmp_path / tiny_run.name
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("eval", "last.pt"))
+    state = load_checkpoint(RunPaths(run).best)
+    state["prior"] = None  # what a training split without boxes stores
+    save_checkpoint(RunPaths(run).best, state)
+    image = tmp_path / "x.png"
+    Image.fromarray(make_phantom(64, 64)).save(image)
+    with pytest.raises(ConfigError, match=r"--method prior: its training split had no boxes.*\['pylon', 'center'\]"):
+        predict.main([str(image), "--run", str(run), "--out", str(tmp_path / "out"), "--method", "prior"])
+
+
 def test_letterboxed_heatmaps_are_cut_to_the_image_before_overlaying():
     image = make_phantom(60, 120)
     _, geometry = resize_image(image, 64, "letterbox")  # 64 x 32 content, 16 px bars above and below
