@@ -35,15 +35,12 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
-        if isinstance(err, (OSError, RuntimeError)) and _disk_full(err):
+        # torch reports a full disk as a C++ "enforce fail" RuntimeError rather than ENOSPC.
+        if isinstance(err, (OSError, RuntimeError)) and (
+                getattr(err, "errno", None) == 28 or "No space left" in str(err) or "enforce fail" in str(err)):
             raise CheckpointError(f"{path}: not saved, no space left on {path.parent}") from None
         raise
     return path
-
-
-def _disk_full(err: BaseException) -> bool:
-    # torch reports a full disk as a C++ "enforce fail" RuntimeError rather than ENOSPC.
-    return getattr(err, "errno", None) == 28 or "No space left" in str(err) or "enforce fail" in str(err)
 
 
 def load_checkpoint(path: PathLike) -> dict:

@@ -48,9 +48,7 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)  # train.py says itself how to resume, when there is a checkpoint
         code = 130
-    except Exception as err:  # noqa: BLE001 - only user errors are caught, the rest re-raised
-        if not isinstance(err, user_errors()):
-            raise
+    except user_errors() as err:  # evaluated only when an exception arrives: the modules are loaded by then
         print(f"error: {err}", file=sys.stderr)
         code = 2
     sys.exit(code)

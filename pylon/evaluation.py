@@ -93,14 +93,15 @@ def group_block(labels: np.ndarray, probs: np.ndarray, youden: Optional[float], 
     return block
 
 
-def classification_report(evaluated: SplitPredictions, youden: Optional[float], youden_note: Optional[str],
+def classification_report(evaluated: SplitPredictions, youden: Optional[float],
                           n_boot: int, seed: int) -> dict:
     """The ``classification`` section of metrics.json."""
     y, p = evaluated.labels, evaluated.probs
     block = lambda yy, pp: group_block(yy, pp, youden, n_boot, seed)  # noqa: E731
     report = {"split": evaluated.split, **block(y, p), "loss": evaluated.loss, "bootstrap_resamples": n_boot}
     if youden is None:
-        report["threshold_youden"] = {"threshold": None, "chosen_on": "val", "note": youden_note}
+        report["threshold_youden"] = {"threshold": None, "chosen_on": "val",
+                                      "note": "no Youden threshold: the val split had one class"}
     else:
         report["threshold_youden"] = {"threshold": youden, "chosen_on": "val", **report["threshold_youden"]}
         if evaluated.split == "val":
@@ -313,8 +314,7 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     val = None if split == ALL else predict_split(trained, data, "val", embeddings and split == "val")
     evaluated = val if split == "val" else predict_split(trained, data, split, embeddings)
     youden = trained.info.get("threshold_youden")  # chosen on val when the run was trained
-    youden_note = "no Youden threshold: the val split had one class" if youden is None else None
-    classification = classification_report(evaluated, youden, youden_note, n_boot, seed)
+    classification = classification_report(evaluated, youden, n_boot, seed)
     metrics: dict[str, Any] = {
         "run": str(run.root), "checkpoint": str(run.best), "checkpoint_epoch": trained.info.get("epoch"), "split": split,
         "data": {s: str(Path(source_root(cfg.data, s)).resolve()) for s in cfg.data.sources},

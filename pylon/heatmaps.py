@@ -21,10 +21,9 @@ from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from pylon.metrics import box_mask
+from pylon.metrics import box_mask, upsample
 from pylon.models import BaselineClassifier, Pylon, unwrap
 
 # The image-blind baselines come last: every model gets them.
@@ -109,10 +108,7 @@ def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optiona
     if method == "prior":
         if prior is None:
             raise ValueError("the 'prior' method needs the run's box prior (its training split had no boxes)")
-        prior = prior.float().cpu()
-        if tuple(prior.shape) != (height, width):
-            prior = F.interpolate(prior[None, None], size=(height, width), mode="bilinear", align_corners=False)[0, 0]
-        return prior.expand(n, height, width).clone()
+        return upsample(prior.float().cpu()[None], height, width).expand(n, height, width).clone()
     x = images.to(next(model.parameters()).device)
     # Restore each submodule's own flag afterwards: a frozen encoder stays in eval while the rest trains.
     flags = [(module, module.training) for module in model.modules()]

@@ -93,27 +93,16 @@ def predict_loader(model: nn.Module, loader: Any, device: torch.device, dtype: O
 
 @dataclass
 class TrainedRun:
-    """A run folder with its config and best model, in eval mode."""
+    """A run folder with its config and best model (in eval mode), and what best.pt stores beside the weights."""
 
     paths: RunPaths
     cfg: Any
     model: nn.Module
     device: torch.device
-    info: dict  # best.pt without the weights: epoch, normalization, threshold_youden, prior, ...
-
-    @property
-    def mean_std(self) -> tuple[float, float]:
-        """The normalisation the model was trained with (stored with the weights)."""
-        norm = self.info.get("normalization") or {"mean": self.cfg.data.mean, "std": self.cfg.data.std}
-        return float(norm["mean"]), float(norm["std"])
-
-    @property
-    def prior(self) -> Optional[torch.Tensor]:
-        return self.info.get("prior")
-
-    @property
-    def dtype(self) -> Optional[torch.dtype]:
-        return amp_dtype(self.device, self.cfg.train)
+    dtype: Optional[torch.dtype]  # autocast dtype on this device; None: full precision
+    mean_std: tuple[float, float]  # the input normalisation the model was trained with
+    prior: Optional[torch.Tensor]  # the training boxes' prior (None if that split had no boxes)
+    info: dict  # the rest of best.pt: epoch, threshold_youden, wandb_run_id, ...
 
 
 def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str] = None) -> TrainedRun:
@@ -135,7 +124,9 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
     model = build_model(OmegaConf.merge(cfg.model, {"weights": None, "pretrain": None}))
     load_weights(model, state.pop("model"), str(run.best))
     target = resolve_device(device or cfg.train.device)
-    return TrainedRun(run, cfg, model.to(target).eval(), target, state)
+    norm = state["normalization"]
+    return TrainedRun(run, cfg, model.to(target).eval(), target, amp_dtype(target, cfg.train),
+                      (float(norm["mean"]), float(norm["std"])), state.get("prior"), state)
 
 
 def model_inputs(images: Sequence[np.ndarray], mean: float, std: float) -> torch.Tensor:

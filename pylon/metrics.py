@@ -221,7 +221,8 @@ def _heatmap_tensor(heatmaps: Any) -> torch.Tensor:
     return maps if maps.dtype == torch.float64 else maps.float()
 
 
-def _upsample(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def upsample(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, h, w) maps resized to (N, height, width) bilinearly, half-pixel centres (align_corners=False)."""
     if tuple(maps.shape[-2:]) == (height, width):
         return maps
     return F.interpolate(maps[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
@@ -233,7 +234,7 @@ def argmax_points(heatmaps: Any, image_size: Sequence[int]) -> np.ndarray:
     height, width = (int(v) for v in image_size)
     maps = _heatmap_tensor(heatmaps)
     chunk = max(1, _CHUNK_PIXELS // (height * width))
-    flat = torch.cat([_upsample(part, height, width).flatten(1).argmax(dim=1).cpu() for part in maps.split(chunk)])
+    flat = torch.cat([upsample(part, height, width).flatten(1).argmax(dim=1).cpu() for part in maps.split(chunk)])
     rows, cols = np.divmod(flat.numpy(), width)
     return np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float64)
 
@@ -282,7 +283,7 @@ def energy_in_box(heatmaps: Any, boxes: Boxes, image_size: Sequence[int]) -> np.
     for i, image_boxes in enumerate(boxes):
         if image_boxes is None or len(image_boxes) == 0:
             continue
-        heat = _upsample(maps[i:i + 1], height, width)[0]
+        heat = upsample(maps[i:i + 1], height, width)[0]
         low, high = heat.min(), heat.max()
         scaled = (heat - low) / (high - low) if high > low else torch.ones_like(heat)
         inside = torch.from_numpy(box_mask(image_boxes, (height, width)))

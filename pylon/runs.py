@@ -37,18 +37,13 @@ def new_run(runs_dir: Union[str, Path], name: str) -> RunPaths:
     raise ConfigError(f"cannot find a free run folder name next to {base}")
 
 
-def latest_run(runs_dir: Union[str, Path]) -> RunPaths:
-    """The most recently started run that has a checkpoint (the one evaluate.py uses by default)."""
-    runs = {p.parent.parent for p in Path(runs_dir).glob("*/checkpoints/*.pt")}
-    if not runs:
-        raise ConfigError(f"no trained runs in {runs_dir}/: train one first (python train.py --config ...) or pass --run")
-    return RunPaths(max(runs, key=lambda p: (p.joinpath("config.yaml").stat().st_mtime, p.name)))
-
-
 def find_run(run: Optional[Union[str, Path]], runs_dir: Union[str, Path] = "runs") -> RunPaths:
-    """``run`` as given (a run folder), or the latest run when it is None."""
+    """``run`` as given (a run folder), or else the most recently started run in ``runs_dir`` that has a checkpoint."""
     if run is None:
-        return latest_run(runs_dir)
+        runs = {p.parent.parent for p in Path(runs_dir).glob("*/checkpoints/*.pt")}
+        if not runs:
+            raise ConfigError(f"no trained runs in {runs_dir}/: train one first (python train.py --config ...) or pass --run")
+        return RunPaths(max(runs, key=lambda p: (p.joinpath("config.yaml").stat().st_mtime, p.name)))
     if not (Path(run) / "config.yaml").is_file():
         raise ConfigError(f"{run} is not a run folder (no config.yaml in it)")
     return RunPaths(run)

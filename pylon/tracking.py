@@ -125,9 +125,5 @@ class Tracker:
             self._call(upload)
 
     def finish(self, exit_code: int = 0) -> None:
-        run, self.run = self.run, None
-        if run is not None:
-            try:
-                run.finish(exit_code=exit_code)
-            except Exception as err:  # noqa: BLE001
-                log.warning("W&B finish failed: %s", err)
+        self._call(lambda: self.run.finish(exit_code=exit_code))
+        self.run = None

@@ -31,7 +31,7 @@ import socket
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import astuple, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -226,8 +226,7 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
     with open(folder / "index.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["row", "id", "path", *GEOMETRY_FIELDS])
-        writer.writerows([row, records[i].id, records[i].path, outcome[i].orig_h, outcome[i].orig_w,
-                          *(repr(getattr(outcome[i], k)) for k in GEOMETRY_FIELDS[2:])] for row, i in enumerate(ok))
+        writer.writerows([row, records[i].id, records[i].path, *astuple(outcome[i])] for row, i in enumerate(ok))
     failed = [i for i in range(n) if not isinstance(outcome[i], Geometry)]
     with open(folder / "report.csv", "w", newline="") as handle:
         writer = csv.writer(handle)

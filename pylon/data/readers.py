@@ -166,16 +166,12 @@ def _read_with_pillow(path: Path) -> np.ndarray:
 
 def _pillow_to_uint8(image: Image.Image) -> np.ndarray:
     mode = image.mode
-    if mode == "L":
-        return np.asarray(image)
     if mode.startswith("I") or mode == "F":
         # 16/32-bit grey: stretch the used range to 0..255 (no bit depth is recorded, and
-        # clipping to 255 would turn a 12- or 16-bit radiograph white)
-        values = np.asarray(image).astype(np.float32)
+        # clipping to 255 would turn a 12- or 16-bit radiograph white); a flat image is black
+        values = np.asarray(image, dtype=np.float32)
         low, high = float(values.min()), float(values.max())
-        if high <= low:
-            return np.zeros(values.shape, dtype=np.uint8)
-        return np.rint((values - low) * np.float32(255.0 / (high - low))).astype(np.uint8)
+        return np.rint((values - low) * np.float32(255.0 / ((high - low) or 1.0))).astype(np.uint8)
     if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in image.info):
         # transparent pixels carry undefined colour: show them as background (black)
         rgba = image.convert("RGBA")
