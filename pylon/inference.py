@@ -12,7 +12,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
@@ -24,7 +23,7 @@ from pylon.data.cache import Geometry, resize_image
 from pylon.data.dataset import eval_transform
 from pylon.data.readers import ImageReadError, read_image
 from pylon.heatmaps import heatmaps, methods_for
-from pylon.metrics import argmax_points
+from pylon.metrics import argmax_points, upsample
 from pylon.models import build_model
 from pylon.runs import RunPaths
 
@@ -216,7 +215,7 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
 
 def _on_original(heatmap: torch.Tensor, geometry: Geometry, size: int) -> np.ndarray:
     """The network-frame map cut to the part covering the original (drops letterbox padding)."""
-    full = F.interpolate(heatmap[None, None].float(), size=(size, size), mode="bilinear", align_corners=False)[0, 0]
+    full = upsample(heatmap[None].float(), size, size)[0]
     x0, y0 = int(round(geometry.pad_x)), int(round(geometry.pad_y))
     w = max(1, int(round(geometry.orig_w * geometry.scale_x)))
     h = max(1, int(round(geometry.orig_h * geometry.scale_y)))

@@ -62,14 +62,15 @@ def test_real_kaggle_index_and_split(kermany, caplog):
         {"bacteria": 2530 + 242, "virus": 1345 + 148}
     )
 
-    # The official split puts some children (same personN) in both train and test; the
-    # warning counts them, and split_records keeps them out of train/val.
+    # The official split puts some children (same personN) in both train and test: split_records
+    # keeps them out of train/val and its warning counts them.
     test_patients = {r.patient_id for r in records if r.split == "test"}
     shared = {r.patient_id for r in records if r.split == "train"} & test_patients
-    assert f"patient_in_train_and_test: {len(shared)} (e.g." in caplog.text
     result = split_records(records, val_fraction=0.1, test_fraction=0.1, seed=0)
     assert Counter(r.label for r in result if r.split == "test") == Counter({0: 234, 1: 390})
     train_val = {r.patient_id for r in result if r.split in ("train", "val")}
     assert not train_val & test_patients
     n_dropped = sum(1 for r in records if r.split == "train" and r.patient_id in shared)
     assert len(result) == len(records) - n_dropped
+    assert f"kaggle: {len(shared)} patients have images in the official test split and outside it; " \
+           f"their {n_dropped} non-test images were dropped" in caplog.text
