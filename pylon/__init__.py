@@ -4,7 +4,12 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["PylonConfig", "BaselineConfig", "__version__"]
+__all__ = ["PylonConfig", "BaselineConfig", "PylonError", "__version__"]
+
+
+class PylonError(Exception):
+    """An error whose one-line message says all a user needs (a bad config, flag, file, data layout
+    or checkpoint, a diverged training): the scripts print it without a traceback and exit with 2."""
 
 
 def __getattr__(name: str) -> Any:

@@ -17,11 +17,13 @@ from typing import Any, Union
 import torch
 from torch import nn
 
+from pylon import PylonError
+
 PathLike = Union[str, os.PathLike]
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 
-class CheckpointError(ValueError):
+class CheckpointError(PylonError, ValueError):
     """A checkpoint that cannot be written, read or applied; the message names the file."""
 
 

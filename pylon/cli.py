@@ -6,6 +6,8 @@ import logging
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
+from pylon import PylonError
+
 
 def add_config_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
     parser.add_argument(
@@ -24,23 +26,6 @@ def add_config_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean 'the input is wrong', shown as one line instead of a traceback."""
-    from pylon.config import ConfigError
-
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
-    for module, names in (
-        ("pylon.models", ("WeightsUnavailableError", "WeightsFileError")),
-        ("pylon.checkpoint", ("CheckpointError",)),
-        ("pylon.data.readers", ("ImageReadError",)),
-        ("pylon.data.records", ("DatasetLayoutError",)),
-        ("pylon.engine", ("TrainingDiverged",)),
-    ):
-        mod = sys.modules.get(module)
-        errors += [getattr(mod, n) for n in names if mod is not None and hasattr(mod, n)]
-    return tuple(errors)
-
-
 def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> NoReturn:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -48,7 +33,7 @@ def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)  # train.py says itself how to resume, when there is a checkpoint
         code = 130
-    except user_errors() as err:  # evaluated only when an exception arrives: the modules are loaded by then
+    except (PylonError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         code = 2
     sys.exit(code)

@@ -16,6 +16,8 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from pylon import PylonError
+
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 
@@ -136,7 +138,7 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-class ConfigError(ValueError):
+class ConfigError(PylonError, ValueError):
     """A user mistake in a config file or override; its message is one line."""
 
 

@@ -23,6 +23,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
+from pylon import PylonError
 from pylon.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from pylon.config import ConfigError, to_dict, to_yaml
 from pylon.data.pipeline import SPLITS, PreparedData, prepare_data, set_loader_epoch, split_loader
@@ -39,7 +40,7 @@ PRUNED = "stopped by the sweep's pruner"  # fit(on_epoch=...) returned True
 SUMMARY_METRICS = ("auroc", "accuracy", "sensitivity", "specificity", "f1", "n")
 
 
-class TrainingDiverged(RuntimeError):
+class TrainingDiverged(PylonError, RuntimeError):
     """The loss became NaN, infinite or far beyond any working BCE value; the last good checkpoint is kept."""
 
 

@@ -17,13 +17,15 @@ from PIL import Image, UnidentifiedImageError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import JPEGBaseline8Bit
 
+from pylon import PylonError
+
 log = logging.getLogger(__name__)
 # pydicom logs whole tracebacks for files that read_image then reports in one line
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 _warned: set[str] = set()  # kinds of warning already given in this process
 
 
-class ImageReadError(ValueError):
+class ImageReadError(PylonError, ValueError):
     """A file that cannot be read as a radiograph; the message names the file and the reason."""
 
     def __init__(self, path: str | Path, reason: str):

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple, Optional
 
+from pylon import PylonError
+
 SCORED_FINDING = "pneumonia"  # the only finding whose boxes heatmaps are scored against
 
 
@@ -40,7 +42,7 @@ class Record:
         return tuple(tuple(b[:4]) for b in self.boxes if b.finding == SCORED_FINDING)
 
 
-class DatasetLayoutError(ValueError):
+class DatasetLayoutError(PylonError, ValueError):
     """A data set folder or label file that does not have the expected layout."""
 
 

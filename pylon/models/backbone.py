@@ -12,6 +12,7 @@ from segmentation_models_pytorch.encoders import get_encoder
 from segmentation_models_pytorch.encoders._utils import patch_first_conv
 from torch import nn
 
+from pylon import PylonError
 from pylon.checkpoint import strip_wrapper_prefixes
 
 WeightsSpec = Union[None, str, os.PathLike]
@@ -20,11 +21,11 @@ WeightsSpec = Union[None, str, os.PathLike]
 ENCODER_PREFIXES = ("", "module.", "encoder.", "module.encoder.", "net.encoder.", "backbone.")
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(PylonError, RuntimeError):
     """Pretrained weights were asked for but cannot be fetched (typically: no network)."""
 
 
-class WeightsFileError(ValueError):
+class WeightsFileError(PylonError, ValueError):
     """A weights / checkpoint file is missing, unreadable or does not fit the model."""
 
 
