@@ -75,10 +75,11 @@ def probe(features: np.ndarray, target: np.ndarray, patients: np.ndarray, n_boot
     """Out-of-fold AUROC of a logistic regression predicting ``target`` from the embeddings,
     folds grouped by patient (no patient's films on both sides) and stratified."""
     target = target.astype(int)
-    smallest = min(int(target.sum()), int((1 - target).sum()), len(set(patients.tolist())))
+    # Every training fold needs both classes: at least 2 patients of each, whatever their films.
+    smallest = min(len(set(patients[target == 1].tolist())), len(set(patients[target == 0].tolist())))
     if smallest < 2:
         return {"n": int(target.size), "n_positive": int(target.sum()), "auroc": None,
-                "note": "fewer than 2 images (or patients) of a class: nothing to cross-validate"}
+                "note": "fewer than 2 patients of a class: nothing to cross-validate"}
     folds = min(PROBE_FOLDS, smallest)
     classifier = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000))
     scores = cross_val_predict(classifier, features, target, groups=patients, method="predict_proba",
@@ -86,10 +87,10 @@ def probe(features: np.ndarray, target: np.ndarray, patients: np.ndarray, n_boot
     return {**_auroc(target, scores, n_boot, seed), "folds": folds}
 
 
-def _train_rate(data: PreparedData, key: str) -> dict[str, float]:
-    """Each group's positive rate in the training split: the prediction of a shortcut that
+def _train_rate(records: list, key: str) -> dict[str, float]:
+    """Each group's positive rate in the training ``records``: the prediction of a shortcut that
     knows only the group."""
-    frame = pd.DataFrame([(getattr(r, key), r.label) for r in data.records("train")], columns=["group", "label"])
+    frame = pd.DataFrame([(getattr(r, key), r.label) for r in records], columns=["group", "label"])
     return frame.groupby("group")["label"].mean().to_dict()
 
 
@@ -119,12 +120,12 @@ def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: M
 
     alone: dict[str, Any] = {}
     if len(data.rows.get("train", [])):
-        source_rate = _train_rate(data, "source")
+        source_rate = _train_rate(data.records("train"), "source")
         if len(set(frame["source"])) > 1:
             alone["source_only"] = _auroc(y, frame["source"].map(source_rate).fillna(0.5).to_numpy(),
                                                   n_boot, seed)
         if rsna_view.any():
-            view_rate = _train_rate(data, "view")
+            view_rate = _train_rate([r for r in data.records("train") if r.source == "rsna"], "view")
             alone["view_only_in_rsna"] = _auroc(
                 y[rsna_view], frame["view"][rsna_view].map(view_rate).fillna(0.5).to_numpy(), n_boot, seed)
     return {"features_predict": probes, "model_pneumonia_auroc": model, "shortcut_alone_pneumonia_auroc": alone,

@@ -57,6 +57,12 @@ class SplitPredictions:
                              "split": self.split})
 
 
+def rsna_view(record: Any) -> str:
+    """The film's view (AP/PA) for RSNA films, "" otherwise: views are reported within RSNA only,
+    so that other sources' views (NIH records carry them) never pool with RSNA's."""
+    return (record.view or "") if record.source == "rsna" else ""
+
+
 def predict_split(trained: TrainedRun, data: PreparedData, split: str, embeddings: bool = False) -> SplitPredictions:
     if len(data.rows[split]) == 0:
         raise ConfigError(f"the {split} split is empty: nothing to evaluate")
@@ -66,7 +72,7 @@ def predict_split(trained: TrainedRun, data: PreparedData, split: str, embedding
     records = [data.cache.records[r] for r in out["rows"]]
     return SplitPredictions(split, out["rows"], out["labels"], out["probs"].astype(np.float64),
                             out["loss_sum"] / max(len(records), 1), np.array([r.source for r in records]),
-                            np.array([(r.view or "") if r.source == "rsna" else "" for r in records]),
+                            np.array([rsna_view(r) for r in records]),
                             out.get("embeddings"))
 
 
@@ -245,7 +251,7 @@ def misclassified_gallery(trained: TrainedRun, data: PreparedData, evaluated: Sp
                           threshold: float, out: Path) -> Path:
     """The most confident errors at ``threshold``, with the model's own heatmap."""
     wrong = np.flatnonzero((evaluated.probs >= threshold) != evaluated.labels.astype(bool))
-    chosen = wrong[np.argsort(-np.abs(evaluated.probs[wrong] - 0.5), kind="stable")][:N_FAILURES]
+    chosen = wrong[np.argsort(-np.abs(evaluated.probs[wrong] - threshold), kind="stable")][:N_FAILURES]
     rows = [int(r) for r in evaluated.rows[chosen]]
     maps = _maps_of(trained, data, rows, methods_for(trained.model)[0])
     return plots.plot_failure_gallery(
@@ -332,7 +338,7 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
             metrics["localization_note"] = f"no images with boxes in the {split} split: localization not scored"
             text.append(metrics["localization_note"])
         else:
-            views = [data.cache.records[int(r)].view for r in outcome.rows]
+            views = [rsna_view(data.cache.records[int(r)]) for r in outcome.rows]
             metrics["localization"] = localization_report(outcome, views, n_boot, seed)
             if outcome.tolerance_px != 15.0:
                 metrics["localization_note"] = f"{POINTING_KEY} uses a tolerance of {outcome.tolerance_px:g} px"

@@ -110,6 +110,10 @@ def test_probe_reads_a_signal_and_its_folds_keep_patients_apart():
     assert found["auroc"] > 0.9 and found["ci"][0] <= found["auroc"] <= found["ci"][1]
     one_class = probe(features, np.zeros(len(coin)), patients, n_boot=0, seed=0)
     assert one_class["auroc"] is None and "nothing to cross-validate" in one_class["note"]
+    # Three positive films of one child among many negatives: no fold could train on positives.
+    one_patient = probe(features[:40], np.r_[np.ones(3), np.zeros(37)], np.r_[["a"] * 3, patients[3:40]],
+                        n_boot=0, seed=0)
+    assert one_patient["auroc"] is None and "fewer than 2 patients of a class" in one_patient["note"]
 
 
 @pytest.mark.parametrize("arch", ["pylon", "baseline"])

@@ -317,3 +317,13 @@ def test_a_confident_pylon_map_keeps_its_peak(tiny_run):
     assert base.rows.size >= 2
     cell = 4  # one heatmap pixel: PYLON maps are at 1/4 of the input
     assert np.abs(np.subtract(shifted.points["pylon"], base.points["pylon"])).max() <= cell
+
+
+def test_views_are_grouped_within_rsna_only():
+    """NIH records carry AP/PA too; per-view reports (classification and localization) keep RSNA's apart."""
+    from pylon.data.records import Record
+    from pylon.evaluation import rsna_view
+
+    assert rsna_view(Record("a", "a", "rsna", "a.dcm", 1, view="AP")) == "AP"
+    assert rsna_view(Record("b", "b", "nih", "b.png", 1, view="PA")) == ""
+    assert rsna_view(Record("c", "c", "rsna", "c.dcm", 0)) == ""
