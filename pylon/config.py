@@ -229,10 +229,14 @@ def validate(cfg: Any) -> None:
     unknown = [s for s in d.sources if s not in SOURCES]
     _require(bool(d.sources) and not unknown,
              f"data.sources must be a non-empty list of {sorted(SOURCES)}, got {list(d.sources)}")
+    _require(not {"rsna", "nih"} <= set(d.sources), "data.sources: rsna's films are NIH ChestX-ray14 films "
+             "relabelled under new ids, so the two together would put the same film in different splits; use one")
     _require(d.image_size >= 64 and d.image_size % 32 == 0,
              f"data.image_size must be a multiple of 32 and at least 64, got {d.image_size}")
     low, high = d.augment.crop_scale
     _require(0 < low <= high <= 1, f"data.augment.crop_scale must satisfy 0 < low <= high <= 1, got {[low, high]}")
+    for name in ("hflip", "p_rotate", "p_brightness_contrast"):
+        _require(0 <= d.augment[name] <= 1, f"data.augment.{name} is a probability, got {d.augment[name]}")
     _require(0 < d.augment.crop_ratio[0] <= d.augment.crop_ratio[1],
              f"data.augment.crop_ratio must be two positive numbers, low <= high, got {list(d.augment.crop_ratio)}")
     for name in ("val_fraction", "rsna_test_fraction"):
@@ -245,7 +249,8 @@ def validate(cfg: Any) -> None:
 
     _require(m.backbone in encoders or m.backbone.startswith("tu-"), f"model.backbone={m.backbone!r} is not a "
              "segmentation-models-pytorch encoder; e.g. resnet18, resnet50, efficientnet-b0, tu-<timm model>")
-    _require(m.n_in >= 1 and m.n_out >= 1, f"model.n_in and model.n_out must be at least 1, got {m.n_in}, {m.n_out}")
+    _require(m.n_in == 1 and m.n_out == 1, "model.n_in and model.n_out must be 1 to train on grey radiographs with "
+             f"one label (PylonConfig takes others), got {m.n_in}, {m.n_out}")
     dec = m.decoder
     _require(0 <= dec.n_up <= 3, f"model.decoder.n_up must be 0, 1, 2 or 3, got {dec.n_up}")
     _require(dec.n_dec_ch >= 1, f"model.decoder.n_dec_ch must be positive, got {dec.n_dec_ch}")
@@ -254,9 +259,17 @@ def validate(cfg: Any) -> None:
 
     _require(t.epochs >= 1 and t.batch_size >= 1 and e.batch_size >= 1,
              "train.epochs, train.batch_size and eval.batch_size must be positive")
-    _require(not isinstance(t.pos_weight, str) or t.pos_weight == "auto",
-             f"train.pos_weight must be a number, 'auto' or null, got '{t.pos_weight}'")
-    _require(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _require(t.pos_weight in (None, "auto") or (not isinstance(t.pos_weight, str) and 0 < t.pos_weight < math.inf),
+             f"train.pos_weight must be a positive number, 'auto' or null, got '{t.pos_weight}'")
+    _require(not (t.pos_weight == "auto" and d.balanced_sampler), "data.balanced_sampler already balances the "
+             "classes; with train.pos_weight=auto positives would count twice: use one")
+    _require(t.lr > 0 and t.min_lr >= 0 and t.weight_decay >= 0,
+             f"train.lr must be positive, train.min_lr and train.weight_decay 0 or more, got {t.lr}, {t.min_lr}, {t.weight_decay}")
+    _require(t.grad_clip is None or t.grad_clip > 0, f"train.grad_clip must be positive or null, got {t.grad_clip}")
+    _require(0 < t.plateau_factor < 1 and t.plateau_patience >= 0,
+             f"train.plateau_factor must be in (0, 1) and train.plateau_patience 0 or more, got {t.plateau_factor}, "
+             f"{t.plateau_patience}")
+    _require(0 < t.finetune_lr_factor <= 1, f"train.finetune_lr_factor must be in (0, 1], got {t.finetune_lr_factor}")
     _require(t.early_stop_patience is None or t.early_stop_patience >= 1,
              f"train.early_stop_patience must be at least 1 or null, got {t.early_stop_patience}")
     _require(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
@@ -264,8 +277,10 @@ def validate(cfg: Any) -> None:
     _require(t.freeze_encoder_epochs >= 0, f"train.freeze_encoder_epochs must be 0 or more, got {t.freeze_encoder_epochs}")
     _require(not (t.freeze_encoder_epochs and m.freeze == "enc"),
              "train.freeze_encoder_epochs and model.freeze=enc both freeze the encoder: use one")
-    _require(not (t.scheduler == "plateau" and t.lr < t.min_lr),
-             f"train.lr={t.lr} is already below train.min_lr={t.min_lr}: the run would stop after one epoch")
+    stage_two = t.lr * (t.finetune_lr_factor if t.freeze_encoder_epochs else 1.0)  # the lowest rate before any decay
+    _require(not (t.scheduler == "plateau" and stage_two < t.min_lr),
+             f"train.lr={t.lr}" + (f" x train.finetune_lr_factor={t.finetune_lr_factor}" if t.freeze_encoder_epochs else "")
+             + f" is below train.min_lr={t.min_lr}: the run would stop after one epoch at that rate")
     _require(re.fullmatch(DEVICE_PATTERN, t.device) is not None,
              f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
 

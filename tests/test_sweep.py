@@ -114,7 +114,7 @@ def test_wandb_agent_command_of_shipped_sweeps_is_accepted_by_train_py(path, mon
     # The offline runner reads the same file: same config, every key and range accepted.
     space = sweep.read_space(str(path))
     assert space.config == sweep_config["command"][sweep_config["command"].index("--config") + 1]
-    sweep.check_parameters(space, space.config)
+    sweep.check_parameters(space, space.config, space.command_overrides)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -262,7 +262,7 @@ def test_wandb_distributions_become_optuna_suggestions(tmp_path):
     assert dists["train.plateau_patience"] == optuna.distributions.IntDistribution(0, 3)
     assert dists["train.optimizer"] == optuna.distributions.CategoricalDistribution(["adam", "adamw"])
     assert "train.seed" not in dists and values["train.seed"] == 3
-    sweep.check_parameters(space, space.config)
+    sweep.check_parameters(space, space.config, space.command_overrides)
 
     base = load_config("demo.yaml", ["train.epochs=9"])
     assert isinstance(sweep.make_sampler(space, 0), optuna.samplers.RandomSampler)
@@ -275,6 +275,12 @@ def test_wandb_distributions_become_optuna_suggestions(tmp_path):
     grid = sweep.read_space(str(write_space(tmp_path, method="grid", parameters={
         "train.optimizer": {"values": ["adam", "adamw"]}, "train.seed": {"value": 1}})))
     assert isinstance(sweep.make_sampler(grid, 0), optuna.samplers.GridSampler)
+
+
+def test_ranges_are_checked_with_what_every_trial_sets_besides(tmp_path):
+    space = sweep.read_space(str(write_space(tmp_path, parameters={
+        "train.lr": {"distribution": "log_uniform_values", "min": 1.0e-6, "max": 1.0e-2}})))
+    sweep.check_parameters(space, space.config, [*space.command_overrides, "train.min_lr=1.0e-7"])  # --set allows it
 
 
 @pytest.mark.parametrize("changes, args, message", [
@@ -293,6 +299,8 @@ def test_wandb_distributions_become_optuna_suggestions(tmp_path):
     ({"controller": {"type": "local"}}, [], "unsupported sweep keys: controller"),
     ({"command": ["${env}", "${interpreter}", "${program}", "--config", "demo.yaml", "${args_no_hyphens}"]}, [],
      "command must run train.py with the parameters as --set values"),
+    ({"parameters": {"train.lr": {"distribution": "log_uniform_values", "min": 1.0e-6, "max": 1.0e-2}}}, [],
+     "train.lr=1e-06 is below train.min_lr=1e-05"),
     ({}, ["--set", "train.lr=0.1"], "--set train.lr is swept by"),
     ({}, ["--trials", "0"], "--trials must be at least 1, got 0"),
     ({}, ["--space", "no_such_sweep"], "sweep file not found: no_such_sweep (configs/sweeps/ has: demo.yaml"),

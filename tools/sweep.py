@@ -248,15 +248,15 @@ def _command(command: Any, path: Path) -> tuple[str, list[str]]:
 # --------------------------------------------------------------------------- running it
 
 
-def check_parameters(space: Space, config: str) -> None:
-    """Every key and the extremes of its range through the config loader, before the first trial:
-    a typo or an impossible value fails here, by name, not trials later."""
+def check_parameters(space: Space, config: str, base_overrides: list[str]) -> None:
+    """Every key and the extremes of its range through the config loader, on top of everything a
+    trial sets besides, before the first trial: a typo or an impossible value fails here, by name."""
     from pylon.config import ConfigError, load_config
 
     for parameter in space.parameters.values():
         for value in parameter.extremes():
             try:
-                load_config(config, [*space.command_overrides, as_override(parameter.key, value)])
+                load_config(config, [*base_overrides, as_override(parameter.key, value)])
             except ConfigError as err:  # the loader calls the value a --set; here it is the file's
                 raise ConfigError(f"{space.path}: {str(err).removeprefix('--set: ')}") from None
 
@@ -274,9 +274,9 @@ def run_sweep(space: Space, config: str, overrides: list[str], trials: int, out:
     clash = [item.split("=", 1)[0].strip() for item in overrides if item.split("=", 1)[0].strip() in swept]
     if clash:
         raise ConfigError(f"--set {clash[0]} is swept by {space.path}; set it there (value: ...) or leave it out")
-    check_parameters(space, config)
     fixed = [as_override(k, p.choices[0]) for k, p in space.parameters.items() if p.fixed]
     base_overrides = [*space.command_overrides, *fixed, *overrides]
+    check_parameters(space, config, base_overrides)
     base = load_config(config, base_overrides)
     check_writable(out or base.logging.runs_dir)
     setup = {"config": str(resolve_config_path(config).resolve()), "overrides": base_overrides, "space": space.raw}
