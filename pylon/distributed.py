@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from pylon.config import ConfigError
 from pylon.inference import resolve_device
 
 T = TypeVar("T")
@@ -30,6 +31,9 @@ def init_distributed(device_preference: str) -> Dist:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return Dist(device=resolve_device(device_preference))
+    if device_preference.startswith("cuda:"):
+        raise ConfigError(f"train.device={device_preference} would put every process on one GPU; under torchrun "
+                          "each takes its own (LOCAL_RANK): use auto or cuda")
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_preference, local_rank)
     if device.type == "cuda":

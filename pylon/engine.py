@@ -217,8 +217,10 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
         try:
             load_weights(model, saved["model"], str(run.last))
             for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-                if target is not None:
+                if target is not None and saved[name]:  # {}: a run without an fp16 scaler resumed with one
                     target.load_state_dict(saved[name])
+            if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+                scheduler.T_max = cfg.train.epochs  # raised for this resume: anneal to the new end, never back up
             state = LoopState(**saved["loop"])
         except (KeyError, TypeError, ValueError) as err:
             raise CheckpointError(f"{run.last}: not a training checkpoint of this config ({err})") from None

@@ -53,3 +53,12 @@ def test_two_processes_match_one_process(tiny_run, tiny_data, tmp_path):
     resumed = load_checkpoint(run.last)["loop"]
     assert resumed["epoch"] == 3 and resumed["global_step"] == 3 * single["global_step"] // 2
     assert pd.read_csv(run.history)["epoch"].tolist() == [1, 2, 3]
+
+
+def test_one_named_gpu_for_every_process_is_refused(monkeypatch):
+    from pylon.config import ConfigError
+    from pylon.distributed import init_distributed
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ConfigError, match="train.device=cuda:1 would put every process on one GPU"):
+        init_distributed("cuda:1")

@@ -87,3 +87,11 @@ def test_start_not_below_end_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: --start must be positive and below --end") and err.count("\n") == 1
     assert not list(tmp_path.iterdir())
+
+
+def test_under_torchrun_it_refuses_in_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(SystemExit) as stop:
+        lr_find.cli.run(lr_find.main, ["--config", "demo.yaml", "--set", f"logging.runs_dir={tmp_path}"])
+    assert stop.value.code == 2 and "start it with python, not torchrun" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())

@@ -409,3 +409,12 @@ def test_run_stores_absolute_data_roots_and_its_split_manifest(tiny_run):
     data = prepare_data(cfg.data, progress=False)
     for split in ("train", "val", "test"):
         assert sorted(manifest[manifest.split == split].id) == sorted(r.id for r in data.records(split))
+
+
+def test_a_cosine_run_given_more_epochs_never_raises_its_rate(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    assert train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, "train.scheduler=cosine")) == 0
+    run = only_run(runs)
+    assert train("--resume", str(run.root), "--set", "train.epochs=4") == 0
+    lrs = pd.read_csv(run.history)["lr"].tolist()
+    assert len(lrs) == 4 and all(later <= earlier for earlier, later in zip(lrs, lrs[1:])), lrs

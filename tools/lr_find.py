@@ -17,6 +17,7 @@ import argparse
 import json
 import itertools
 import math
+import os
 from typing import Any, Iterator, Optional, Sequence
 
 from pylon import cli
@@ -37,6 +38,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from pylon.config import ConfigError, load_config
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ConfigError("tools/lr_find.py runs one process: start it with python, not torchrun")
     if not 0 < args.start < args.end:
         raise ConfigError(f"--start must be positive and below --end, got --start {args.start:g} --end {args.end:g}")
     if args.steps is not None and args.steps < 2:
