@@ -11,7 +11,9 @@ Localization conventions (the README's evaluation protocol):
   the pixels ``mask[y:y + h, x:x + w]``, and scaling points and boxes by one factor maps one
   frame onto another (a 256 px input onto the 1024 px RSNA original).
 * Heatmaps are upsampled bilinearly (``align_corners=False``) to the image size; a map's
-  point is its first maximum in row-major order. Images without boxes score ``nan``.
+  point is its first maximum in row-major order; a constant map (no evidence anywhere, e.g. an
+  all-zero Grad-CAM) has none, ``(nan, nan)``, which hits no box and no side. Images without
+  boxes score ``nan``.
 """
 from __future__ import annotations
 
@@ -230,13 +232,17 @@ def upsample(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 def argmax_points(heatmaps: Any, image_size: Sequence[int]) -> np.ndarray:
     """(N, 2) ``(x, y)`` pixel centre of each (N, h, w) map's first maximum, after bilinear
-    upsampling to ``image_size = (H, W)``; in chunks, so the upsampled maps never all sit in memory."""
+    upsampling to ``image_size = (H, W)``, ``(nan, nan)`` for a constant map; in chunks, so the
+    upsampled maps never all sit in memory."""
     height, width = (int(v) for v in image_size)
     maps = _heatmap_tensor(heatmaps)
     chunk = max(1, _CHUNK_PIXELS // (height * width))
     flat = torch.cat([upsample(part, height, width).flatten(1).argmax(dim=1).cpu() for part in maps.split(chunk)])
     rows, cols = np.divmod(flat.numpy(), width)
-    return np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float64)
+    points = np.stack([cols + 0.5, rows + 0.5], axis=1).astype(np.float64)
+    # Its "first maximum" would be the top-left pixel: a left-side hit for a method that found nothing.
+    points[(maps.flatten(1).amax(1) == maps.flatten(1).amin(1)).cpu().numpy()] = np.nan
+    return points
 
 
 def box_mask(boxes: Sequence[Sequence[float]], image_size: Sequence[int]) -> np.ndarray:

@@ -197,6 +197,17 @@ def test_laterality_counts_one_sided_images_only():
     assert np.isnan(hits[3:]).all()
 
 
+def test_a_constant_map_has_no_peak_and_hits_nothing():
+    """An all-zero Grad-CAM's first maximum would be the top-left pixel: a left-side "hit"."""
+    maps = np.zeros((2, 8, 8))
+    maps[1, 5, 6] = 1.0
+    points = argmax_points(maps, (64, 64))
+    assert np.isnan(points[0]).all() and np.abs(points[1] - (52, 44)).max() <= 1  # the peak pixel's centre
+    left_box = [[(0, 0, 20, 20)], [(40, 30, 20, 20)]]
+    np.testing.assert_array_equal(pointing_game(points, left_box, tolerance=100.0), [0.0, 1.0])
+    np.testing.assert_array_equal(laterality_hits(points, left_box, width=64), [0.0, 1.0])
+
+
 # ---------------------------------------------------------------------------- classification
 
 LABELS = np.array([1, 1, 1, 0, 0, 0, 0, 1])
