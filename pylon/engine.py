@@ -360,13 +360,15 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
                 weights = unwrap(model).state_dict()
                 if improved:
                     # What evaluating or predicting needs without the training data: the input
-                    # normalisation, the operating point chosen on val and the box prior.
+                    # normalisation, the operating point chosen on val, the box prior and the
+                    # loss's class weight (the val loss that chose this checkpoint used it).
                     both = 0 < int(val["labels"].sum()) < len(val["labels"])
                     save_checkpoint(run.best, {
                         "model": weights, "config": config_dict, "epoch": epoch + 1, "val_loss": val["loss"],
                         "val_metrics": metrics, "normalization": {"mean": float(data.mean), "std": float(data.std)},
                         "threshold_youden": youden_threshold(val["labels"], val["probs"]) if both else None,
-                        "prior": prior, "wandb_run_id": tracker.id})
+                        "prior": prior, "wandb_run_id": tracker.id,
+                        "pos_weight": None if loss_fn.pos_weight is None else float(loss_fn.pos_weight)})
                 save_checkpoint(run.last, {
                     "model": weights, "optimizer": optimizer.state_dict(),
                     "scheduler": None if scheduler is None else scheduler.state_dict(),

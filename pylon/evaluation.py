@@ -20,6 +20,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
+import torch
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -67,7 +68,9 @@ def predict_split(trained: TrainedRun, data: PreparedData, split: str, embedding
     if len(data.rows[split]) == 0:
         raise ConfigError(f"the {split} split is empty: nothing to evaluate")
     loader = split_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
-    out = predict_loader(trained.model, loader, trained.device, trained.dtype, nn.BCEWithLogitsLoss(),
+    weight = trained.info.get("pos_weight")  # training's: val's loss is then the one best.pt was chosen on
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if weight is None else torch.tensor([weight], device=trained.device))
+    out = predict_loader(trained.model, loader, trained.device, trained.dtype, loss_fn,
                          desc=f"{split} predictions", embeddings=embeddings)
     records = [data.cache.records[r] for r in out["rows"]]
     return SplitPredictions(split, out["rows"], out["labels"], out["probs"].astype(np.float64),
@@ -321,6 +324,8 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     evaluated = val if split == "val" else predict_split(trained, data, split, embeddings)
     youden = trained.info.get("threshold_youden")  # chosen on val when the run was trained
     classification = classification_report(evaluated, youden, n_boot, seed)
+    if cfg.train.pos_weight is not None and "pos_weight" not in trained.info:
+        classification["loss_note"] = "unweighted BCE: this run's best.pt predates storing train.pos_weight"
     metrics: dict[str, Any] = {
         "run": str(run.root), "checkpoint": str(run.best), "checkpoint_epoch": trained.info.get("epoch"), "split": split,
         "data": {s: str(Path(source_root(cfg.data, s)).resolve()) for s in cfg.data.sources},

@@ -418,3 +418,17 @@ def test_a_cosine_run_given_more_epochs_never_raises_its_rate(tiny_data, tmp_pat
     assert train("--resume", str(run.root), "--set", "train.epochs=4") == 0
     lrs = pd.read_csv(run.history)["lr"].tolist()
     assert len(lrs) == 4 and all(later <= earlier for earlier, later in zip(lrs, lrs[1:])), lrs
+
+
+def test_evaluation_reports_the_val_loss_best_pt_was_chosen_on(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    assert train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, "train.pos_weight=3.0",
+                                                                  "train.epochs=1")) == 0
+    run = only_run(runs)
+    best = load_checkpoint(run.best)
+    assert best["pos_weight"] == 3.0
+    from conftest import load_script
+
+    assert load_script("evaluate").main(["--run", str(run.root), "--split", "val", "--set", "eval.bootstrap=0"]) == 0
+    classification = json.loads((run.eval_dir / "metrics.json").read_text())["classification"]
+    assert classification["loss"] == pytest.approx(best["val_loss"], rel=1e-5) and "loss_note" not in classification
