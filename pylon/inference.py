@@ -200,26 +200,28 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
         batch = torch.stack([entry[-1] for entry in loaded])
         probs = probabilities(trained.model, batch, trained.device, trained.dtype)
         maps = heatmaps(trained.model, batch, method, prior=trained.prior)
-        for (item, original, _, geometry, _), prob, heat, point in zip(loaded, probs, maps, argmax_points(maps, (size, size))):
-            peak = geometry.points_to_original(point)[0]
+        for (item, original, _, geometry, _), prob, heat in zip(loaded, probs, maps):
+            cut, peak = _on_original(heat, geometry, size)
             item.probability, item.peak_x, item.peak_y, item.method = float(prob), float(peak[0]), float(peak[1]), method
             name, n = f"{item.id}_{method}", 1
             while out / f"{name}.png" in taken:
                 n += 1
                 name = f"{item.id}_{method}-{n}"
             taken.add(out / f"{name}.png")
-            item.overlay = _save_overlay(out / f"{name}.png", original, _on_original(heat, geometry, size),
-                                         list((boxes_by_id or {}).get(item.id, [])), peak)
+            item.overlay = _save_overlay(out / f"{name}.png", original, cut, list((boxes_by_id or {}).get(item.id, [])),
+                                         peak)
     return results
 
 
-def _on_original(heatmap: torch.Tensor, geometry: Geometry, size: int) -> np.ndarray:
-    """The network-frame map cut to the part covering the original (drops letterbox padding)."""
-    full = upsample(heatmap[None].float(), size, size)[0]
+def _on_original(heatmap: torch.Tensor, geometry: Geometry, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """The network-frame map cut to the part covering the original (drops letterbox padding), and
+    its peak in original pixels: a peak on the padding would point outside the film."""
+    full = upsample(heatmap[None], size, size)[0]  # pylon's float64 kept, as for evaluation
     x0, y0 = int(round(geometry.pad_x)), int(round(geometry.pad_y))
     w = max(1, int(round(geometry.orig_w * geometry.scale_x)))
     h = max(1, int(round(geometry.orig_h * geometry.scale_y)))
-    return full[y0:y0 + h, x0:x0 + w].numpy()
+    cut = full[y0:y0 + h, x0:x0 + w].numpy()
+    return cut, geometry.points_to_original(argmax_points(cut[None], cut.shape) + [x0, y0])[0]
 
 
 def _save_overlay(path: Path, image: np.ndarray, heatmap: np.ndarray, boxes: list, point: Sequence[float]) -> Path:

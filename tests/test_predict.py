@@ -149,9 +149,12 @@ def test_letterboxed_heatmaps_are_cut_to_the_image_before_overlaying():
     _, geometry = resize_image(image, 64, "letterbox")  # 64 x 32 content, 16 px bars above and below
     heat = torch.zeros(16, 16)
     heat[4:12, :] = 1.0  # the content rows of a 1/4-resolution map
-    cut = _on_original(heat, geometry, 64)
+    heat[0, 0] = 2.0  # the map's maximum, on the top bar
+    heat[8, 12] = 1.5  # the film's own peak
+    cut, peak = _on_original(heat, geometry, 64)
     assert cut.shape == (32, 64)
-    assert cut.min() > 0.5  # no padding rows left in
+    assert cut.min() > 0.5 and cut.max() < 2.0  # no padding rows left in
+    assert 0 <= peak[1] < 60 and abs(peak[0] - 12.5 * 4 * 120 / 64) < 4  # inside the film, at its own peak
 
 
 def test_heatmap_grid_figure_draws_a_row_per_image_and_a_column_per_method(tiny_run, tmp_path):
