@@ -30,7 +30,7 @@ from pylon.config import ConfigError
 from pylon.data.pipeline import ALL, PreparedData, prepare_data, split_loader
 from pylon.data.sources import source_root
 from pylon.heatmaps import heatmaps, methods_for
-from pylon.inference import TrainedRun, bar_disabled, load_run, model_inputs, predict_loader
+from pylon.inference import TrainedRun, bar_disabled, image_heatmaps, load_run, predict_loader
 from pylon.metrics import (LOCALIZATION_METRICS, POINTING_KEY, argmax_points, bootstrap_ci, by_group,
                            classification_metrics, classification_rows, energy_in_box, expected_calibration_error,
                            jsonable, laterality_hits, pointing_game)
@@ -236,13 +236,8 @@ def classification_figures(evaluated: SplitPredictions, youden: Optional[float],
     return paths
 
 
-def _maps_of(trained: TrainedRun, data: PreparedData, rows: Sequence[int], method: str) -> np.ndarray:
-    """``method``'s heatmaps of a few cache rows (the images a figure shows)."""
-    if not len(rows):
-        return np.zeros((0, 1, 1), dtype=np.float32)
-    batch = model_inputs([data.cache.image(r) for r in rows], data.mean, data.std)
-    return np.concatenate([heatmaps(trained.model, part, method, prior=trained.prior).numpy()
-                           for part in batch.split(trained.cfg.eval.batch_size)])
+def _heatmaps(trained: TrainedRun, data: PreparedData, images: Sequence[np.ndarray], method: str) -> np.ndarray:
+    return image_heatmaps(trained.model, images, data.mean, data.std, method, trained.prior, trained.cfg.eval.batch_size)
 
 
 def _caption(data: PreparedData, row: int, prob: float) -> str:
@@ -256,9 +251,10 @@ def misclassified_gallery(trained: TrainedRun, data: PreparedData, evaluated: Sp
     wrong = np.flatnonzero((evaluated.probs >= threshold) != evaluated.labels.astype(bool))
     chosen = wrong[np.argsort(-np.abs(evaluated.probs[wrong] - threshold), kind="stable")][:N_FAILURES]
     rows = [int(r) for r in evaluated.rows[chosen]]
-    maps = _maps_of(trained, data, rows, methods_for(trained.model)[0])
+    images = [data.cache.image(r) for r in rows]
+    maps = _heatmaps(trained, data, images, methods_for(trained.model)[0])
     return plots.plot_failure_gallery(
-        [data.cache.image(r) for r in rows], list(maps), [data.cache.boxes_in_cache_frame(r).tolist() for r in rows],
+        images, list(maps), [data.cache.boxes_in_cache_frame(r).tolist() for r in rows],
         [argmax_points(m[None], (data.cache.image_size,) * 2)[0] for m in maps], out,
         captions=[_caption(data, r, evaluated.probs[i]) for r, i in zip(rows, chosen)], n_failures=len(wrong),
         n_images=len(evaluated.probs), title=f"Misclassified at threshold {threshold:.3f} ({evaluated.split}, most confident first)")
@@ -275,8 +271,9 @@ def localization_figures(trained: TrainedRun, data: PreparedData, outcome: Local
     figures = []
     shown = list(range(min(trained.cfg.eval.n_overlays, len(outcome.rows))))
     if shown:
-        maps = {m: _maps_of(trained, data, outcome.rows[shown].tolist(), m) for m in methods}
-        grid = [plots.OverlayRow(cache.image(int(outcome.rows[i])), {m: maps[m][k] for m in methods},
+        images = [cache.image(int(outcome.rows[i])) for i in shown]
+        maps = {m: _heatmaps(trained, data, images, m) for m in methods}
+        grid = [plots.OverlayRow(images[k], {m: maps[m][k] for m in methods},
                                  cache.boxes_in_cache_frame(int(outcome.rows[i])).tolist(),
                                  {m: outcome.points[m][i] for m in methods}, caption(i), {m: bool(hit[m][i]) for m in methods})
                 for k, i in enumerate(shown)]
@@ -285,13 +282,13 @@ def localization_figures(trained: TrainedRun, data: PreparedData, outcome: Local
     misses = np.flatnonzero(~hit[primary])
     chosen = misses[:N_FAILURES].tolist()
     rows = outcome.rows[chosen].tolist()
+    images = [cache.image(r) for r in rows]
     figures.append(plots.plot_failure_gallery(
-        [cache.image(r) for r in rows], list(_maps_of(trained, data, rows, primary)),
+        images, list(_heatmaps(trained, data, images, primary)),
         [cache.boxes_in_cache_frame(r).tolist() for r in rows], [outcome.points[primary][i] for i in chosen],
         out / "failures_localization.png", captions=[caption(i) for i in chosen], n_failures=len(misses),
         n_images=len(outcome.rows), title=f"Missed localizations ({primary}, point_acc)"))
     return figures
-
 
 
 # --------------------------------------------------------------------------- evaluate.py

@@ -148,12 +148,22 @@ def probabilities(model: nn.Module, batch: torch.Tensor, device: torch.device,
         return torch.sigmoid(model(batch.to(device)).logits[:, 0].float()).cpu().numpy()
 
 
+def image_heatmaps(model: nn.Module, images: Sequence[np.ndarray], mean: float, std: float, method: str,
+                   prior: Optional[torch.Tensor] = None, batch_size: int = 32) -> np.ndarray:
+    """(N, h, w) ``method`` heatmaps of S x S uint8 images (already resized), ``batch_size`` at a
+    time; PYLON's keep their float64."""
+    if not len(images):
+        return np.zeros((0, 1, 1), dtype=np.float32)
+    batch = model_inputs(images, mean, std)
+    return np.concatenate([heatmaps(model, part, method, prior=prior).numpy() for part in batch.split(batch_size)])
+
+
 def overlays(model: nn.Module, images: Sequence[np.ndarray], boxes: Sequence[Any], captions: Sequence[str],
              mean: float, std: float) -> list[tuple[np.ndarray, str]]:
     """Images with the model's own heatmap, boxes and peak drawn (the W&B validation images)."""
     if not images:
         return []
-    maps = heatmaps(model, model_inputs(images, mean, std), methods_for(model)[0]).numpy()
+    maps = image_heatmaps(model, images, mean, std, methods_for(model)[0])
     points = argmax_points(maps, images[0].shape)
     return [(plots.overlay(image, heat, b, p), caption)
             for image, heat, b, p, caption in zip(images, maps, boxes, points, captions)]

@@ -4,8 +4,9 @@ A fresh model of the config trains as train.py would (same data order, loss, opt
 while the learning rate grows exponentially from --start to --end over one epoch, or over
 100 steps when an epoch is shorter (the data goes round again, reshuffled as train.py's next
 epoch would be: the smoothed loss needs about 50 steps to mean anything), or over --steps steps.
-It stops once the smoothed loss exceeds 4x its best or the loss blows up. Writes <runs_dir>/<name>-lrfind-<time>/ with lr_find.csv, lr_find.png, lr_find.json and
-config.yaml; no checkpoint and no W&B. One process (not under torchrun).
+It stops once the smoothed loss exceeds 4x its best or the loss blows up. Writes
+<runs_dir>/<name>-lrfind-<time>/ with lr_find.csv, lr_find.png, lr_find.json and config.yaml;
+no checkpoint and no W&B. One process (not under torchrun).
 
 Suggested rate: where the smoothed loss falls fastest against log10(lr) (np.gradient), over the
 points before the stop, leaving out the first and last tenth (at least one point each), where
