@@ -11,8 +11,8 @@ Also timed: the same loader without workers, batch after batch, which is the CPU
 workers take from the training process's cores (the noise-free part of the overhead).
 Each loader round starts a fresh epoch as training does; the wait for its first batch
 (worker start-up) is reported separately as epoch_start_s, since a real epoch of thousands of
-steps pays it once. On CUDA the step runs with autocast (bf16 where supported) and
-channels_last, as train.py does by default.
+steps pays it once. The step runs at the precision train.py chooses (pylon.device: autocast and
+channels_last on CUDA and on CPUs with native bf16; --fp32 for fp32).
 
     python bench/train_speed.py --threads 2 --batch 8 --steps 4 --workers 2
 
@@ -43,7 +43,7 @@ from pylon.config import load_config  # noqa: E402
 from pylon.data.pipeline import PreparedData, split_loader, prepare_data, set_loader_epoch  # noqa: E402
 from pylon.distributed import Dist  # noqa: E402
 from pylon.engine import build_optimizer, train_step  # noqa: E402
-from pylon.inference import amp_dtype, resolve_device  # noqa: E402
+from pylon.device import choose_precision, resolve_device  # noqa: E402
 from pylon.models import build_model  # noqa: E402
 
 TARGET_OVERHEAD_PCT = 10.0
@@ -59,6 +59,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     parser.add_argument("--size", type=int, default=256, help="image size (multiple of 32)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--fp32", action="store_true", help="train.amp=false: fp32 in the default layout")
     parser.add_argument("--kaggle-root", type=Path, help="folder holding chest_xray/{train,val,test}/...")
     parser.add_argument("--rsna-root", type=Path, help="folder holding stage_2_train_labels.csv and images")
     parser.add_argument("--cache-dir", type=Path, help="image cache folder (default: a temporary one)")
@@ -84,6 +85,7 @@ def experiment_config(args: argparse.Namespace, scratch: Path):
         f"data.num_workers={args.workers}",
         f"train.batch_size={args.batch}",
         f"train.device={args.device}",
+        f"train.amp={not args.fp32}",
     ]
     return load_config("pylon_r50.yaml", overrides)
 
@@ -97,7 +99,7 @@ def long_epoch(data: PreparedData, images: int) -> PreparedData:
 
 def make_step(model: nn.Module, optimizer: torch.optim.Optimizer, cfg, device: torch.device) -> Callable[[dict], None]:
     """train.py's own optimizer step (pylon.engine.train_step), NaN check included."""
-    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype(device, cfg.train) == torch.float16)
+    scaler = torch.amp.GradScaler(device.type, enabled=choose_precision(device, cfg.train).needs_loss_scaling)
     loss_fn = nn.BCEWithLogitsLoss()
     d = Dist(device=device)
 
@@ -142,9 +144,7 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
     in_process = split_loader(data, "train", in_process_cfg, args.batch, train=True, seed=0)
 
     torch.manual_seed(0)
-    model = build_model(cfg.model).to(device)
-    if cfg.train.channels_last and device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    model = choose_precision(device, cfg.train).layout(build_model(cfg.model).to(device))
     model.train()
     step = make_step(model, build_optimizer(model, cfg.train), cfg, device)
     first = next(iter(loader))
@@ -195,8 +195,7 @@ def run(args: argparse.Namespace, scratch: Path) -> None:
         "workers": args.workers,
         "batch": args.batch,
         "size": args.size,
-        "amp_dtype": str(amp_dtype(device, cfg.train)).replace("torch.", "") if amp_dtype(device, cfg.train) else None,
-        "channels_last": bool(cfg.train.channels_last and device.type == "cuda"),
+        "precision": choose_precision(device, cfg.train).name,
         "timed_steps_per_feed": len(times["bare"]),
         "bare_s_per_step": round(bare_s, 4),
         "loader_s_per_step": round(loader_s, 4),

@@ -49,7 +49,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shown_size = shown_size or size
         prepared = [file_input(path, trained) for path in args.images]
         batch = torch.stack([tensor for *_, tensor in prepared])
-        probs = probabilities(trained.model, batch, trained.device)
+        probs = probabilities(trained.model, batch, trained.precision)
         label = "PYLON" if trained.cfg.model.arch == "pylon" else trained.cfg.model.backbone.replace("resnet", "ResNet")
         for row, (_, resized, _, _), prob in zip(rows, prepared, probs):
             row.image = resized if row.image is None else row.image
@@ -59,7 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"--run {run_dir}: none of --methods {' '.join(args.methods)} applies to this "
                               f"{trained.cfg.model.arch} model; it has {' '.join(methods_for(trained.model))}")
         for method in methods:
-            maps = heatmaps(trained.model, batch, method, prior=trained.prior)
+            maps = heatmaps(trained.model, batch, method, trained.prior, trained.precision)
             points = argmax_points(maps, (size, size)) * (shown_size / size)
             column = label if method == "pylon" else f"{label} {method}"
             for row, heat, point in zip(rows, maps, points):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import random
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
@@ -11,7 +10,7 @@ import torch
 import torch.distributed as dist
 
 from pylon.config import ConfigError
-from pylon.inference import resolve_device
+from pylon.device import resolve_device
 
 T = TypeVar("T")
 
@@ -80,8 +79,3 @@ def main_first(d: Dist, build: Callable[[], T]) -> T:
         raise RuntimeError(f"rank 0 failed: {message[0]}")
     return result if d.is_main else build()
 
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)

@@ -28,8 +28,9 @@ from pylon.checkpoint import CheckpointError, load_checkpoint, load_weights, sav
 from pylon.config import ConfigError, to_dict, to_yaml
 from pylon.data.pipeline import SPLITS, PreparedData, prepare_data, set_loader_epoch, split_loader
 from pylon.heatmaps import box_prior
-from pylon.distributed import Dist, gather, init_distributed, main_first, seed_everything
-from pylon.inference import amp_dtype, autocast, bar_disabled, overlays, predict_loader
+from pylon.device import bar_disabled, choose_precision, describe_precision, seed_everything
+from pylon.distributed import Dist, gather, init_distributed, main_first
+from pylon.inference import overlays, predict_loader
 from pylon.metrics import classification_metrics, youden_threshold
 from pylon.models import build_model, unwrap
 from pylon.runs import RunPaths, absolute_roots, check_splits, check_writable, new_run, write_splits
@@ -83,12 +84,12 @@ def _agreed_loss(loss: torch.Tensor, d: Dist) -> float:
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                scaler: torch.amp.GradScaler, d: Dist, cfg_train: Any, where: str = "training",
                last_good: str = "none") -> float:
-    """One optimizer step (autocast, channels_last, clipping as configured); returns the loss."""
-    images = batch["image"].to(d.device, non_blocking=True)
-    if cfg_train.channels_last and d.device.type == "cuda":
-        images = images.contiguous(memory_format=torch.channels_last)
+    """One optimizer step (precision and layout as ``choose_precision`` says, clipping as
+    configured); returns the loss."""
+    precision = choose_precision(d.device, cfg_train)
+    images = precision.layout(batch["image"].to(d.device, non_blocking=True))
     labels = batch["label"].to(d.device, non_blocking=True)
-    with autocast(d.device, amp_dtype(d.device, cfg_train)):
+    with precision.autocast():
         logits = model(images).logits
     loss = loss_fn(logits.float(), labels)
     value = _finite(_agreed_loss(loss, d), where, last_good)  # before the step: weights that gave a NaN are never saved
@@ -130,7 +131,7 @@ def train_epoch(model, loader, optimizer, loss_fn, scaler, d: Dist, cfg: Any, st
 
 def validate(model: nn.Module, loader: Any, d: Dist, cfg_train: Any, loss_fn: nn.Module, desc: str) -> dict[str, Any]:
     """Loss, labels and probabilities over the val shard of every process, gathered."""
-    part = predict_loader(unwrap(model), loader, d.device, amp_dtype(d.device, cfg_train), loss_fn,
+    part = predict_loader(unwrap(model), loader, choose_precision(d.device, cfg_train), loss_fn,
                           desc=desc, progress=d.is_main)
     parts = gather(part, d)
     n = sum(len(p["labels"]) for p in parts)
@@ -139,14 +140,15 @@ def validate(model: nn.Module, loader: Any, d: Dist, cfg_train: Any, loss_fn: nn
             "probs": np.concatenate([p["probs"] for p in parts])}
 
 
-def validation_images(model: nn.Module, data: PreparedData, n: int) -> list[tuple[np.ndarray, str]]:
+def validation_images(model: nn.Module, data: PreparedData, n: int, cfg_train: Any) -> list[tuple[np.ndarray, str]]:
     """A few val images (boxed first, then positives) overlaid with the model's own heatmap."""
     rows = list(data.rows["val"])
     records = data.cache.records
     order = sorted(rows, key=lambda r: (not records[r].scored_boxes, records[r].label != 1))[:n]
     captions = [f"{records[r].source} {records[r].id} label={records[r].label}" for r in order]
     return overlays(unwrap(model), [data.cache.image(r) for r in order],
-                    [data.cache.boxes_in_cache_frame(r) for r in order], captions, data.mean, data.std)
+                    [data.cache.boxes_in_cache_frame(r) for r in order], captions, data.mean, data.std,
+                    choose_precision(next(model.parameters()).device, cfg_train))
 
 
 # --------------------------------------------------------------------------- the run
@@ -175,10 +177,12 @@ def setup(cfg: Any, d: Dist) -> tuple[nn.Module, PreparedData, torch.optim.Optim
     data = main_first(d, lambda: prepare_data(cfg.data, progress=d.is_main))
     if d.is_main:
         print(f"data: {data.summary()}", flush=True)
-    if cfg.train.channels_last and d.device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    precision = choose_precision(d.device, cfg.train)
+    if d.is_main:
+        print(f"compute: {describe_precision(precision, cfg.train)}", flush=True)
+    model = precision.layout(model)
     optimizer = build_optimizer(model, cfg.train)
-    scaler = torch.amp.GradScaler(d.device.type, enabled=amp_dtype(d.device, cfg.train) == torch.float16)
+    scaler = torch.amp.GradScaler(d.device.type, enabled=precision.needs_loss_scaling)
     return model, data, optimizer, scaler, build_loss(cfg.train, data, d.device)
 
 
@@ -239,7 +243,8 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
     train_loader = split_loader(data, "train", cfg.data, batch, train=True, seed=cfg.train.seed,
                                 rank=d.rank, world_size=d.world_size)
     val_loader = split_loader(data, "val", cfg.data, cfg.eval.batch_size, train=False, rank=d.rank, world_size=d.world_size)
-    tracker = Tracker(run.root, cfg.logging, config=to_dict(cfg), enabled=d.is_main,
+    precision = choose_precision(d.device, cfg.train).name
+    tracker = Tracker(run.root, cfg.logging, config={**to_dict(cfg), "precision": precision}, enabled=d.is_main,
                       run_id=None if saved is None else saved.get("wandb_run_id"))
     try:
         _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
@@ -247,7 +252,7 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
     except BaseException:
         tracker.finish(exit_code=1)
         raise
-    summary = _summary(run, state, tracker, started)
+    summary = {**_summary(run, state, tracker, started), "precision": precision}
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     if run.best.exists():
         tracker.log_artifact(run.best, f"{run.root.name}-best")
@@ -308,6 +313,7 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
 
     train_model = stage(state.epoch)
     config_dict = to_dict(cfg)
+    precision = choose_precision(d.device, cfg.train).name
     prevalence = data.prevalence("train")
     # The image-blind localization floor, from the training split only; it travels with the weights.
     prior = box_prior([data.cache.boxes_in_cache_frame(int(r)) for r in data.rows["train"]], data.cache.image_size)
@@ -367,16 +373,16 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
                         "model": weights, "config": config_dict, "epoch": epoch + 1, "val_loss": val["loss"],
                         "val_metrics": metrics, "normalization": {"mean": float(data.mean), "std": float(data.std)},
                         "threshold_youden": youden_threshold(val["labels"], val["probs"]) if both else None,
-                        "prior": prior, "wandb_run_id": tracker.id,
+                        "prior": prior, "wandb_run_id": tracker.id, "precision": precision,
                         "pos_weight": None if loss_fn.pos_weight is None else float(loss_fn.pos_weight)})
                 save_checkpoint(run.last, {
                     "model": weights, "optimizer": optimizer.state_dict(),
                     "scheduler": None if scheduler is None else scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "loop": asdict(state), "config": config_dict,
-                    "wandb_run_id": tracker.id})
+                    "wandb_run_id": tracker.id, "precision": precision})
                 tracker.log_epoch(epoch + 1, row, state.global_step)
                 if tracker.run is not None and cfg.logging.n_val_images > 0:
-                    tracker.log_images("val/heatmaps", validation_images(model, data, cfg.logging.n_val_images),
+                    tracker.log_images("val/heatmaps", validation_images(model, data, cfg.logging.n_val_images, cfg.train),
                                        state.global_step)
                 bar.set_postfix(val_loss=f"{val['loss']:.4f}", auroc=f"{metrics['auroc']:.3f}", lr=f"{lr:.1e}")
                 bar.update()

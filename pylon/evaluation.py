@@ -30,7 +30,8 @@ from pylon.config import ConfigError
 from pylon.data.pipeline import ALL, PreparedData, prepare_data, split_loader
 from pylon.data.sources import source_root
 from pylon.heatmaps import heatmaps, methods_for
-from pylon.inference import TrainedRun, bar_disabled, image_heatmaps, load_run, predict_loader
+from pylon.device import bar_disabled
+from pylon.inference import TrainedRun, image_heatmaps, load_run, predict_loader
 from pylon.metrics import (LOCALIZATION_METRICS, POINTING_KEY, argmax_points, bootstrap_ci, by_group,
                            classification_metrics, classification_rows, energy_in_box, expected_calibration_error,
                            jsonable, laterality_hits, pointing_game)
@@ -70,7 +71,7 @@ def predict_split(trained: TrainedRun, data: PreparedData, split: str, embedding
     loader = split_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
     weight = trained.info.get("pos_weight")  # training's: val's loss is then the one best.pt was chosen on
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if weight is None else torch.tensor([weight], device=trained.device))
-    out = predict_loader(trained.model, loader, trained.device, trained.dtype, loss_fn,
+    out = predict_loader(trained.model, loader, trained.precision, loss_fn,
                          desc=f"{split} predictions", embeddings=embeddings)
     records = [data.cache.records[r] for r in out["rows"]]
     return SplitPredictions(split, out["rows"], out["labels"], out["probs"].astype(np.float64),
@@ -160,7 +161,7 @@ def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Seque
         boxes = [cache.boxes_in_cache_frame(r) for r in batch_rows]
         boxes_original = [np.asarray(cache.records[r].scored_boxes) for r in batch_rows]
         for m in methods:
-            maps = heatmaps(trained.model, batch["image"], m, prior=trained.prior).numpy()  # pylon: float64
+            maps = heatmaps(trained.model, batch["image"], m, trained.prior, trained.precision).numpy()  # pylon: float64
             points = argmax_points(maps, size)
             original = np.concatenate([cache.to_original(r, pt[None]) for r, pt in zip(batch_rows, points)])
             values = outcome.values[m]
@@ -237,7 +238,8 @@ def classification_figures(evaluated: SplitPredictions, youden: Optional[float],
 
 
 def _heatmaps(trained: TrainedRun, data: PreparedData, images: Sequence[np.ndarray], method: str) -> np.ndarray:
-    return image_heatmaps(trained.model, images, data.mean, data.std, method, trained.prior, trained.cfg.eval.batch_size)
+    return image_heatmaps(trained.model, images, data.mean, data.std, method, trained.prior, trained.cfg.eval.batch_size,
+                          trained.precision)
 
 
 def _caption(data: PreparedData, row: int, prob: float) -> str:

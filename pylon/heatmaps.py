@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pylon.device import Precision
 from pylon.metrics import box_mask, upsample
 from pylon.models import BaselineClassifier, Pylon, unwrap
 
@@ -96,10 +97,12 @@ def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, method: str) -> to
     return torch.from_numpy(maps).float()
 
 
-def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optional[torch.Tensor] = None) -> torch.Tensor:
+def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optional[torch.Tensor] = None,
+             precision: Optional[Precision] = None) -> torch.Tensor:
     """(N, h, w) CPU heatmaps of ``images`` (N, n_in, H, W), normalised as for the model, by
     ``method``, one of ``methods_for(model)`` (see the module docstring); ``prior``: the run's
-    ``box_prior``, needed by the "prior" method only."""
+    ``box_prior``, needed by the "prior" method only; ``precision``: the forward pass's
+    (default fp32)."""
     model = unwrap(model)
     assert method in methods_for(model), (method, type(model).__name__)
     n, _, height, width = images.shape
@@ -109,13 +112,14 @@ def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optiona
         if prior is None:
             raise ValueError("the 'prior' method needs the run's box prior (its training split had no boxes)")
         return upsample(prior.float().cpu()[None], height, width).expand(n, height, width).clone()
-    x = images.to(next(model.parameters()).device)
+    precision = precision or Precision(next(model.parameters()).device)
+    x = precision.layout(images.to(precision.device))
     # Restore each submodule's own flag afterwards: a frozen encoder stays in eval while the rest trains.
     flags = [(module, module.training) for module in model.modules()]
     model.eval()
     try:
         if method in ("pylon", "cam"):
-            with torch.no_grad():
+            with torch.no_grad(), precision.autocast():
                 raw = model(x).heatmap[:, 0].float()
             # float64: a float32 sigmoid saturates to 1.0 above a logit of ~17, and the argmax of
             # a confident model's map would drift to the first of the tied maxima.

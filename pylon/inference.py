@@ -4,7 +4,6 @@ docs/heatmap_grid.py all go through here, so a model sees its inputs one way eve
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +21,7 @@ from pylon.config import ConfigError, load_config, restrict_overrides
 from pylon.data.cache import Geometry, resize_image
 from pylon.data.dataset import eval_transform
 from pylon.data.readers import ImageReadError, read_image
+from pylon.device import Precision, bar_disabled, choose_precision, resolve_device
 from pylon.heatmaps import heatmaps, methods_for
 from pylon.metrics import argmax_points, upsample
 from pylon.models import build_model
@@ -33,37 +33,8 @@ ALLOWED_OVERRIDES = ("eval.", "logging.", "train.device", "train.amp", "data.num
 MAX_OVERLAY_SIDE = 1024  # predict.py overlays of bigger originals are shrunk to this
 
 
-def amp_dtype(device: torch.device, cfg_train: Any) -> Optional[torch.dtype]:
-    """The autocast dtype, or None for full precision (always on CPU)."""
-    if device.type != "cuda" or not cfg_train.amp:
-        return None
-    if cfg_train.amp_dtype == "fp16" or (cfg_train.amp_dtype == "auto" and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
-
-
-def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type=device.type, dtype=dtype)
-
-
-def bar_disabled(show: bool) -> Optional[bool]:
-    """Progress bars only on a terminal (None lets tqdm check): in a log file each refresh is a line."""
-    return None if show else True
-
-
-def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
-    """``auto`` is the local GPU when there is one; a CUDA device asked for must exist."""
-    if preference == "auto":
-        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    device = torch.device(preference)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device {preference} asked for, but CUDA is not available here; use auto or cpu")
-    return torch.device(f"cuda:{local_rank}") if device.type == "cuda" and device.index is None else device
-
-
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader: Any, device: torch.device, dtype: Optional[torch.dtype],
-                   loss_fn: Optional[nn.Module] = None, desc: str = "predict", progress: bool = True,
+def predict_loader(model: nn.Module, loader: Any, precision: Precision, loss_fn: Optional[nn.Module] = None, desc: str = "predict", progress: bool = True,
                    embeddings: bool = False) -> dict:
     """Labels, probabilities, cache rows and the summed loss over a loader (plain model, not DDP);
     with ``embeddings``, also each image's deepest encoder map averaged over space, from the same pass."""
@@ -74,9 +45,10 @@ def predict_loader(model: nn.Module, loader: Any, device: torch.device, dtype: O
     ) if embeddings else None
     try:
         for batch in tqdm(loader, desc=desc, leave=False, disable=bar_disabled(progress)):
-            target = batch["label"].to(device)
-            with autocast(device, dtype):
-                logits = model(batch["image"].to(device, non_blocking=True)).logits.float()
+            target = batch["label"].to(precision.device)
+            images = precision.layout(batch["image"].to(precision.device, non_blocking=True))
+            with precision.autocast():
+                logits = model(images).logits.float()
             if loss_fn is not None:
                 loss_sum += float(loss_fn(logits, target)) * len(target)
             labels.append(target[:, 0].cpu().numpy())
@@ -97,11 +69,14 @@ class TrainedRun:
     paths: RunPaths
     cfg: Any
     model: nn.Module
-    device: torch.device
-    dtype: Optional[torch.dtype]  # autocast dtype on this device; None: full precision
+    precision: Precision  # the device and the precision it computes at (device.choose_precision)
     mean_std: tuple[float, float]  # the input normalisation the model was trained with
     prior: Optional[torch.Tensor]  # the training boxes' prior (None if that split had no boxes)
     info: dict  # the rest of best.pt: epoch, threshold_youden, wandb_run_id, ...
+
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
 
 
 def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str] = None) -> TrainedRun:
@@ -122,9 +97,9 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
     # The checkpoint holds every weight: never fetch ImageNet weights or a pretrain file.
     model = build_model(OmegaConf.merge(cfg.model, {"weights": None, "pretrain": None}))
     load_weights(model, state.pop("model"), str(run.best))
-    target = resolve_device(device or cfg.train.device)
+    precision = choose_precision(resolve_device(device or cfg.train.device), cfg.train)
     norm = state["normalization"]
-    return TrainedRun(run, cfg, model.to(target).eval(), target, amp_dtype(target, cfg.train),
+    return TrainedRun(run, cfg, precision.layout(model.to(precision.device)).eval(), precision,
                       (float(norm["mean"]), float(norm["std"])), state.get("prior"), state)
 
 
@@ -142,28 +117,29 @@ def file_input(path: Path, trained: TrainedRun) -> tuple[np.ndarray, np.ndarray,
     return original, resized, geometry, model_inputs([resized], *trained.mean_std)[0]
 
 
-def probabilities(model: nn.Module, batch: torch.Tensor, device: torch.device,
-                  dtype: Optional[torch.dtype] = None) -> np.ndarray:
-    with torch.no_grad(), autocast(device, dtype):
-        return torch.sigmoid(model(batch.to(device)).logits[:, 0].float()).cpu().numpy()
+def probabilities(model: nn.Module, batch: torch.Tensor, precision: Precision) -> np.ndarray:
+    with torch.no_grad(), precision.autocast():
+        return torch.sigmoid(model(precision.layout(batch.to(precision.device))).logits[:, 0].float()).cpu().numpy()
 
 
 def image_heatmaps(model: nn.Module, images: Sequence[np.ndarray], mean: float, std: float, method: str,
-                   prior: Optional[torch.Tensor] = None, batch_size: int = 32) -> np.ndarray:
+                   prior: Optional[torch.Tensor] = None, batch_size: int = 32,
+                   precision: Optional[Precision] = None) -> np.ndarray:
     """(N, h, w) ``method`` heatmaps of S x S uint8 images (already resized), ``batch_size`` at a
-    time; PYLON's keep their float64."""
+    time, computed at ``precision`` (default fp32); PYLON's keep their float64."""
     if not len(images):
         return np.zeros((0, 1, 1), dtype=np.float32)
     batch = model_inputs(images, mean, std)
-    return np.concatenate([heatmaps(model, part, method, prior=prior).numpy() for part in batch.split(batch_size)])
+    return np.concatenate([heatmaps(model, part, method, prior=prior, precision=precision).numpy()
+                           for part in batch.split(batch_size)])
 
 
 def overlays(model: nn.Module, images: Sequence[np.ndarray], boxes: Sequence[Any], captions: Sequence[str],
-             mean: float, std: float) -> list[tuple[np.ndarray, str]]:
+             mean: float, std: float, precision: Optional[Precision] = None) -> list[tuple[np.ndarray, str]]:
     """Images with the model's own heatmap, boxes and peak drawn (the W&B validation images)."""
     if not images:
         return []
-    maps = image_heatmaps(model, images, mean, std, methods_for(model)[0])
+    maps = image_heatmaps(model, images, mean, std, methods_for(model)[0], precision=precision)
     points = argmax_points(maps, images[0].shape)
     return [(plots.overlay(image, heat, b, p), caption)
             for image, heat, b, p, caption in zip(images, maps, boxes, points, captions)]
@@ -208,8 +184,8 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
         if not loaded:
             continue
         batch = torch.stack([entry[-1] for entry in loaded])
-        probs = probabilities(trained.model, batch, trained.device, trained.dtype)
-        maps = heatmaps(trained.model, batch, method, prior=trained.prior)
+        probs = probabilities(trained.model, batch, trained.precision)
+        maps = heatmaps(trained.model, batch, method, prior=trained.prior, precision=trained.precision)
         for (item, original, _, geometry, _), prob, heat in zip(loaded, probs, maps):
             cut, peak = _on_original(heat, geometry, size)
             item.probability, item.peak_x, item.peak_y, item.method = float(prob), float(peak[0]), float(peak[1]), method

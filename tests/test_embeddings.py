@@ -120,6 +120,7 @@ def test_probe_reads_a_signal_and_its_folds_keep_patients_apart():
 def test_embeddings_come_from_the_prediction_pass(arch):
     import torch
 
+    from pylon.device import Precision
     from pylon.inference import predict_loader
     from pylon.models import BaselineConfig, PylonConfig
 
@@ -128,10 +129,10 @@ def test_embeddings_come_from_the_prediction_pass(arch):
     images = torch.randn(5, 1, 64, 64)
     batches = [{"image": images[:3], "label": torch.zeros(3, 1), "row": np.arange(3)},
                {"image": images[3:], "label": torch.ones(2, 1), "row": np.arange(3, 5)}]
-    out = predict_loader(model, batches, torch.device("cpu"), None, embeddings=True, progress=False)
+    out = predict_loader(model, batches, Precision(torch.device("cpu")), embeddings=True, progress=False)
     with torch.no_grad():
         expected = model.encoder(images)[-1].mean(dim=(-2, -1)).numpy()
     assert out["embeddings"].shape == (5, 512)
     np.testing.assert_allclose(out["embeddings"], expected, rtol=1e-4, atol=1e-5)
     assert not model.encoder._forward_hooks  # the capture ends with the pass
-    assert "embeddings" not in predict_loader(model, batches, torch.device("cpu"), None, progress=False)
+    assert "embeddings" not in predict_loader(model, batches, Precision(torch.device("cpu")), progress=False)

@@ -23,7 +23,7 @@ from conftest import TRAIN_PY, read_wandb_records, run_folders, tiny_overrides, 
 from pylon.checkpoint import CheckpointError, load_checkpoint, load_weights
 from pylon.config import ConfigError, load_config, to_dict
 from pylon.data.pipeline import prepare_data
-from pylon.distributed import seed_everything
+from pylon.device import choose_precision, seed_everything
 from pylon.engine import TrainingDiverged, build_optimizer, build_scheduler
 from pylon.models import build_model
 from pylon.runs import RunPaths
@@ -141,6 +141,19 @@ def test_final_summary_names_best_epoch_and_paths(tiny_run):
     text = "\n".join(stdout)
     assert f"best epoch {summary['best_epoch']} of 2" in text
     assert f"wandb sync {wandb_dir}" in text  # offline: how to upload it later
+
+
+def test_run_records_the_precision_it_trained_at(tiny_run):
+    """Printed at the start, in the summary, in both checkpoints and in the W&B config."""
+    expected = choose_precision(torch.device("cpu"), load_config(RunPaths(tiny_run).config).train).name
+    stdout = (tiny_run.parent.parent / "train_stdout.txt").read_text().splitlines()
+    assert any(line.startswith(f"compute: {expected} on cpu (") for line in stdout)
+    assert json.loads(stdout[-1])["precision"] == expected
+    assert load_checkpoint(RunPaths(tiny_run).best)["precision"] == expected
+    assert load_checkpoint(RunPaths(tiny_run).last)["precision"] == expected
+    (wandb_dir,) = (tiny_run / "wandb").glob("offline-run-*")
+    (start,) = [r for r in read_wandb_records(wandb_dir) if r["type"] == "run"]
+    assert start["run"]["config"]["update"]["precision"] == expected
 
 
 def test_wandb_offline_run_holds_the_logged_keys(tiny_run, tiny_data, tmp_path):

@@ -70,7 +70,7 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     from pylon.data.pipeline import split_loader
     from pylon.distributed import Dist
     from pylon.engine import TrainingDiverged, setup, train_step
-    from pylon.inference import bar_disabled, resolve_device
+    from pylon.device import bar_disabled, resolve_device
     from pylon.runs import absolute_roots, check_writable, new_run
 
     d = Dist(device=resolve_device(cfg.train.device))

@@ -56,9 +56,9 @@ class BaselineClassifier(EncoderModel):
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         feats = self.features(x)
-        heatmap = F.conv2d(feats, self.fc.weight[:, :, None, None], self.fc.bias).float()  # fc at each location
-        if self.conf.pooling == "avg":
-            logits = self.fc(feats.mean(dim=(-2, -1))).float()
-        else:
-            logits = heatmap.amax(dim=(-2, -1))
+        # The classifier runs in float32 even under autocast, as PYLON's head does (bf16 CAMs tie).
+        with torch.autocast(x.device.type, enabled=False):
+            feats = feats.float()
+            heatmap = F.conv2d(feats, self.fc.weight[:, :, None, None], self.fc.bias)  # fc at each location
+            logits = self.fc(feats.mean(dim=(-2, -1))) if self.conf.pooling == "avg" else heatmap.amax(dim=(-2, -1))
         return ModelOutput(logits=logits, heatmap=heatmap)

@@ -78,12 +78,17 @@ class PyramidAttention(nn.Module):
         # when the 1/32 map is a multiple of 8 (inputs a multiple of 256). Ceil-mode pooling and
         # upsampling to the exact size of the level above meet at any size, and change nothing
         # at multiples of 8 (ceil == floor; align_corners upsampling to 2n == by a factor of 2).
-        d1 = self.down1(F.max_pool2d(x, 2, ceil_mode=True))
-        d2 = self.down2(F.max_pool2d(d1, 2, ceil_mode=True))
-        d3 = self.down3(F.max_pool2d(d2, 2, ceil_mode=True))
-        attn = upsample_to(self.lateral3(d3), d2.shape[-2:])
-        attn = upsample_to(self.lateral2(d2) + attn, d1.shape[-2:])
-        attn = upsample_to(self.lateral1(d1) + attn, x.shape[-2:])
+        # The pyramid runs in float32 even under autocast. Its maps are tiny and cheap, and
+        # oneDNN's bf16 weight gradient of the wide 7x7 conv is wrong (and varies run to run)
+        # on maps under 3x3: the 1/64 level of inputs under 160 px (the demo's 128 px gives 2x2).
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            d1 = self.down1(F.max_pool2d(x, 2, ceil_mode=True))
+            d2 = self.down2(F.max_pool2d(d1, 2, ceil_mode=True))
+            d3 = self.down3(F.max_pool2d(d2, 2, ceil_mode=True))
+            attn = upsample_to(self.lateral3(d3), d2.shape[-2:])
+            attn = upsample_to(self.lateral2(d2) + attn, d1.shape[-2:])
+            attn = upsample_to(self.lateral1(d1) + attn, x.shape[-2:])
         return attn * projected
 
 
@@ -138,8 +143,11 @@ class Pylon(EncoderModel):
             self.freeze_encoder()
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
-        # Under autocast the head output is half precision; the max and the loss want float32.
-        heatmap = self.head(self.decoder(self.encoder(x))).float().contiguous()
+        decoded = self.decoder(self.encoder(x))
+        # The 1x1 head runs in float32 even under autocast: in bf16 (8-bit mantissa) neighbouring
+        # logits would tie, rounding the max-pooled logit and moving the map's peak.
+        with torch.autocast(x.device.type, enabled=False):
+            heatmap = self.head(decoded.float()).contiguous()
         return ModelOutput(logits=heatmap.amax(dim=(-2, -1)), heatmap=heatmap)
 
 

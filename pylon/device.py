@@ -1,0 +1,111 @@
+"""Where the model runs and at what precision: one decision shared by training, validation,
+evaluation, prediction and the tools, plus seeding and the progress-bar policy.
+
+``train.amp`` (the default) takes the fastest precision that trains as well as fp32:
+
+* CUDA: autocast in bf16 where the GPU supports it, else fp16 with loss scaling
+  (``train.amp_dtype`` chooses); ``train.channels_last`` sets the memory layout.
+* A CPU with native bf16 arithmetic (AVX512-BF16 or AMX tiles): bf16 autocast, and the
+  channels_last layout unless ``train.channels_last=false``; about 4x fp32 on such CPUs
+  (``bench/model_speed.py``).
+* Any other CPU: fp32, since emulated bf16 is slower than fp32 there.
+
+``train.amp=false`` is fp32 everywhere, on CPU in the default contiguous layout (the
+reference path). Under autocast BatchNorm statistics, the loss and PYLON's sigmoid stay in
+float32 or wider; bf16 needs no loss scaling.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass
+from typing import Any, Optional, TypeVar
+
+import numpy as np
+import torch
+
+from pylon.config import ConfigError
+
+T = TypeVar("T", torch.Tensor, torch.nn.Module)
+
+
+def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
+    """``auto`` is the local GPU when there is one; a CUDA device asked for must exist."""
+    if preference == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    device = torch.device(preference)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {preference} asked for, but CUDA is not available here; use auto or cpu")
+    return torch.device(f"cuda:{local_rank}") if device.type == "cuda" and device.index is None else device
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), as oneDNN's bf16 kernels need."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How the model computes on ``device``: the autocast dtype (None: fp32) and the memory layout."""
+
+    device: torch.device
+    dtype: Optional[torch.dtype] = None
+    channels_last: bool = False
+
+    @property
+    def name(self) -> str:
+        """``bf16``, ``fp16`` or ``fp32``, with ``+channels_last`` when that layout is used."""
+        dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
+        return dtype + ("+channels_last" if self.channels_last else "")
+
+    @property
+    def needs_loss_scaling(self) -> bool:
+        return self.dtype == torch.float16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+
+    def layout(self, value: T) -> T:
+        """A model or an image batch in this precision's memory layout (unchanged when contiguous)."""
+        if not self.channels_last:
+            return value
+        if isinstance(value, torch.Tensor):
+            return value.contiguous(memory_format=torch.channels_last)
+        return value.to(memory_format=torch.channels_last)
+
+
+def choose_precision(device: torch.device, cfg_train: Any) -> Precision:
+    """The precision ``train.amp``, ``train.amp_dtype`` and ``train.channels_last`` give on ``device``."""
+    if device.type == "cuda":
+        dtype = None
+        if cfg_train.amp:
+            fp16 = cfg_train.amp_dtype == "fp16" or (cfg_train.amp_dtype == "auto" and not torch.cuda.is_bf16_supported())
+            dtype = torch.float16 if fp16 else torch.bfloat16
+        return Precision(device, dtype, bool(cfg_train.channels_last))
+    if device.type == "cpu" and cfg_train.amp and cpu_has_native_bf16():
+        return Precision(device, torch.bfloat16, bool(cfg_train.channels_last))
+    return Precision(device)
+
+
+def describe_precision(precision: Precision, cfg_train: Any) -> str:
+    """One line for the start of a run: the precision and why it was chosen."""
+    if not cfg_train.amp:
+        why = "train.amp=false"
+    elif precision.device.type == "cpu":
+        why = "this CPU has native bf16" if precision.dtype else "this CPU has no native bf16, which would be slower"
+    else:
+        why = f"train.amp=true, train.amp_dtype={cfg_train.amp_dtype}"
+    return f"{precision.name} on {precision.device} ({why})"
+
+
+def bar_disabled(show: bool) -> Optional[bool]:
+    """Progress bars only on a terminal (None lets tqdm check): in a log file each refresh is a line."""
+    return None if show else True
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
