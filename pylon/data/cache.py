@@ -188,7 +188,7 @@ def cache_key(records: Sequence[Record], *, image_size: int, resize: str) -> tup
         except OSError:
             files.append([record.id, path, -1, -1])  # missing now: the build reports why
     # The names and values below are frozen: changing any of them orphans every existing cache.
-    fingerprint = {"pixel_pipeline_version": 1, "reader_version": "1", "image_size": int(image_size),
+    fingerprint = {"pixel_pipeline_version": 1, "reader_version": "2", "image_size": int(image_size),
                    "resize": resize, "interpolation": "area-when-shrinking/cubic-when-growing", "pad_value": 0}
     digest = hashlib.sha256(json.dumps([fingerprint, files], separators=(",", ":")).encode())
     return f"s{int(image_size)}-{resize}-{digest.hexdigest()[:16]}", fingerprint

@@ -23,6 +23,7 @@ log = logging.getLogger(__name__)
 # pydicom logs whole tracebacks for files that read_image then reports in one line
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 _warned: set[str] = set()  # kinds of warning already given in this process
+DATA_RANGE_PERCENTILES = (0.5, 99.5)  # what a DICOM without a window is scaled by
 
 
 class ImageReadError(PylonError, ValueError):
@@ -131,21 +132,34 @@ def _dicom_to_uint8(values: np.ndarray, ds: pydicom.Dataset, inverted: bool) -> 
     has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
     if values.dtype == np.uint8 and not has_modality and not has_voi:  # all RSNA files: nothing to map
         return (255 - values) if inverted else values
-    # The output range is what the LUT chain makes of the extreme stored values, so a 12-bit
-    # image fills 0..255 and a window's bounds map to 0 and 255.
-    bits = int(ds.get("BitsStored", ds.BitsAllocated))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    extremes = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], np.int64)
     if has_modality:
-        values, extremes = apply_modality_lut(values, ds), apply_modality_lut(extremes, ds)
+        values = apply_modality_lut(values, ds)
     if has_voi:
-        values, extremes = apply_voi_lut(values, ds, index=0), apply_voi_lut(extremes, ds, index=0)
-    low, high = float(np.min(extremes)), float(np.max(extremes))
+        values, (low, high) = apply_voi_lut(values, ds, index=0), _voi_output_range(ds)
+    else:
+        # No window: fit the display to the pixel data, as viewers do. BitsStored only bounds
+        # the data (12-bit films declared 16 are common), and a few extreme pixels (markers,
+        # collimator edges) must not set the contrast.
+        low, high = (float(v) for v in np.percentile(values, DATA_RANGE_PERCENTILES))
+        if high <= low:
+            low, high = float(np.min(values)), float(np.max(values))
+        if high <= low:  # a flat image: black, as a flat PNG
+            return np.zeros(values.shape, np.uint8)
     if not np.isfinite([low, high]).all() or high <= low:
         raise ValueError(f"LUT/window output range [{low}, {high}] is empty")
     scaled = (values.astype(np.float32) - low) * np.float32(255.0 / (high - low))
     out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return (255 - out) if inverted else out
+
+
+def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """What the window or VOI LUT makes of the extreme stored values: a window's bounds map to 0
+    and 255 (its output spans what pydicom derives from BitsStored and the rescale)."""
+    bits = int(ds.get("BitsStored", ds.BitsAllocated))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    extremes = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], np.int64)
+    mapped = apply_voi_lut(apply_modality_lut(extremes, ds), ds, index=0)
+    return float(np.min(mapped)), float(np.max(mapped))
 
 
 def _read_with_pillow(path: Path) -> np.ndarray:
