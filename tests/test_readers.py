@@ -339,6 +339,19 @@ def test_dicom_without_pixel_data(tmp_path):
     expect_error(path, "no pixel data")
 
 
+@pytest.mark.parametrize("value", ["", None])
+def test_missing_photometric_interpretation_is_named(tmp_path, phantom, value):
+    path = write_dicom(tmp_path / "p.dcm", phantom(max_value=4095, dtype=np.uint16), transfer_syntax="explicit-little",
+                       bits_stored=12)
+    ds = pydicom.dcmread(path)
+    if value is None:
+        del ds.PhotometricInterpretation
+    else:
+        ds.PhotometricInterpretation = value
+    ds.save_as(path)
+    expect_error(path, "PhotometricInterpretation (0028,0004) is missing or empty")
+
+
 def test_multi_frame_dicom(tmp_path, phantom):
     path = write_dicom(tmp_path / "mf.dcm", np.stack([phantom()] * 3), transfer_syntax="explicit-little")
     expect_error(path, "multi-frame", "3 frames")

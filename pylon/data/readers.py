@@ -87,7 +87,10 @@ def _read_dicom(path: Path, has_preamble: bool, caught: list) -> np.ndarray:
     if frames != 1:
         raise ImageReadError(path, f"multi-frame DICOM ({frames} frames); expected a single radiograph")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    if not photometric:  # pydicom cannot decode without it either
+        raise ImageReadError(path, "DICOM PhotometricInterpretation (0028,0004) is missing or empty; "
+                                   "expected MONOCHROME1 or MONOCHROME2 for a radiograph")
     colour = samples == 3 or photometric == "PALETTE COLOR"  # secondary captures of films, mostly
     if not colour and (samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2")):
         raise ImageReadError(path, f"unsupported DICOM image ({photometric}, {samples} samples per pixel)")
