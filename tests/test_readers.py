@@ -239,6 +239,17 @@ def test_jpeg_modes_become_grey(tmp_path, phantom, mode):
     assert np.abs(result.astype(int) - pixels.astype(int)).mean() < 2.0
 
 
+def test_exif_orientation_is_applied(tmp_path, phantom):
+    stored = phantom(275, 388)  # 388 wide, 275 high, as the camera wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    result = read_image(path)
+    assert result.shape == (388, 275)  # 275 wide, 388 high, as every viewer shows it
+    assert np.abs(result.astype(int) - np.rot90(stored, k=-1).astype(int)).mean() < 2.0
+
+
 def test_transparent_pixels_become_black(tmp_path, phantom):
     rgba = np.dstack([phantom()] * 3 + [np.full(phantom().shape, 255, np.uint8)])
     rgba[:10, :, 3] = 0

@@ -1,8 +1,8 @@
 """Read any supported radiograph file into one 2-D uint8 array, bright = dense.
 
-DICOM (detected by content, every transfer syntax pydicom can decode), JPEG and PNG; colour
-becomes its luminance. Whatever cannot honestly become a single grey radiograph raises
-ImageReadError naming the file and why.
+DICOM (detected by content, every transfer syntax pydicom can decode), JPEG and PNG (turned as
+their EXIF Orientation says, as viewers show them); colour becomes its luminance. Whatever
+cannot honestly become a single grey radiograph raises ImageReadError naming the file and why.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import JPEGBaseline8Bit
 
@@ -174,7 +174,7 @@ def _read_with_pillow(path: Path) -> np.ndarray:
             if frames != 1:
                 raise ImageReadError(path, f"{image.format} has {frames} frames; expected one image")
             image.load()  # decode now, so truncation surfaces here
-            return _pillow_to_uint8(image)
+            return _pillow_to_uint8(ImageOps.exif_transpose(image))  # as viewers show it (EXIF Orientation)
     except UnidentifiedImageError:
         raise ImageReadError(path, "unknown file format; expected DICOM, JPEG or PNG") from None
     except Image.DecompressionBombError as error:
