@@ -201,6 +201,8 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
         raise ConfigError("data.balanced_sampler is not supported with several processes")
     if d.is_main and run is None:
         check_writable(cfg.logging.runs_dir)  # before minutes of caching, not after
+    if d.is_main:
+        check_writable(cfg.data.cache_dir, "data.cache_dir")
     absolute_roots(cfg.data)  # the run's config must find its data from any working directory
     saved = None
     if run is not None:

@@ -49,13 +49,15 @@ def find_run(run: Optional[Union[str, Path]], runs_dir: Union[str, Path] = "runs
     return RunPaths(run)
 
 
-def check_writable(runs_dir: Union[str, Path]) -> None:
-    """Fail at once, not after the data is cached, when runs cannot be written (nothing is created)."""
-    path = Path(runs_dir).resolve()
+def check_writable(folder: Union[str, Path], name: str = "logging.runs_dir") -> None:
+    """Fail at once, not after the data is loaded, when ``folder`` cannot be written (nothing is
+    created); the message names the config key or flag ``name`` that set it."""
+    path = Path(folder).resolve()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"logging.runs_dir={runs_dir} is not writable ({existing} is not a writable folder); "
-                          "set --set logging.runs_dir=<a folder you can write>")
+        fix = f"give {name} <a folder you can write>" if name.startswith("--") else \
+            f"set --set {name}=<a folder you can write>"
+        raise ConfigError(f"{name}={folder} is not writable ({existing} is not a writable folder); {fix}")
 
 
 def absolute_roots(data_cfg: Any) -> None:

@@ -238,6 +238,16 @@ def test_val_split_and_latest_run_and_user_errors(tiny_run, tmp_path):
         evaluate.main(["--run", str(edited)])
 
 
+def test_an_unwritable_out_fails_before_any_data_is_loaded(tiny_run, tmp_path, monkeypatch):
+    import pylon.evaluation
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(pylon.evaluation, "prepare_data", lambda *a, **k: pytest.fail("data loaded"))
+    with pytest.raises(ConfigError, match="--out=.*a-file/eval is not writable .*give --out <a folder you can write>"):
+        evaluate.main(["--run", str(tiny_run), "--out", str(blocker / "eval")])
+
+
 def external_rsna_roots(tiny_data: Path) -> list[Path]:
     """RSNA-layout folders to score a run on: the generated one, and real DICOMs when present."""
     from conftest import realdata_root

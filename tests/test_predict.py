@@ -177,6 +177,8 @@ def test_bad_flags_fail_in_one_line_naming_the_flag(tiny_run, tmp_path):
         predict.main([str(image), "--run", str(tiny_run), "--device", "banana"])
     with pytest.raises(ConfigError, match="--out .* is a file"):
         predict.main([str(image), "--run", str(tiny_run), "--out", str(image)])
+    with pytest.raises(ConfigError, match="--out=.*x.png/out is not writable .*; give --out <a folder you can write>"):
+        predict.main([str(image), "--run", str(tiny_run), "--out", str(image / "out")])
     with pytest.raises(ConfigError, match="is not a run folder"):
         predict.main([str(image), "--run", str(tmp_path)])
 

@@ -401,6 +401,15 @@ def test_unwritable_runs_folder_fails_before_any_data_work(tiny_data, tmp_path):
     assert not cache.exists()
 
 
+def test_unwritable_cache_folder_fails_in_one_line_naming_the_key(tiny_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="data.cache_dir=.*a-file/cache is not writable .*set --set data.cache_dir="):
+        train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, f"data.cache_dir={blocker / 'cache'}"))
+    assert run_folders(runs) == []
+
+
 def test_run_stores_absolute_data_roots_and_its_split_manifest(tiny_run):
     run = RunPaths(tiny_run)
     cfg = load_config(run.config)

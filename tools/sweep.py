@@ -278,7 +278,10 @@ def run_sweep(space: Space, config: str, overrides: list[str], trials: int, out:
     base_overrides = [*space.command_overrides, *fixed, *overrides]
     check_parameters(space, config, base_overrides)
     base = load_config(config, base_overrides)
-    check_writable(out or base.logging.runs_dir)
+    if out:
+        check_writable(out, "--out")
+    else:
+        check_writable(base.logging.runs_dir)
     setup = {"config": str(resolve_config_path(config).resolve()), "overrides": base_overrides, "space": space.raw}
     sweep_dir = Path(out) if out else new_run(Path(base.logging.runs_dir) / "sweeps", base.name).root
     if sweep_dir.exists() and not (sweep_dir / JOURNAL).is_file() and (
