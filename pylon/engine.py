@@ -10,6 +10,7 @@ step; validation shards the rows without padding and gathers predictions; rank 0
 from __future__ import annotations
 
 import math
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -173,6 +174,10 @@ def setup(cfg: Any, d: Dist) -> tuple[nn.Module, PreparedData, torch.optim.Optim
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(d.device)
     data = main_first(d, lambda: prepare_data(cfg.data, progress=d.is_main))
+    positives, n = int(data.cache.labels[data.rows["train"]].sum()), len(data.rows["train"])
+    if positives in (0, n):
+        raise ConfigError(f"the training split has {positives} positive images of {n}: a classifier needs both "
+                          "classes; check the labels or add data (data.sources)")
     if d.is_main:
         print(f"data: {data.summary()}", flush=True)
     if cfg.train.channels_last and d.device.type == "cuda":
@@ -192,7 +197,8 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
         on_epoch: Optional[Callable[[int, dict], bool]] = None) -> dict[str, Any]:
     """Train ``cfg`` into a new run folder, or continue ``run`` from its last.pt; the summary.
     ``on_epoch(epoch, history_row)`` is asked on rank 0 after each validation: True ends the run
-    after that epoch like an early stop (a sweep's pruner), so the folder stays a complete run."""
+    after that epoch like an early stop (a sweep's pruner), so the folder stays a complete run.
+    A new run that fails before its first epoch is removed."""
     started = time.time()
     d = init_distributed(cfg.train.device)
     if cfg.train.batch_size % d.world_size:
@@ -248,6 +254,8 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
                 train_loader, val_loader, on_epoch)
     except BaseException:
         tracker.finish(exit_code=1)
+        if d.is_main and not run.last.is_file():  # no epoch finished: nothing to resume or evaluate
+            shutil.rmtree(run.root, ignore_errors=True)
         raise
     summary = _summary(run, state, tracker, started)
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})

@@ -353,11 +353,11 @@ def test_nan_loss_or_a_loss_explosion_stops_cleanly_and_keeps_the_last_good_chec
     # A learning rate this large blows the weights up after one step: the next loss is NaN.
     with pytest.raises(TrainingDiverged, match=r"training \(epoch 1, step 2\) loss became nan.*none yet.*train\.lr"):
         train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, tmp_path / "runs", "train.lr=1e30"))
-    assert not (only_run(tmp_path / "runs").checkpoints).exists()
+    assert run_folders(tmp_path / "runs") == []  # diverged in epoch 1: no run, nothing left that looks like one
     # A finite explosion (loss ~1e19 at lr 1e6) is no success either.
     with pytest.raises(TrainingDiverged, match=r"training \(epoch 1, step 2\) loss became \d.*e\+"):
         train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, tmp_path / "runs2", "train.lr=1e6"))
-    assert not (only_run(tmp_path / "runs2").checkpoints).exists()
+    assert run_folders(tmp_path / "runs2") == []
 
     # Resumed after two good epochs with a learning rate that explodes the weights: the third
     # epoch diverges, and the epoch-2 checkpoints stay exactly as they were.
@@ -373,6 +373,28 @@ def test_nan_loss_or_a_loss_explosion_stops_cleanly_and_keeps_the_last_good_chec
     assert last_line.startswith("error: the training (epoch 3, step 2) loss became")
     assert f"{run.last} (epoch 2)" in last_line
     assert {p.name: sha256(p) for p in (run.last, run.best, run.history)} == before
+
+
+def test_a_failed_start_leaves_no_run_folder(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="no training batch: train.batch_size=1000 is larger than the training split"):
+        train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, "train.batch_size=1000"))
+    assert run_folders(runs) == []  # was: a folder of config.yaml and splits.csv that looked like a run
+
+
+def test_a_training_split_of_one_class_is_refused(tmp_path, phantom):
+    from PIL import Image
+
+    for split, n in (("train", 12), ("test", 2)):
+        folder = tmp_path / "kaggle" / "chest_xray" / split / "NORMAL"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(phantom(64, 64)).save(folder / f"IM-{i + 100 * (split == 'test'):04d}-0001.jpeg")
+    runs = tmp_path / "runs"
+    overrides = [*tiny_overrides(tmp_path, runs), "data.sources=[kaggle]", f"data.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(ConfigError, match="the training split has 0 positive images of 11: a classifier needs both"):
+        train("--config", "demo.yaml", "--set", *overrides)
+    assert run_folders(runs) == []
 
 
 def test_resume_accepts_only_settings_that_can_change_mid_run(tiny_run, tmp_path):
