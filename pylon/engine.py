@@ -9,6 +9,7 @@ step; validation shards the rows without padding and gathers predictions; rank 0
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import shutil
 import sys
@@ -33,7 +34,8 @@ from pylon.distributed import Dist, gather, init_distributed, main_first, seed_e
 from pylon.inference import amp_dtype, autocast, bar_disabled, overlays, predict_loader
 from pylon.metrics import classification_metrics, youden_threshold
 from pylon.models import build_model, unwrap
-from pylon.runs import RunPaths, absolute_roots, check_splits, check_writable, new_run, write_splits
+from pylon.runs import (RunPaths, absolute_roots, check_splits, check_writable, new_run, training_lock,
+                        write_splits)
 from pylon.tracking import Tracker
 
 ALL_EPOCHS_DONE = "all epochs done"
@@ -198,7 +200,13 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
     """Train ``cfg`` into a new run folder, or continue ``run`` from its last.pt; the summary.
     ``on_epoch(epoch, history_row)`` is asked on rank 0 after each validation: True ends the run
     after that epoch like an early stop (a sweep's pruner), so the folder stays a complete run.
-    A new run that fails before its first epoch is removed."""
+    The run is locked while it trains; a new run that fails before its first epoch is removed."""
+    with contextlib.ExitStack() as held:  # the run's training lock, released however fit ends
+        return _fit(cfg, run, on_epoch, held)
+
+
+def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, dict], bool]],
+         held: contextlib.ExitStack) -> dict[str, Any]:
     started = time.time()
     d = init_distributed(cfg.train.device)
     if cfg.train.batch_size % d.world_size:
@@ -214,6 +222,8 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
     if run is not None:
         if not run.last.is_file():
             raise ConfigError(f"{run.root} has no checkpoints/last.pt to resume from (no epoch of it finished)")
+        if d.is_main:
+            held.enter_context(training_lock(run))  # before minutes of caching
         saved = load_checkpoint(run.last)
     model, data, optimizer, scaler, loss_fn = setup(cfg, d)
     if run is not None and run.splits.is_file():
@@ -238,8 +248,10 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
             return _summary(run, state, None, started, note)
         state.stop_reason = None  # a finished run whose train.epochs was raised goes on
 
-    root = str((run or new_run(cfg.logging.runs_dir, cfg.name)).root) if d.is_main else None
-    run = RunPaths(Path(gather(root, d)[0]))
+    if d.is_main and run is None:
+        run = new_run(cfg.logging.runs_dir, cfg.name)
+        held.enter_context(training_lock(run))
+    run = RunPaths(Path(gather(str(run.root) if d.is_main else None, d)[0]))
     if d.is_main:
         run.config.write_text(to_yaml(cfg))  # written once the resume state was accepted
         write_splits(run.splits, data)

@@ -397,6 +397,74 @@ def test_a_training_split_of_one_class_is_refused(tmp_path, phantom):
     assert run_folders(runs) == []
 
 
+def _sleeper() -> "subprocess.Popen":
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_run_that_is_training_is_not_trained_a_second_time(tiny_run, tmp_path):
+    import socket
+
+    run = copy_run(tiny_run, tmp_path)
+    holder = _sleeper()  # a live process of this host stands for the first train.py
+    try:
+        run.lock.write_text(f"{socket.gethostname()} {holder.pid}\n")
+        with pytest.raises(ConfigError, match=rf"is being trained by another process \(.* {holder.pid}\); if no "
+                                              rf"training of it is running, delete {re.escape(str(run.lock))}"):
+            train("--resume", str(run.root), "--set", "train.epochs=3")
+    finally:
+        holder.kill()
+        holder.wait()
+    run.lock.write_text(f"another-host {holder.pid}\n")  # its processes cannot be asked: named, not taken
+    with pytest.raises(ConfigError, match="another process \\(another-host"):
+        train("--resume", str(run.root), "--set", "train.epochs=3")
+    assert len(pd.read_csv(run.history)) == 2
+
+    run.lock.write_text(f"{socket.gethostname()} {holder.pid}\n")  # left by a process that died: taken over
+    assert train("--resume", str(run.root), "--set", "train.epochs=3") == 0
+    assert len(pd.read_csv(run.history)) == 3 and not run.lock.exists()
+
+
+def test_a_new_run_is_locked_while_it_trains(tiny_data, tmp_path):
+    from pylon.engine import fit
+
+    cfg = load_config("demo.yaml", tiny_overrides(tiny_data, tmp_path / "runs", "train.epochs=1"))
+    seen = []
+    fit(cfg, on_epoch=lambda epoch, row: seen.append([p.name for p in only_run(tmp_path / "runs").root.iterdir()]))
+    assert "training.lock" in seen[0] and not only_run(tmp_path / "runs").lock.exists()
+
+
+def test_sigterm_stops_training_like_ctrl_c_and_names_the_run_to_resume(tiny_data, tmp_path):
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import quiet_wandb_env
+
+    runs = tmp_path / "runs"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **quiet_wandb_env(tmp_path / ".wandb-home")}
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), "--config", "demo.yaml", "--set",
+                             *tiny_overrides(tiny_data, runs, "train.epochs=1000")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(runs.glob("*/checkpoints/last.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    (run,) = run_folders(runs)
+    lines = error_lines(stderr)
+    assert lines[-1] == "interrupted" and "Traceback" not in stderr
+    assert lines[-2].endswith(f"resume with: python train.py --resume {shlex.quote(str(run))}")
+    assert not (run / "training.lock").exists()
+
+
 def test_resume_accepts_only_settings_that_can_change_mid_run(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path)
     config = run.config.read_text()
