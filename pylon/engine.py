@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import shlex
 import shutil
 import sys
 import time
@@ -412,7 +413,7 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
     except KeyboardInterrupt:
         if d.is_main and state.epoch:
             print(f"\ninterrupted in epoch {state.epoch + 1}; {run.last} holds epoch {state.epoch}; "
-                  f"resume with: python train.py --resume {run.root}", file=sys.stderr)
+                  f"resume with: python train.py --resume {shlex.quote(str(run.root))}", file=sys.stderr)
         raise
     finally:
         bar.close()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -69,7 +70,9 @@ class Tracker:
         self.id = self.run.id  # stored in the checkpoints, so a resumed run or its evaluation continues it
         self.mode = "offline" if self.run.settings._offline else "online"
         self.dir = Path(self.run.settings.sync_dir)
-        self.note = f"W&B {self.mode}: {self.dir}" + (f" (upload: wandb sync {self.dir})" if self.mode == "offline" else "")
+        self.note = f"W&B {self.mode}: {self.dir}"
+        if self.mode == "offline":
+            self.note += f" (upload: wandb sync {shlex.quote(str(self.dir))})"
 
     def _start(self, mode: Optional[str], start: dict) -> Any:
         """The W&B run in ``mode``, else offline with one line saying why; None if neither starts."""

@@ -136,6 +136,14 @@ def test_no_server_is_decided_within_the_trackers_own_timeout_not_wandbs_90_s(tm
     tracker.finish()
 
 
+def test_the_wandb_sync_hint_quotes_a_path_with_spaces(tmp_path):
+    import shlex
+
+    tracker = Tracker(tmp_path / "my runs" / "demo", logging_cfg())
+    tracker.finish()
+    assert f"(upload: wandb sync {shlex.quote(str(tracker.dir))})" in tracker.note and " '" in tracker.note
+
+
 def test_a_wandb_failure_mid_run_switches_tracking_off_and_history_goes_on(tmp_path, caplog):
     tracker = Tracker(tmp_path, logging_cfg())
     tracker.log_images("bad", [(np.zeros((4, 4, 7)), "seven channels")])  # wandb refuses the image

@@ -446,7 +446,7 @@ def test_sigterm_stops_training_like_ctrl_c_and_names_the_run_to_resume(tiny_dat
 
     from conftest import quiet_wandb_env
 
-    runs = tmp_path / "runs"
+    runs = tmp_path / "runs with a space"
     env = {**os.environ, "OMP_NUM_THREADS": "1", **quiet_wandb_env(tmp_path / ".wandb-home")}
     proc = subprocess.Popen([sys.executable, str(TRAIN_PY), "--config", "demo.yaml", "--set",
                              *tiny_overrides(tiny_data, runs, "train.epochs=1000")],
@@ -463,6 +463,12 @@ def test_sigterm_stops_training_like_ctrl_c_and_names_the_run_to_resume(tiny_dat
     assert lines[-1] == "interrupted" and "Traceback" not in stderr
     assert lines[-2].endswith(f"resume with: python train.py --resume {shlex.quote(str(run))}")
     assert not (run / "training.lock").exists()
+
+
+def test_printed_resume_hint_quotes_a_path_with_spaces():
+    text = train_module.format_summary({"run": "/data/my runs/demo-1", "best_checkpoint": "b", "last_checkpoint": "l",
+                                        "history": "h"})
+    assert "python train.py --resume '/data/my runs/demo-1'" in text
 
 
 def test_resume_accepts_only_settings_that_can_change_mid_run(tiny_run, tmp_path):

@@ -22,6 +22,7 @@ import argparse
 import glob
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,8 +308,8 @@ def run_sweep(space: Space, config: str, overrides: list[str], trials: int, out:
     try:
         study.optimize(objective, n_trials=trials, catch=errors, callbacks=[objective.report], gc_after_trial=True)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue the sweep with: python tools/sweep.py --space {space.path} "
-              f"--out {sweep_dir} --trials N (and the same --config/--set)", file=sys.stderr)
+        print(f"\ninterrupted; continue the sweep with: python tools/sweep.py --space {shlex.quote(str(space.path))} "
+              f"--out {shlex.quote(str(sweep_dir))} --trials N (and the same --config/--set)", file=sys.stderr)
         raise
     finally:
         table = write_table(study, space, base, sweep_dir / "sweep.csv")
