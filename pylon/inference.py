@@ -111,7 +111,9 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
     cfg = load_config(run.config, list(overrides))
     cfg.data.generate_demo = False  # only train.py writes demo data; a trained run reads what it was trained on
     if not run.best.is_file():
-        raise ConfigError(f"{run.root} has no checkpoints/best.pt: its training has not finished an epoch")
+        why = (f"it is missing, though {run.history.name} shows trained epochs (deleted or moved?)"
+               if run.history.is_file() else "its training has not finished an epoch")
+        raise ConfigError(f"{run.root} has no checkpoints/best.pt: {why}")
     state = load_checkpoint(run.best)
     stored = state.get("config", {}).get("model", {})
     ignored = {"weights", "pretrain", "freeze"}  # how training started, not what the weights are

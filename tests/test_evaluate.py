@@ -248,6 +248,14 @@ def test_an_unwritable_out_fails_before_any_data_is_loaded(tiny_run, tmp_path, m
         evaluate.main(["--run", str(tiny_run), "--out", str(blocker / "eval")])
 
 
+def test_a_run_whose_checkpoints_were_deleted_says_they_are_missing(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ConfigError, match="has no checkpoints/best.pt: it is missing, though history.csv shows "
+                                          "trained epochs"):
+        evaluate.main(["--run", str(run)])
+
+
 def external_rsna_roots(tiny_data: Path) -> list[Path]:
     """RSNA-layout folders to score a run on: the generated one, and real DICOMs when present."""
     from conftest import realdata_root
