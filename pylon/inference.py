@@ -31,6 +31,7 @@ from pylon.runs import RunPaths
 ALLOWED_OVERRIDES = ("eval.", "logging.", "train.device", "train.amp", "data.num_workers", "data.sources",
                      "data.cache_dir", "data.kaggle_root", "data.rsna_root", "data.roots", "data.roots.")
 MAX_OVERLAY_SIDE = 1024  # predict.py overlays of bigger originals are shrunk to this
+MIN_SIDE_FRACTION = 4  # predict.py warns when an image's longer side is under 1/4 of the model's input
 
 
 def amp_dtype(device: torch.device, cfg_train: Any) -> Optional[torch.dtype]:
@@ -207,6 +208,11 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
             except ImageReadError as err:
                 item.error = str(err)
                 tqdm.write(f"error: {err}", file=sys.stderr)
+            else:
+                h, w = loaded[-1][1].shape
+                if max(h, w) * MIN_SIDE_FRACTION < size:  # blown up from a few pixels: a number, not a finding
+                    tqdm.write(f"warning: {path} is {w}x{h} pixels, far smaller than the model's {size}x{size} "
+                               "input; its prediction means little", file=sys.stderr)
         if not loaded:
             continue
         batch = torch.stack([entry[-1] for entry in loaded])
