@@ -13,7 +13,7 @@ from PIL import Image
 
 from dicom_files import write_dicom
 from pylon.data.records import Box, DatasetLayoutError
-from pylon.data.sources import kaggle, rsna
+from pylon.data.sources import kaggle, nih, rsna
 from pylon.data.sources.kaggle import parse_patient
 from pylon.data.sources.rsna import parse_age
 
@@ -143,6 +143,22 @@ def test_rsna_warning_counts_every_malformed_kind(rsna_tree, caplog):
         "detail_class_conflict": 1,  # 'negbox' is Target 0 but 'Lung Opacity'
     }
     assert "missing_image: 1 (e.g. gone)" in caplog.text and "conflicting_target: 1 (e.g. conflict)" in caplog.text
+
+
+def test_rsna_warning_says_what_became_of_each_kind(rsna_tree, caplog):
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.rsna"):
+        rsna.index(rsna_tree)
+    for said in ("conflicting_target: 1 (e.g. conflict) -> patient dropped", "missing_image: 1 (e.g. gone) -> patient "
+                 "dropped", "box_clipped: 1 (e.g. clip (100, -10, 50, 30)) -> box clipped to the image",
+                 "positive_without_box: 2 (e.g. incomplete, nobox) -> image kept, not scored for localization"):
+        assert said in caplog.text
+
+
+@pytest.mark.parametrize("module", [rsna, kaggle, nih])
+def test_every_kind_of_indexing_problem_says_what_became_of_it(module):
+    source = Path(module.__file__).read_text()
+    kinds = {kind for key in re.findall(r"problems\[([^\]]+)\]", source) for kind in re.findall(r'"(\w+)"', key)}
+    assert kinds and kinds <= set(module.EFFECTS), kinds - set(module.EFFECTS)
 
 
 def test_read_labels_gives_raw_boxes_by_patient(rsna_tree):

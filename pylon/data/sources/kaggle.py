@@ -23,6 +23,11 @@ SPLITS = ("train", "val", "test")
 LABEL_FOLDERS = {"NORMAL": 0, "PNEUMONIA": 1}
 _PERSON = re.compile(r"(person\d+)_(bacteria|virus)_\d+(?:_\d+)*", re.IGNORECASE)
 _IM = re.compile(r"((?:NORMAL2-)?IM-\d+)(?:-\d+)+", re.IGNORECASE)
+EFFECTS = {  # what indexing does with each kind of problem, said in its warning
+    "unknown_folder": "folder skipped", "skipped_file": "file skipped (not .jpeg, .jpg or .png)",
+    "unparseable_name": "file name used as the patient", "label_name_conflict": "folder's label kept",
+    "duplicate_id": "kept, its extension added to its id",
+}
 
 
 def parse_patient(stem: str) -> tuple[Optional[str], Optional[str]]:
@@ -76,5 +81,5 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
                 records.append(Record(id=record_id, patient_id=patient, source="kaggle", path=str(entry),
                                       label=label, split=split, detail_class=detail))
     # The official split puts some children in train and test: split_records drops the leak and says so.
-    warn_problems(__name__, problems)
+    warn_problems(__name__, problems, EFFECTS)
     return records

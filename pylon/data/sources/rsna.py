@@ -30,6 +30,15 @@ LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 MAX_PLAUSIBLE_AGE = 120  # the official file has a few ages like 148 and 155: typos
 
 Problems = dict[str, list[str]]
+EFFECTS = {  # what indexing does with each kind of problem, said in its warning
+    "missing_patient_id": "label row ignored", "bad_target": "label row ignored",
+    "incomplete_box": "box ignored", "bad_box_value": "box ignored", "image_without_label": "image not used",
+    "conflicting_target": "patient dropped", "missing_image": "patient dropped",
+    "unreadable_header": "patient dropped", "implausible_age": "age unknown", "detail_class_conflict": "Target kept",
+    "negative_with_box": "boxes ignored, image kept as negative", "non_positive_box_size": "box dropped",
+    "box_outside_image": "box dropped", "box_clipped": "box clipped to the image", "duplicate_box": "copy dropped",
+    "positive_without_box": "image kept, not scored for localization",
+}
 
 
 class Header(NamedTuple):
@@ -83,7 +92,7 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
             problems["detail_class_conflict"].append(f"{patient} ({detail_class}, Target {label})")
         records.append(Record(id=patient, patient_id=patient, source="rsna", path=str(path), label=label,
                               boxes=boxes, view=header.view, age=age, sex=header.sex, detail_class=detail_class))
-    warn_problems(__name__, problems)
+    warn_problems(__name__, problems, EFFECTS)
     return records
 
 
