@@ -161,6 +161,19 @@ def test_every_kind_of_indexing_problem_says_what_became_of_it(module):
     assert kinds and kinds <= set(module.EFFECTS), kinds - set(module.EFFECTS)
 
 
+def test_rsna_finds_upper_case_dcm_files_and_names_broken_links(rsna_tree, caplog):
+    images = rsna_tree / "stage_2_train_images"
+    (images / "one.dcm").rename(images / "one.DCM")
+    (images / "neg.dcm").unlink()
+    (images / "neg.dcm").symlink_to(images / "moved-away.dcm")
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.rsna"):
+        by_id = {r.id: r for r in rsna.index(rsna_tree)}
+    assert Path(by_id["one"].path).name == "one.DCM" and by_id["one"].boxes == (Box(5, 5, 50, 60),)
+    counts = problem_counts(caplog, "pylon.data.sources.rsna")
+    assert counts["broken_symlink"] == 1 and counts["missing_image"] == 1  # 'neg' is broken, 'gone' missing
+    assert "broken_symlink: 1 (e.g. neg) -> patient dropped" in caplog.text and "neg" not in by_id
+
+
 def test_read_labels_gives_raw_boxes_by_patient(rsna_tree):
     targets, boxes = rsna.read_labels(rsna_tree / "stage_2_train_labels.csv")
     assert targets["conflict"] == {0, 1} and targets["neg"] == {0} and "badtarget" not in targets
@@ -296,6 +309,16 @@ def test_kaggle_records(tmp_path, caplog):
         "skipped_file": 1,
         "unknown_folder": 1,
     }
+
+
+def test_kaggle_broken_link_is_named_as_such_not_as_a_skipped_file(tmp_path, caplog):
+    root = write_kaggle_tree(tmp_path / "kaggle")
+    (root / "chest_xray" / "train" / "NORMAL" / "IM-0300-0001.jpeg").symlink_to(tmp_path / "elsewhere.jpeg")
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.kaggle"):
+        records = kaggle.index(root)
+    assert len(records) == 17
+    assert problem_counts(caplog, "pylon.data.sources.kaggle")["skipped_file"] == 1  # notes.txt only
+    assert "broken_symlink: 1 (e.g. train/NORMAL/IM-0300-0001.jpeg) -> file skipped" in caplog.text
 
 
 def test_kaggle_root_may_be_the_chest_xray_folder(tmp_path):

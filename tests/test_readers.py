@@ -299,6 +299,12 @@ def test_missing_file(tmp_path):
     assert isinstance(copy, ImageReadError) and str(copy) == str(error) and copy.path == error.path
 
 
+def test_broken_symlink_is_named_as_such(tmp_path):
+    link = tmp_path / "scan.dcm"
+    link.symlink_to(tmp_path / "moved" / "scan.dcm")
+    expect_error(link, f"broken symbolic link to {tmp_path / 'moved' / 'scan.dcm'}")
+
+
 def test_zero_byte_file(tmp_path):
     path = tmp_path / "empty.jpeg"
     path.touch()

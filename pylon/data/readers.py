@@ -7,6 +7,7 @@ cannot honestly become a single grey radiograph raises ImageReadError naming the
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
@@ -45,8 +46,11 @@ def read_image(path: str | Path) -> np.ndarray:
         with open(path, "rb") as handle:
             head = handle.read(132)
     except OSError as error:
-        missing = isinstance(error, FileNotFoundError)
-        raise ImageReadError(path, "file not found" if missing else f"cannot open file ({error})") from None
+        if isinstance(error, FileNotFoundError):
+            reason = f"broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "file not found"
+        else:
+            reason = f"cannot open file ({error})"
+        raise ImageReadError(path, reason) from None
     if not head:
         raise ImageReadError(path, "file is empty (0 bytes)")
     pillow_magic = head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"))

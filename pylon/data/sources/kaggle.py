@@ -26,7 +26,7 @@ _IM = re.compile(r"((?:NORMAL2-)?IM-\d+)(?:-\d+)+", re.IGNORECASE)
 EFFECTS = {  # what indexing does with each kind of problem, said in its warning
     "unknown_folder": "folder skipped", "skipped_file": "file skipped (not .jpeg, .jpg or .png)",
     "unparseable_name": "file name used as the patient", "label_name_conflict": "folder's label kept",
-    "duplicate_id": "kept, its extension added to its id",
+    "duplicate_id": "kept, its extension added to its id", "broken_symlink": "file skipped",
 }
 
 
@@ -62,6 +62,9 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
                 stem, suffix = os.path.splitext(entry.name)
                 if entry.name.startswith("."):
                     continue  # .DS_Store and friends
+                if entry.is_symlink() and not entry.exists():
+                    problems["broken_symlink"].append(where)
+                    continue
                 if suffix.lower() not in (".jpeg", ".jpg", ".png") or not entry.is_file():
                     problems["skipped_file"].append(where)
                     continue
