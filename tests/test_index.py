@@ -5,6 +5,7 @@ import csv
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -319,6 +320,15 @@ def test_kaggle_broken_link_is_named_as_such_not_as_a_skipped_file(tmp_path, cap
     assert len(records) == 17
     assert problem_counts(caplog, "pylon.data.sources.kaggle")["skipped_file"] == 1  # notes.txt only
     assert "broken_symlink: 1 (e.g. train/NORMAL/IM-0300-0001.jpeg) -> file skipped" in caplog.text
+
+
+def test_kaggle_root_without_its_test_folder_says_so(tmp_path, caplog):
+    root = write_kaggle_tree(tmp_path / "kaggle")
+    shutil.rmtree(root / "chest_xray" / "test")
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.kaggle"):
+        records = kaggle.index(root)
+    assert records and not [r for r in records if r.split == "test"]
+    assert f"kaggle: {root / 'chest_xray'} has no test/ folder, the official test split" in caplog.text
 
 
 def test_kaggle_root_may_be_the_chest_xray_folder(tmp_path):

@@ -8,6 +8,7 @@ patient is parsed from the file name so that a splitter keeps each child's image
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import defaultdict
@@ -83,6 +84,9 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
                 seen.add(record_id)
                 records.append(Record(id=record_id, patient_id=patient, source="kaggle", path=str(entry),
                                       label=label, split=split, detail_class=detail))
+    if not (base / "test").is_dir():  # e.g. only train/ was unpacked
+        logging.getLogger(__name__).warning("kaggle: %s has no test/ folder, the official test split: no Kaggle "
+                                            "image is in the test split", base)
     # The official split puts some children in train and test: split_records drops the leak and says so.
     warn_problems(__name__, problems, EFFECTS)
     return records
