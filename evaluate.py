@@ -41,9 +41,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                         help="override evaluation settings, e.g. --set eval.bootstrap=2000 train.device=cpu")
     args = parser.parse_args(argv)
 
-    from pylon.runs import find_run
+    from pylon.runs import check_writable, find_run
 
     run = find_run(args.run, args.runs_dir)  # before the heavy imports: a wrong --run fails at once
+    check_writable(args.out or run.eval_dir, "--out")  # not after the data was loaded
     from pylon.evaluation import evaluate_run
 
     overrides = list(args.overrides) + ([f"eval.split={args.split}"] if args.split else [])

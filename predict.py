@@ -27,13 +27,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from pylon.config import DEVICE_PATTERN, ConfigError
-    from pylon.runs import find_run
+    from pylon.runs import check_writable, find_run
 
     run = find_run(args.run, args.runs_dir)  # before the heavy imports: a wrong --run fails at once
     if args.device is not None and not re.fullmatch(DEVICE_PATTERN, args.device):
         raise ConfigError(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a folder for the overlays and predictions.csv")
+    check_writable(args.out or run.root / "predict", "--out")  # before the model is loaded
     import pandas as pd
 
     from pylon.inference import load_run, predict_files

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 from typing import Any, Optional, Sequence
 
 from pylon import cli
@@ -74,7 +75,8 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("stop_reason"):
         lines.append(f"stopped: {summary['stop_reason']}")
     lines += [f"best checkpoint: {summary['best_checkpoint']}",
-              f"last checkpoint: {summary['last_checkpoint']} (resume: python train.py --resume {summary['run']})",
+              f"last checkpoint: {summary['last_checkpoint']} (resume: python train.py --resume "
+              f"{shlex.quote(summary['run'])})",
               f"history: {summary['history']}"]
     if summary.get("wandb"):
         lines.append(summary["wandb"])

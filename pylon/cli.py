@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from typing import Callable, NoReturn, Optional, Sequence
 
@@ -26,8 +27,13 @@ def add_config_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
     )
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt  # a SIGTERM (kill, a scheduler's stop) ends a script as Ctrl-C does
+
+
 def run(main: Callable[[Optional[Sequence[str]]], int], argv: Optional[Sequence[str]] = None) -> NoReturn:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code = main(argv)
     except KeyboardInterrupt:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -170,10 +171,18 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     layer = OmegaConf.create(raw)
     if parent is None:
         return layer
-    parent_path = path.parent / parent
-    if not parent_path.is_file():
-        raise ConfigError(f"{path}: extends a file that does not exist: {parent_path}")
-    return OmegaConf.merge(_read_yaml(parent_path, seen + (path.resolve(),)), layer)
+    names = parent if isinstance(parent, list) else [parent]
+    if not names or not all(isinstance(name, str) and name for name in names):
+        raise ConfigError(f"{path}: 'extends' takes a file name or a list of file names, got {parent!r}")
+    layers = []
+    for name in names:  # merged in order: a later file's keys win
+        parent_path = path.parent / name
+        if parent_path.is_dir():
+            raise ConfigError(f"{path}: extends {parent_path}, which is a folder; name a config file")
+        if not parent_path.is_file():
+            raise ConfigError(f"{path}: extends a file that does not exist: {parent_path}")
+        layers.append(_read_yaml(parent_path, seen + (path.resolve(),)))
+    return OmegaConf.merge(*layers, layer)
 
 
 def _one_line(err: Exception, origin: str, override: str = "") -> ConfigError:
@@ -208,12 +217,28 @@ def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] =
     for item in overrides or ():  # one at a time, so that an error names its key
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"--set expects section.key=value, got '{item}'")
+        _refuse_list_items(cfg, item.split("=", 1)[0].strip())
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise _one_line(err, "--set", item) from None
     validate(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def _refuse_list_items(cfg: Any, key: str) -> None:
+    """``a.b[0]`` or ``a.b.0`` on a list: the dot-list merge fails with a TypeError naming no key,
+    and OmegaConf cannot set one item of a tuple, so a list is given whole."""
+    match = re.match(r"(.+?)(\[|\.\d+(?:\.|$))", key)
+    if match is None:
+        return
+    parent = match.group(1)
+    value = OmegaConf.select(cfg, parent, default=None)
+    is_list = isinstance(value, Sequence) and not isinstance(value, str)  # a ListConfig or a TupleConfig
+    if match.group(2) == "[" or is_list:
+        example = f"[{', '.join(map(str, value))}]" if is_list else "[...]"
+        raise ConfigError(f"--set {key}: items of a list cannot be set one by one; give the whole list, "
+                          f"e.g. --set {parent}={example}")
 
 
 def _require(ok: bool, message: str) -> None:

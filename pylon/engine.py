@@ -9,7 +9,10 @@ step; validation shards the rows without padding and gathers predictions; rank 0
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import shlex
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -33,7 +36,8 @@ from pylon.distributed import Dist, gather, init_distributed, main_first
 from pylon.inference import overlays, predict_loader
 from pylon.metrics import classification_metrics, youden_threshold
 from pylon.models import build_model, unwrap
-from pylon.runs import RunPaths, absolute_roots, check_splits, check_writable, new_run, write_splits
+from pylon.runs import (RunPaths, absolute_roots, check_splits, check_writable, new_run, training_lock,
+                        write_splits)
 from pylon.tracking import Tracker
 
 ALL_EPOCHS_DONE = "all epochs done"
@@ -175,6 +179,10 @@ def setup(cfg: Any, d: Dist) -> tuple[nn.Module, PreparedData, torch.optim.Optim
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(d.device)
     data = main_first(d, lambda: prepare_data(cfg.data, progress=d.is_main))
+    positives, n = int(data.cache.labels[data.rows["train"]].sum()), len(data.rows["train"])
+    if positives in (0, n):
+        raise ConfigError(f"the training split has {positives} positive images of {n}: a classifier needs both "
+                          "classes; check the labels or add data (data.sources)")
     if d.is_main:
         print(f"data: {data.summary()}", flush=True)
     precision = choose_precision(d.device, cfg.train)
@@ -196,7 +204,14 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
         on_epoch: Optional[Callable[[int, dict], bool]] = None) -> dict[str, Any]:
     """Train ``cfg`` into a new run folder, or continue ``run`` from its last.pt; the summary.
     ``on_epoch(epoch, history_row)`` is asked on rank 0 after each validation: True ends the run
-    after that epoch like an early stop (a sweep's pruner), so the folder stays a complete run."""
+    after that epoch like an early stop (a sweep's pruner), so the folder stays a complete run.
+    The run is locked while it trains; a new run that fails before its first epoch is removed."""
+    with contextlib.ExitStack() as held:  # the run's training lock, released however fit ends
+        return _fit(cfg, run, on_epoch, held)
+
+
+def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, dict], bool]],
+         held: contextlib.ExitStack) -> dict[str, Any]:
     started = time.time()
     d = init_distributed(cfg.train.device)
     if cfg.train.batch_size % d.world_size:
@@ -205,11 +220,15 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
         raise ConfigError("data.balanced_sampler is not supported with several processes")
     if d.is_main and run is None:
         check_writable(cfg.logging.runs_dir)  # before minutes of caching, not after
+    if d.is_main:
+        check_writable(cfg.data.cache_dir, "data.cache_dir")
     absolute_roots(cfg.data)  # the run's config must find its data from any working directory
     saved = None
     if run is not None:
         if not run.last.is_file():
             raise ConfigError(f"{run.root} has no checkpoints/last.pt to resume from (no epoch of it finished)")
+        if d.is_main:
+            held.enter_context(training_lock(run))  # before minutes of caching
         saved = load_checkpoint(run.last)
     model, data, optimizer, scaler, loss_fn = setup(cfg, d)
     if run is not None and run.splits.is_file():
@@ -234,8 +253,10 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
             return _summary(run, state, None, started, note)
         state.stop_reason = None  # a finished run whose train.epochs was raised goes on
 
-    root = str((run or new_run(cfg.logging.runs_dir, cfg.name)).root) if d.is_main else None
-    run = RunPaths(Path(gather(root, d)[0]))
+    if d.is_main and run is None:
+        run = new_run(cfg.logging.runs_dir, cfg.name)
+        held.enter_context(training_lock(run))
+    run = RunPaths(Path(gather(str(run.root) if d.is_main else None, d)[0]))
     if d.is_main:
         run.config.write_text(to_yaml(cfg))  # written once the resume state was accepted
         write_splits(run.splits, data)
@@ -251,6 +272,8 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
                 train_loader, val_loader, on_epoch)
     except BaseException:
         tracker.finish(exit_code=1)
+        if d.is_main and not run.last.is_file():  # no epoch finished: nothing to resume or evaluate
+            shutil.rmtree(run.root, ignore_errors=True)
         raise
     summary = {**_summary(run, state, tracker, started), "precision": precision}
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
@@ -396,7 +419,7 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
     except KeyboardInterrupt:
         if d.is_main and state.epoch:
             print(f"\ninterrupted in epoch {state.epoch + 1}; {run.last} holds epoch {state.epoch}; "
-                  f"resume with: python train.py --resume {run.root}", file=sys.stderr)
+                  f"resume with: python train.py --resume {shlex.quote(str(run.root))}", file=sys.stderr)
         raise
     finally:
         bar.close()

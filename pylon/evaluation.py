@@ -11,16 +11,20 @@ evaluation protocol says how each number is defined.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
+import shutil
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
@@ -308,7 +312,13 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     """Everything evaluate.py does; returns metrics.json's content and the files written."""
     trained = load_run(run, overrides)
     cfg = trained.cfg
-    split, n_boot, seed = cfg.eval.split, int(cfg.eval.bootstrap), int(cfg.train.seed)
+    split = cfg.eval.split
+    if out is None and _scores_other_data(cfg, run):
+        raise ConfigError(f"eval.split={split} with these data.sources and roots is not the run's own test data: give "
+                          f"--out DIR for its results, so that {run.eval_dir} stays the run's own evaluation")
+    if out is not None and Path(out).is_dir() and any(Path(out).iterdir()) and not Path(out, "metrics.json").is_file():
+        raise ConfigError(f"--out {out} holds files but no evaluation (no metrics.json): they would be replaced; "
+                          "give a new or empty folder")
     methods = resolve_methods(trained.model, list(cfg.eval.methods), trained.prior is not None) if localization else []
     data = prepare_data(cfg.data, split=split != ALL)
     if split != ALL and run.splits.is_file():  # exactly the images the run was selected and tested on
@@ -317,8 +327,54 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
         print(f"note: {run.root} has no split manifest (splits.csv); the split is derived again from the data")
     data = replace(data, mean=trained.mean_std[0], std=trained.mean_std[1])  # the model's own input contract
     out = run.eval_dir if out is None else Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    with replacing_folder(out) as folder:
+        metrics, outputs, figures, per_image, text = _evaluate_into(folder, trained, data, run, methods, embeddings)
+    outputs, figures = ([out / path.relative_to(folder) for path in paths] for paths in (outputs, figures))
 
+    prefix = "eval/" if split != ALL else "eval_external/"
+    tracker = Tracker(run.root, cfg.logging, run_id=trained.info.get("wandb_run_id"), job_type="eval")
+    tracker.summary({prefix.rstrip("/"): metrics})
+    tracker.log_table(f"{prefix}{split}_per_image", per_image)
+    for path in figures:  # one key per figure: W&B groups same-key images and wants one size
+        tracker.log_images(f"{prefix}figures/{path.stem}", [(np.asarray(Image.open(path).convert("RGB")), path.name)])
+    tracker.finish()
+    if tracker.dir is not None:
+        outputs.append(tracker.dir)
+    return EvaluationResult(metrics, outputs, text)
+
+
+def _scores_other_data(cfg: Any, run: RunPaths) -> bool:
+    """Whether this evaluation scores other images than the run's own split: eval.split=all, or
+    data.sources or a source's root changed by --set."""
+    stored = OmegaConf.load(run.config).data
+    roots = lambda data: {s: os.path.abspath(str(source_root(data, s))) for s in data.sources}  # noqa: E731
+    return cfg.eval.split == ALL or roots(cfg.data) != roots(stored)
+
+
+@contextlib.contextmanager
+def replacing_folder(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to write into, which replaces ``out`` whole once written: an
+    interrupted evaluation leaves the previous one as it was, never a mix of old and new files."""
+    partial, previous = (out.with_name(f".{out.name}.{kind}-{os.getpid()}") for kind in ("partial", "previous"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        yield partial
+        if out.exists():
+            os.rename(out, previous)
+        os.rename(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunPaths, methods: Sequence[str],
+                   embeddings: bool) -> tuple[dict, list[Path], list[Path], pd.DataFrame, str]:
+    """Predict, score and write ``out``: metrics.json's content, the files and figures written,
+    the per-image table and the printed tables."""
+    cfg = trained.cfg
+    split, n_boot, seed = cfg.eval.split, int(cfg.eval.bootstrap), int(cfg.train.seed)
     val = None if split == ALL else predict_split(trained, data, "val", embeddings and split == "val")
     evaluated = val if split == "val" else predict_split(trained, data, split, embeddings)
     youden = trained.info.get("threshold_youden")  # chosen on val when the run was trained
@@ -335,31 +391,9 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     text = [classification_table(classification)]
     per_image = evaluated.frame(data)
     outputs: list[Path] = []
-    if localization:
-        outcome = localize(trained, data, split, methods)
-        if outcome.rows.size == 0:
-            metrics["localization"] = {}
-            metrics["localization_note"] = f"no images with boxes in the {split} split: localization not scored"
-            text.append(metrics["localization_note"])
-        else:
-            views = [rsna_view(data.cache.records[int(r)]) for r in outcome.rows]
-            metrics["localization"] = localization_report(outcome, views, n_boot, seed)
-            if outcome.tolerance_px != 15.0:
-                metrics["localization_note"] = f"{POINTING_KEY} uses a tolerance of {outcome.tolerance_px:g} px"
-            figures += localization_figures(trained, data, outcome, dict(zip(evaluated.rows.tolist(),
-                                                                             evaluated.probs.tolist())), out)
-            frame = localization_frame(outcome, data)
-            frame.to_csv(out / "localization.csv", index=False)
-            outputs.append(out / "localization.csv")
-            for m in methods:
-                hits = frame[frame.method == m].set_index("id")
-                per_image[f"hit_{m}"] = per_image["id"].map(hits["point_acc_hit"])
-                per_image[f"{POINTING_KEY}_{m}"] = per_image["id"].map(hits[f"{POINTING_KEY}_hit"])
-            text.append(f"localization on {split} (images with >= 1 box; point_acc: argmax inside a box at the "
-                        f"{data.cache.image_size}px input; {POINTING_KEY}: within {outcome.tolerance_px:g}px of a box "
-                        "in the original image; energy_in_box: share of the min-max scaled map inside the boxes; "
-                        "laterality: peak on the boxes' side of the midline, images with boxes on one side only)\n"
-                        + localization_table(metrics["localization"]))
+    if methods:
+        added = _localization_into(out, trained, data, evaluated, methods, metrics, per_image)
+        figures, outputs, text = figures + added[0], added[1], text + added[2]
     if embeddings:  # imported here: numba compiles UMAP on import
         from pylon.embeddings import embedding_maps
 
@@ -370,14 +404,35 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     pd.concat([s.frame(data) for s in scored], ignore_index=True).to_csv(out / "predictions.csv", index=False)
     (out / "metrics.json").write_text(json.dumps(jsonable(metrics), indent=2) + "\n")
     outputs = [out / "metrics.json", out / "predictions.csv", *outputs, *figures]
+    return jsonable(metrics), outputs, figures, per_image, "\n\n".join(text)
 
-    prefix = "eval/" if split != ALL else "eval_external/"
-    tracker = Tracker(run.root, cfg.logging, run_id=trained.info.get("wandb_run_id"), job_type="eval")
-    tracker.summary({prefix.rstrip("/"): jsonable(metrics)})
-    tracker.log_table(f"{prefix}{split}_per_image", per_image)
-    for path in figures:  # one key per figure: W&B groups same-key images and wants one size
-        tracker.log_images(f"{prefix}figures/{path.stem}", [(np.asarray(Image.open(path).convert("RGB")), path.name)])
-    tracker.finish()
-    if tracker.dir is not None:
-        outputs.append(tracker.dir)
-    return EvaluationResult(jsonable(metrics), outputs, "\n\n".join(text))
+
+def _localization_into(out: Path, trained: TrainedRun, data: PreparedData, evaluated: SplitPredictions,
+                       methods: Sequence[str], metrics: dict, per_image: pd.DataFrame
+                       ) -> tuple[list[Path], list[Path], list[str]]:
+    """Score ``methods`` on the boxed images into ``metrics`` and ``per_image``; the figures, files
+    (localization.csv) and printed text it adds."""
+    split, n_boot, seed = trained.cfg.eval.split, int(trained.cfg.eval.bootstrap), int(trained.cfg.train.seed)
+    outcome = localize(trained, data, split, methods)
+    if outcome.rows.size == 0:
+        metrics["localization"] = {}
+        metrics["localization_note"] = f"no images with boxes in the {split} split: localization not scored"
+        return [], [], [metrics["localization_note"]]
+    views = [rsna_view(data.cache.records[int(r)]) for r in outcome.rows]
+    metrics["localization"] = localization_report(outcome, views, n_boot, seed)
+    if outcome.tolerance_px != 15.0:
+        metrics["localization_note"] = f"{POINTING_KEY} uses a tolerance of {outcome.tolerance_px:g} px"
+    figures = localization_figures(trained, data, outcome, dict(zip(evaluated.rows.tolist(),
+                                                                    evaluated.probs.tolist())), out)
+    frame = localization_frame(outcome, data)
+    frame.to_csv(out / "localization.csv", index=False)
+    for m in methods:
+        hits = frame[frame.method == m].set_index("id")
+        per_image[f"hit_{m}"] = per_image["id"].map(hits["point_acc_hit"])
+        per_image[f"{POINTING_KEY}_{m}"] = per_image["id"].map(hits[f"{POINTING_KEY}_hit"])
+    text = [f"localization on {split} (images with >= 1 box; point_acc: argmax inside a box at the "
+            f"{data.cache.image_size}px input; {POINTING_KEY}: within {outcome.tolerance_px:g}px of a box "
+            "in the original image; energy_in_box: share of the min-max scaled map inside the boxes; "
+            "laterality: peak on the boxes' side of the midline, images with boxes on one side only)\n"
+            + localization_table(metrics["localization"])]
+    return figures, [out / "localization.csv"], text

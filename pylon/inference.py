@@ -31,6 +31,7 @@ from pylon.runs import RunPaths
 ALLOWED_OVERRIDES = ("eval.", "logging.", "train.device", "train.amp", "data.num_workers", "data.sources",
                      "data.cache_dir", "data.kaggle_root", "data.rsna_root", "data.roots", "data.roots.")
 MAX_OVERLAY_SIDE = 1024  # predict.py overlays of bigger originals are shrunk to this
+MIN_SIDE_FRACTION = 4  # predict.py warns when an image's longer side is under 1/4 of the model's input
 
 
 @torch.no_grad()
@@ -86,7 +87,9 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
     cfg = load_config(run.config, list(overrides))
     cfg.data.generate_demo = False  # only train.py writes demo data; a trained run reads what it was trained on
     if not run.best.is_file():
-        raise ConfigError(f"{run.root} has no checkpoints/best.pt: its training has not finished an epoch")
+        why = (f"it is missing, though {run.history.name} shows trained epochs (deleted or moved?)"
+               if run.history.is_file() else "its training has not finished an epoch")
+        raise ConfigError(f"{run.root} has no checkpoints/best.pt: {why}")
     state = load_checkpoint(run.best)
     stored = state.get("config", {}).get("model", {})
     ignored = {"weights", "pretrain", "freeze"}  # how training started, not what the weights are
@@ -181,6 +184,11 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
             except ImageReadError as err:
                 item.error = str(err)
                 tqdm.write(f"error: {err}", file=sys.stderr)
+            else:
+                h, w = loaded[-1][1].shape
+                if max(h, w) * MIN_SIDE_FRACTION < size:  # blown up from a few pixels: a number, not a finding
+                    tqdm.write(f"warning: {path} is {w}x{h} pixels, far smaller than the model's {size}x{size} "
+                               "input; its prediction means little", file=sys.stderr)
         if not loaded:
             continue
         batch = torch.stack([entry[-1] for entry in loaded])

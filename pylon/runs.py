@@ -1,17 +1,20 @@
 """Where a run's files live, so train.py, evaluate.py and predict.py agree on one layout."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
+import socket
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 from pylon.config import ConfigError
 
 
 class RunPaths:
-    """``<run>/config.yaml``, ``checkpoints/{best,last}.pt``, ``history.csv`` and ``eval/``."""
+    """``<run>/config.yaml``, ``checkpoints/{best,last}.pt``, ``history.csv``, ``eval/`` and, while
+    a process trains the run, ``training.lock``."""
 
     def __init__(self, root: Union[str, Path]):
         self.root = Path(root)
@@ -21,6 +24,7 @@ class RunPaths:
         self.history = self.root / "history.csv"
         self.splits = self.root / "splits.csv"  # image ids per split: evaluation scores exactly these
         self.eval_dir = self.root / "eval"
+        self.lock = self.root / "training.lock"  # "<host> <pid>" of the process training the run
 
 
 def new_run(runs_dir: Union[str, Path], name: str) -> RunPaths:
@@ -49,13 +53,51 @@ def find_run(run: Optional[Union[str, Path]], runs_dir: Union[str, Path] = "runs
     return RunPaths(run)
 
 
-def check_writable(runs_dir: Union[str, Path]) -> None:
-    """Fail at once, not after the data is cached, when runs cannot be written (nothing is created)."""
-    path = Path(runs_dir).resolve()
+@contextlib.contextmanager
+def training_lock(run: RunPaths) -> Iterator[None]:
+    """Hold ``run.lock`` while this process trains ``run``, so that a second train.py on it is
+    refused; a lock left by a dead process of this host is taken over, any other is named."""
+    for attempt in (1, 2):
+        try:
+            handle = os.open(run.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
+            break
+        except FileExistsError:
+            holder = run.lock.read_text(errors="replace").strip() if run.lock.is_file() else ""
+            if attempt == 2 or not _dead_here(holder):
+                raise ConfigError(f"{run.root} is being trained by another process ({holder or 'unknown'}); "
+                                  f"if no training of it is running, delete {run.lock}") from None
+            run.lock.unlink(missing_ok=True)
+    with os.fdopen(handle, "w") as file:
+        file.write(f"{socket.gethostname()} {os.getpid()}\n")
+    try:
+        yield
+    finally:
+        run.lock.unlink(missing_ok=True)  # gone already when a failed start removed its run folder
+
+
+def _dead_here(holder: str) -> bool:
+    """Whether a lock's "<host> <pid>" names a process of this host that no longer exists."""
+    host, _, pid = holder.partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # it does, another user's
+        pass
+    return False
+
+
+def check_writable(folder: Union[str, Path], name: str = "logging.runs_dir") -> None:
+    """Fail at once, not after the data is loaded, when ``folder`` cannot be written (nothing is
+    created); the message names the config key or flag ``name`` that set it."""
+    path = Path(folder).resolve()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"logging.runs_dir={runs_dir} is not writable ({existing} is not a writable folder); "
-                          "set --set logging.runs_dir=<a folder you can write>")
+        fix = f"give {name} <a folder you can write>" if name.startswith("--") else \
+            f"set --set {name}=<a folder you can write>"
+        raise ConfigError(f"{name}={folder} is not writable ({existing} is not a writable folder); {fix}")
 
 
 def absolute_roots(data_cfg: Any) -> None:

@@ -1,14 +1,15 @@
 """Experiment tracking: a W&B run beside ``history.csv``, the run's record of truth.
 
 W&B decides its own mode (``logging.wandb_mode``, else ``WANDB_MODE``, else online); when an
-online start fails (no credentials, no network) the run is logged offline instead, so that
-``wandb sync`` can upload it later. A W&B error never stops training: tracking is switched off
-with one warning and ``history.csv`` goes on. Only rank 0 tracks.
+online start fails (no credentials, or no network: after 15 s, not wandb's 90) the run is
+logged offline instead, so that ``wandb sync`` can upload it later. A W&B error never stops
+training: tracking is switched off with one warning and ``history.csv`` goes on. Only rank 0 tracks.
 """
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
@@ -17,6 +18,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 STEP = "global_step"  # every W&B row carries it, and every metric is plotted against it
+ONLINE_INIT_TIMEOUT_S = 15  # how long an online start may wait for the server (WANDB_INIT_TIMEOUT overrides)
 
 
 def flatten(values: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -58,20 +60,9 @@ class Tracker:
         start = dict(project=logging_cfg.project, entity=logging_cfg.entity, name=self.run_dir.name,
                      config=config, dir=str(self.run_dir), id=run_id, resume="allow" if run_id else None,
                      job_type=job_type, reinit="create_new")
-        try:
-            self.run = wandb.init(mode=mode, **start)
-        except Exception as err:  # noqa: BLE001 - wandb raises many types (credentials, network, settings)
-            if mode == "offline":
-                self._off(f"wandb.init failed: {err}")
-                return
-            if not (mode is None and isinstance(err, wandb.errors.UsageError)):  # auto without a login: just offline
-                reason = " ".join(line.strip() for line in str(err).splitlines()[:3])  # pydantic names the field on line 2
-                print(f"W&B could not start online ({reason}); logging offline instead", flush=True)
-            try:
-                self.run = wandb.init(mode="offline", **start)
-            except Exception as err2:  # noqa: BLE001
-                self._off(f"wandb.init failed: {err2}")
-                return
+        self.run = self._start(mode, start)
+        if self.run is None:
+            return
         self.run.define_metric(STEP)
         self.run.define_metric("*", step_metric=STEP)
         # A run's summary val_loss is its best epoch's, what checkpointing (and a W&B sweep) selects on.
@@ -79,7 +70,32 @@ class Tracker:
         self.id = self.run.id  # stored in the checkpoints, so a resumed run or its evaluation continues it
         self.mode = "offline" if self.run.settings._offline else "online"
         self.dir = Path(self.run.settings.sync_dir)
-        self.note = f"W&B {self.mode}: {self.dir}" + (f" (upload: wandb sync {self.dir})" if self.mode == "offline" else "")
+        self.note = f"W&B {self.mode}: {self.dir}"
+        if self.mode == "offline":
+            self.note += f" (upload: wandb sync {shlex.quote(str(self.dir))})"
+
+    def _start(self, mode: Optional[str], start: dict) -> Any:
+        """The W&B run in ``mode``, else offline with one line saying why; None if neither starts."""
+        wandb = self._wandb
+        # wandb's own init timeout waits 90 s for a server it cannot reach before giving up
+        waited = os.environ.get("WANDB_INIT_TIMEOUT") or ONLINE_INIT_TIMEOUT_S
+        try:
+            return wandb.init(mode=mode, settings=wandb.Settings(init_timeout=float(waited)), **start)
+        except Exception as err:  # noqa: BLE001 - wandb raises many types (credentials, network, settings)
+            if mode == "offline":
+                self._off(f"wandb.init failed: {err}")
+                return None
+            if "timed out" in str(err).lower():
+                print(f"W&B did not answer within {waited} s; logging offline instead (on a slow network, "
+                      "set WANDB_INIT_TIMEOUT=<seconds>)", flush=True)
+            elif not (mode is None and isinstance(err, wandb.errors.UsageError)):  # auto without a login: just offline
+                reason = " ".join(line.strip() for line in str(err).splitlines()[:3])  # pydantic names the field on line 2
+                print(f"W&B could not start online ({reason}); logging offline instead", flush=True)
+        try:
+            return wandb.init(mode="offline", **start)
+        except Exception as err:  # noqa: BLE001
+            self._off(f"wandb.init failed: {err}")
+            return None
 
     def _off(self, reason: str) -> None:
         log.warning("W&B tracking switched off (%s); history.csv is still written", reason)

@@ -213,6 +213,34 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(image_folder, monk
     np.testing.assert_array_equal(again.image(0), cache.image(0))
 
 
+def test_a_cache_the_disk_cannot_hold_is_refused_before_writing(image_folder, monkeypatch):
+    records, cache_dir = image_folder
+    usage = shutil.disk_usage(cache_dir.parent)
+    monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
+    monkeypatch.setattr(cache_module.readers, "read_image", lambda path: pytest.fail("an image was read"))
+    with pytest.raises(cache_module.CacheWriteError) as err:
+        build_cache(records, cache_dir, image_size=SIZE, workers=1, progress=False)
+    message = str(err.value)
+    assert f"not enough free space for the image cache in {cache_dir}: it needs 0.02 GiB, 0.01 GiB are free" in message
+    assert "data.cache_dir" in message and "\n" not in message
+    assert list(cache_dir.iterdir()) == []
+
+
+def test_a_failed_cache_write_is_one_line_naming_the_folder(image_folder, monkeypatch):
+    import errno
+
+    records, cache_dir = image_folder
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(cache_module, "_cache_chunk", disk_full)
+    with pytest.raises(cache_module.CacheWriteError,
+                       match=f"cannot write the image cache in {cache_dir} \\(No space left on device\\); free space"):
+        build_cache(records, cache_dir, image_size=SIZE, workers=1, progress=False)
+    assert list(cache_dir.iterdir()) == []
+
+
 def test_a_malformed_dicom_is_reported_and_skipped(image_folder):
     records, cache_dir = image_folder
     bad = _record(12, Path(get_testdata_file("badVR.dcm")))  # NumberOfFrames is '1A'

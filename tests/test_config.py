@@ -127,6 +127,38 @@ def test_extends_is_relative_to_the_file_and_detects_loops(tmp_path):
         load_config(tmp_path / "a.yaml")
 
 
+@pytest.mark.parametrize("item, whole", [
+    ("data.sources[0]=rsna", "--set data.sources=[kaggle, rsna]"),
+    ("data.augment.crop_scale.0=0.5", "--set data.augment.crop_scale=[0.7, 1.0]"),
+    ("data.augment.crop_scale[1]=0.9", "--set data.augment.crop_scale=[0.7, 1.0]"),
+])
+def test_a_list_item_override_is_refused_naming_the_key_and_the_whole_list_form(item, whole):
+    with pytest.raises(ConfigError) as err:
+        load_config("pylon_r50.yaml", [item])
+    message = str(err.value)
+    assert message.startswith(f"--set {item.split('=')[0]}: items of a list cannot be set one by one")
+    assert whole in message and "\n" not in message
+
+
+def test_a_dict_key_that_looks_like_an_index_is_still_a_key():
+    assert load_config("pylon_r50.yaml", ["data.roots.0=/x"]).data.roots == {"0": "/x"}
+
+
+def test_extends_takes_a_list_merged_in_order(tmp_path):
+    write(tmp_path, "name: one\ntrain:\n  epochs: 7\n  lr: 0.5\n", "one.yaml")
+    write(tmp_path, "name: two\ntrain:\n  epochs: 9\n", "two.yaml")
+    cfg = load_config(write(tmp_path, "extends: [one.yaml, two.yaml]\ntrain:\n  batch_size: 3\n"))
+    assert (cfg.name, cfg.train.epochs, cfg.train.lr, cfg.train.batch_size) == ("two", 9, 0.5, 3)
+    with pytest.raises(ConfigError, match="'extends' takes a file name or a list of file names, got 5"):
+        load_config(write(tmp_path, "extends: 5\n"))
+
+
+def test_extends_naming_a_folder_says_it_is_a_folder(tmp_path):
+    (tmp_path / "configs").mkdir()
+    with pytest.raises(ConfigError, match="extends .*configs, which is a folder; name a config file"):
+        load_config(write(tmp_path, "extends: configs\n"))
+
+
 def test_resolved_yaml_round_trips(tmp_path):
     cfg = load_config("baseline_r18.yaml", ["train.epochs=2"])
     saved = write(tmp_path, to_yaml(cfg), "resolved.yaml")

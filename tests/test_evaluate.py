@@ -238,6 +238,65 @@ def test_val_split_and_latest_run_and_user_errors(tiny_run, tmp_path):
         evaluate.main(["--run", str(edited)])
 
 
+def test_an_unwritable_out_fails_before_any_data_is_loaded(tiny_run, tmp_path, monkeypatch):
+    import pylon.evaluation
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(pylon.evaluation, "prepare_data", lambda *a, **k: pytest.fail("data loaded"))
+    with pytest.raises(ConfigError, match="--out=.*a-file/eval is not writable .*give --out <a folder you can write>"):
+        evaluate.main(["--run", str(tiny_run), "--out", str(blocker / "eval")])
+
+
+def test_a_run_whose_checkpoints_were_deleted_says_they_are_missing(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    shutil.rmtree(run / "checkpoints")
+    with pytest.raises(ConfigError, match="has no checkpoints/best.pt: it is missing, though history.csv shows "
+                                          "trained epochs"):
+        evaluate.main(["--run", str(run)])
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_an_interrupted_evaluation_leaves_the_previous_one_whole(tiny_run, tmp_path, monkeypatch):
+    import pylon.evaluation
+
+    run = copy_run(tiny_run, tmp_path)
+    run_evaluate(run, "--split", "val", "--localization", "--set", "eval.bootstrap=0")
+    before = files_of(run / "eval")
+
+    def interrupted(*args, **kwargs):  # after the first figures of the new evaluation were written
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(pylon.evaluation, "misclassified_gallery", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            evaluate.main(["--run", str(run), "--set", "eval.bootstrap=0"])
+    assert files_of(run / "eval") == before  # not a mix of the test split's figures and val's metrics
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith(".")) == []
+
+    metrics = run_evaluate(run, "--set", "eval.bootstrap=0")  # completed: the previous files are all replaced
+    assert metrics["split"] == "test" and not (run / "eval" / "localization.csv").exists()
+
+
+def test_other_data_without_out_leaves_the_runs_own_evaluation_alone(tiny_run, tiny_data, tmp_path, monkeypatch):
+    import pylon.evaluation
+
+    run = copy_run(tiny_run, tmp_path)
+    monkeypatch.setattr(pylon.evaluation, "prepare_data", lambda *a, **k: pytest.fail("data loaded"))
+    for args in (["--split", "all"], ["--set", "data.sources=[rsna]"], ["--set", f"data.rsna_root={tmp_path}"]):
+        with pytest.raises(ConfigError, match=f"is not the run's own test data: give --out DIR for its results, "
+                                              f"so that {run / 'eval'} stays the run's own evaluation"):
+            evaluate.main(["--run", str(run), *args])
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="--out .*notes holds files but no evaluation"):
+        evaluate.main(["--run", str(run), "--out", str(tmp_path / "notes")])
+    assert not (run / "eval").exists() and (tmp_path / "notes" / "todo.txt").read_text() == "mine"
+
+
 def external_rsna_roots(tiny_data: Path) -> list[Path]:
     """RSNA-layout folders to score a run on: the generated one, and real DICOMs when present."""
     from conftest import realdata_root

@@ -5,6 +5,7 @@ import csv
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,7 @@ from PIL import Image
 
 from dicom_files import write_dicom
 from pylon.data.records import Box, DatasetLayoutError
-from pylon.data.sources import kaggle, rsna
+from pylon.data.sources import kaggle, nih, rsna
 from pylon.data.sources.kaggle import parse_patient
 from pylon.data.sources.rsna import parse_age
 
@@ -143,6 +144,35 @@ def test_rsna_warning_counts_every_malformed_kind(rsna_tree, caplog):
         "detail_class_conflict": 1,  # 'negbox' is Target 0 but 'Lung Opacity'
     }
     assert "missing_image: 1 (e.g. gone)" in caplog.text and "conflicting_target: 1 (e.g. conflict)" in caplog.text
+
+
+def test_rsna_warning_says_what_became_of_each_kind(rsna_tree, caplog):
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.rsna"):
+        rsna.index(rsna_tree)
+    for said in ("conflicting_target: 1 (e.g. conflict) -> patient dropped", "missing_image: 1 (e.g. gone) -> patient "
+                 "dropped", "box_clipped: 1 (e.g. clip (100, -10, 50, 30)) -> box clipped to the image",
+                 "positive_without_box: 2 (e.g. incomplete, nobox) -> image kept, not scored for localization"):
+        assert said in caplog.text
+
+
+@pytest.mark.parametrize("module", [rsna, kaggle, nih])
+def test_every_kind_of_indexing_problem_says_what_became_of_it(module):
+    source = Path(module.__file__).read_text()
+    kinds = {kind for key in re.findall(r"problems\[([^\]]+)\]", source) for kind in re.findall(r'"(\w+)"', key)}
+    assert kinds and kinds <= set(module.EFFECTS), kinds - set(module.EFFECTS)
+
+
+def test_rsna_finds_upper_case_dcm_files_and_names_broken_links(rsna_tree, caplog):
+    images = rsna_tree / "stage_2_train_images"
+    (images / "one.dcm").rename(images / "one.DCM")
+    (images / "neg.dcm").unlink()
+    (images / "neg.dcm").symlink_to(images / "moved-away.dcm")
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.rsna"):
+        by_id = {r.id: r for r in rsna.index(rsna_tree)}
+    assert Path(by_id["one"].path).name == "one.DCM" and by_id["one"].boxes == (Box(5, 5, 50, 60),)
+    counts = problem_counts(caplog, "pylon.data.sources.rsna")
+    assert counts["broken_symlink"] == 1 and counts["missing_image"] == 1  # 'neg' is broken, 'gone' missing
+    assert "broken_symlink: 1 (e.g. neg) -> patient dropped" in caplog.text and "neg" not in by_id
 
 
 def test_read_labels_gives_raw_boxes_by_patient(rsna_tree):
@@ -280,6 +310,25 @@ def test_kaggle_records(tmp_path, caplog):
         "skipped_file": 1,
         "unknown_folder": 1,
     }
+
+
+def test_kaggle_broken_link_is_named_as_such_not_as_a_skipped_file(tmp_path, caplog):
+    root = write_kaggle_tree(tmp_path / "kaggle")
+    (root / "chest_xray" / "train" / "NORMAL" / "IM-0300-0001.jpeg").symlink_to(tmp_path / "elsewhere.jpeg")
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.kaggle"):
+        records = kaggle.index(root)
+    assert len(records) == 17
+    assert problem_counts(caplog, "pylon.data.sources.kaggle")["skipped_file"] == 1  # notes.txt only
+    assert "broken_symlink: 1 (e.g. train/NORMAL/IM-0300-0001.jpeg) -> file skipped" in caplog.text
+
+
+def test_kaggle_root_without_its_test_folder_says_so(tmp_path, caplog):
+    root = write_kaggle_tree(tmp_path / "kaggle")
+    shutil.rmtree(root / "chest_xray" / "test")
+    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.kaggle"):
+        records = kaggle.index(root)
+    assert records and not [r for r in records if r.split == "test"]
+    assert f"kaggle: {root / 'chest_xray'} has no test/ folder, the official test split" in caplog.text
 
 
 def test_kaggle_root_may_be_the_chest_xray_folder(tmp_path):

@@ -170,6 +170,16 @@ def test_heatmap_grid_figure_draws_a_row_per_image_and_a_column_per_method(tiny_
         grid.main([str(image), "--run", str(tiny_run), "--methods", "gradcam", "--out", str(tmp_path / "x.png")])
 
 
+def test_an_image_far_smaller_than_the_model_input_is_warned_about(tiny_run, tmp_path, capsys):
+    tiny, normal = tmp_path / "tiny.png", tmp_path / "normal.png"
+    Image.fromarray(np.zeros((3, 3), np.uint8)).save(tiny)
+    Image.fromarray(make_phantom(64, 64)).save(normal)
+    assert predict.main([str(tiny), str(normal), "--run", str(tiny_run), "--out", str(tmp_path / "out")]) == 0
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {tiny} is 3x3 pixels, far smaller than the model's 64x64 input; "
+                        "its prediction means little"]
+
+
 def test_bad_flags_fail_in_one_line_naming_the_flag(tiny_run, tmp_path):
     image = tmp_path / "x.png"
     Image.fromarray(make_phantom(64, 64)).save(image)
@@ -177,6 +187,8 @@ def test_bad_flags_fail_in_one_line_naming_the_flag(tiny_run, tmp_path):
         predict.main([str(image), "--run", str(tiny_run), "--device", "banana"])
     with pytest.raises(ConfigError, match="--out .* is a file"):
         predict.main([str(image), "--run", str(tiny_run), "--out", str(image)])
+    with pytest.raises(ConfigError, match="--out=.*x.png/out is not writable .*; give --out <a folder you can write>"):
+        predict.main([str(image), "--run", str(tiny_run), "--out", str(image / "out")])
     with pytest.raises(ConfigError, match="is not a run folder"):
         predict.main([str(image), "--run", str(tmp_path)])
 

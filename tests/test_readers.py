@@ -51,19 +51,53 @@ def test_8bit_monochrome2_is_returned_unchanged(tmp_path, phantom):
     np.testing.assert_array_equal(image, pixels)
 
 
+def data_range(values: np.ndarray) -> np.ndarray:
+    """A film without a window onto 0..255 by the 0.5th and 99.5th percentiles of its values, as
+    a viewer fits the display to the data (written out independently of the reader)."""
+    low, high = np.percentile(values.astype(np.float64), [0.5, 99.5])
+    return np.rint(np.clip((values.astype(np.float64) - low) / (high - low), 0, 1) * 255).astype(np.uint8)
+
+
 @pytest.mark.parametrize("bits", [10, 12, 16])
-def test_high_bit_depth_is_scaled_by_bits_stored(tmp_path, phantom, bits):
+def test_high_bit_depth_without_window_is_scaled_by_its_data(tmp_path, phantom, bits):
     pixels = phantom(max_value=2**bits - 1, dtype=np.uint16)
     path = write_dicom(tmp_path / "a.dcm", pixels, transfer_syntax="explicit-little", bits_stored=bits)
     image = read_image(path)
-    assert_close(image, scale(pixels, 0, 2**bits - 1), max_error=0)
+    assert_close(image, data_range(pixels))
     assert image.min() == 0 and image.max() == 255
 
 
-def test_12bit_data_that_uses_part_of_its_range_is_not_stretched(tmp_path, phantom):
-    pixels = phantom(max_value=1000, dtype=np.uint16)
-    path = write_dicom(tmp_path / "a.dcm", pixels, transfer_syntax="explicit-little", bits_stored=12)
-    assert_close(read_image(path), scale(pixels, 0, 4095), max_error=0)
+def test_12bit_film_declared_16_bits_is_not_black(tmp_path, phantom):
+    pixels = phantom(max_value=4095, dtype=np.uint16)
+    path = write_dicom(tmp_path / "a.dcm", pixels, transfer_syntax="explicit-little", bits_stored=16)
+    image = read_image(path)  # scaled by BitsStored it was 0..16: black
+    assert_close(image, data_range(pixels))
+    assert image.min() == 0 and image.max() == 255
+
+
+def test_signed_film_with_rescale_and_no_window_is_not_flat_grey(tmp_path, phantom):
+    pixels = phantom(max_value=3000, dtype=np.uint16).astype(np.int16) - 1000
+    path = write_dicom(tmp_path / "s.dcm", pixels, transfer_syntax="explicit-little", bits_stored=16,
+                       RescaleSlope=1, RescaleIntercept=-1024)
+    assert pydicom.dcmread(path).PixelRepresentation == 1
+    image = read_image(path)  # scaled by the signed 16-bit range it was 124..135: flat grey
+    assert_close(image, data_range(pixels - 1024.0))
+    assert image.min() == 0 and image.max() == 255
+
+
+def test_a_few_extreme_pixels_do_not_set_the_contrast(tmp_path, phantom):
+    pixels = phantom(max_value=2000, dtype=np.uint16) + np.uint16(1000)
+    pixels[0, :3] = 65535  # a burnt-in marker
+    path = write_dicom(tmp_path / "m.dcm", pixels, transfer_syntax="explicit-little", bits_stored=16)
+    image = read_image(path)
+    assert_close(image, data_range(pixels))
+    assert np.median(image) > 50  # scaled by the marker, the film would be near black
+
+
+def test_flat_film_without_window_is_black(tmp_path):
+    path = write_dicom(tmp_path / "f.dcm", np.full((8, 8), 700, np.uint16), transfer_syntax="explicit-little",
+                       bits_stored=12)
+    np.testing.assert_array_equal(read_image(path), np.zeros((8, 8), np.uint8))
 
 
 @pytest.mark.parametrize("bits,dtype", [(8, np.uint8), (12, np.uint16)])
@@ -73,6 +107,16 @@ def test_monochrome1_is_inverted(tmp_path, phantom, bits, dtype):
                         photometric="MONOCHROME1", bits_stored=bits)
     mono2 = write_dicom(tmp_path / "m2.dcm", pixels, transfer_syntax="explicit-little", bits_stored=bits)
     np.testing.assert_array_equal(read_image(mono1), 255 - read_image(mono2))
+
+
+def test_monochrome1_film_declared_16_bits_is_inverted_over_its_data_or_window(tmp_path, phantom):
+    pixels = phantom(max_value=4095, dtype=np.uint16)
+    plain = write_dicom(tmp_path / "m1.dcm", pixels, transfer_syntax="explicit-little",
+                        photometric="MONOCHROME1", bits_stored=16)
+    assert_close(read_image(plain), 255 - data_range(pixels))  # scaled by BitsStored it was white
+    windowed = write_dicom(tmp_path / "m1w.dcm", pixels, transfer_syntax="explicit-little",
+                           photometric="MONOCHROME1", bits_stored=16, WindowCenter=2048, WindowWidth=2048)
+    assert_close(read_image(windowed), 255 - dicom_window(pixels, 2048, 2048))
 
 
 def test_window_center_and_width_are_applied(tmp_path, phantom):
@@ -91,12 +135,19 @@ def test_window_on_rescaled_values(tmp_path, phantom):
     assert_close(read_image(path), dicom_window(pixels * 2.0 - 1000, 3000, 2000))
 
 
-def test_rescale_without_window_keeps_full_range(tmp_path, phantom):
+def test_rescale_without_window_is_scaled_by_the_rescaled_data(tmp_path, phantom):
     pixels = phantom(max_value=4095, dtype=np.uint16)
     path = write_dicom(tmp_path / "r.dcm", pixels, transfer_syntax="explicit-little", bits_stored=12,
-                       RescaleSlope=0.5, RescaleIntercept=-100)
-    # a linear modality LUT maps the stored range onto the output range one to one
-    assert_close(read_image(path), scale(pixels, 0, 4095))
+                       RescaleSlope=-0.5, RescaleIntercept=-100)
+    assert_close(read_image(path), data_range(pixels * -0.5 - 100))  # a negative slope inverts
+
+
+def test_windowed_film_uses_its_window_not_its_data_range(tmp_path, phantom):
+    pixels = phantom(max_value=4095, dtype=np.uint16)
+    path = write_dicom(tmp_path / "w.dcm", pixels, transfer_syntax="explicit-little", bits_stored=16,
+                       WindowCenter=1000, WindowWidth=1000)
+    # the window's bounds (500, 1500) map to 0 and 255, wherever the data lies
+    assert_close(read_image(path), dicom_window(pixels, 1000, 1000))
 
 
 def test_voi_lut_sequence_is_applied(tmp_path, phantom):
@@ -130,7 +181,7 @@ def test_lossless_syntaxes_decode_exactly(tmp_path, phantom, syntax, bits):
     pixels = phantom(max_value=2**bits - 1, dtype=dtype)
     path = write_dicom(tmp_path / f"{syntax}.dcm", pixels, transfer_syntax=syntax, bits_stored=bits)
     assert pydicom.dcmread(path).file_meta.TransferSyntaxUID == TRANSFER_SYNTAXES[syntax]
-    assert_close(read_image(path), scale(pixels, 0, 2**bits - 1), max_error=0)
+    assert_close(read_image(path), pixels if bits == 8 else data_range(pixels))
 
 
 def test_jpeg_baseline_decodes_within_jpeg_tolerance(tmp_path, phantom):
@@ -188,6 +239,17 @@ def test_jpeg_modes_become_grey(tmp_path, phantom, mode):
     assert np.abs(result.astype(int) - pixels.astype(int)).mean() < 2.0
 
 
+def test_exif_orientation_is_applied(tmp_path, phantom):
+    stored = phantom(275, 388)  # 388 wide, 275 high, as the camera wrote it
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees clockwise to display
+    path = tmp_path / "rotated.jpg"
+    Image.fromarray(stored).save(path, quality=95, exif=exif)
+    result = read_image(path)
+    assert result.shape == (388, 275)  # 275 wide, 388 high, as every viewer shows it
+    assert np.abs(result.astype(int) - np.rot90(stored, k=-1).astype(int)).mean() < 2.0
+
+
 def test_transparent_pixels_become_black(tmp_path, phantom):
     rgba = np.dstack([phantom()] * 3 + [np.full(phantom().shape, 255, np.uint8)])
     rgba[:10, :, 3] = 0
@@ -235,6 +297,12 @@ def test_missing_file(tmp_path):
     # survives the trip from a DataLoader worker to the main process
     copy = pickle.loads(pickle.dumps(error))
     assert isinstance(copy, ImageReadError) and str(copy) == str(error) and copy.path == error.path
+
+
+def test_broken_symlink_is_named_as_such(tmp_path):
+    link = tmp_path / "scan.dcm"
+    link.symlink_to(tmp_path / "moved" / "scan.dcm")
+    expect_error(link, f"broken symbolic link to {tmp_path / 'moved' / 'scan.dcm'}")
 
 
 def test_zero_byte_file(tmp_path):
@@ -286,6 +354,19 @@ def test_truncated_dicom(tmp_path, phantom, syntax):
 def test_dicom_without_pixel_data(tmp_path):
     path = write_dicom(tmp_path / "header_only.dcm", None)
     expect_error(path, "no pixel data")
+
+
+@pytest.mark.parametrize("value", ["", None])
+def test_missing_photometric_interpretation_is_named(tmp_path, phantom, value):
+    path = write_dicom(tmp_path / "p.dcm", phantom(max_value=4095, dtype=np.uint16), transfer_syntax="explicit-little",
+                       bits_stored=12)
+    ds = pydicom.dcmread(path)
+    if value is None:
+        del ds.PhotometricInterpretation
+    else:
+        ds.PhotometricInterpretation = value
+    ds.save_as(path)
+    expect_error(path, "PhotometricInterpretation (0028,0004) is missing or empty")
 
 
 def test_multi_frame_dicom(tmp_path, phantom):

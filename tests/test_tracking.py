@@ -109,14 +109,39 @@ def test_online_without_credentials_falls_back_to_offline(tmp_path, capsys, monk
 
 
 def test_credentials_but_no_server_fall_back_to_offline(tmp_path, capsys, monkeypatch):
-    # wandb gives up after its init timeout (read when wandb is set up: before any run here).
     monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("WANDB_INIT_TIMEOUT", "3")
     tracker = Tracker(tmp_path / "no-network", logging_cfg("auto"))
     assert tracker.mode == "offline" and "wandb sync" in tracker.note
-    assert "could not start online" in capsys.readouterr().out
+    assert "W&B did not answer within 3 s; logging offline instead" in capsys.readouterr().out
     tracker.finish()
+
+
+def test_no_server_is_decided_within_the_trackers_own_timeout_not_wandbs_90_s(tmp_path, capsys, monkeypatch):
+    import time
+
+    from pylon import tracking
+
+    monkeypatch.setenv("WANDB_API_KEY", "a" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")
+    monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+    monkeypatch.setattr(tracking, "ONLINE_INIT_TIMEOUT_S", 2)  # 15 s in use: the test stands in for it
+    started = time.monotonic()
+    tracker = Tracker(tmp_path / "no-network", logging_cfg("online"))
+    assert time.monotonic() - started < 45  # wandb's own default waits 90 s
+    assert tracker.mode == "offline"
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "W&B did not answer within 2 s; logging offline instead" in out
+    tracker.finish()
+
+
+def test_the_wandb_sync_hint_quotes_a_path_with_spaces(tmp_path):
+    import shlex
+
+    tracker = Tracker(tmp_path / "my runs" / "demo", logging_cfg())
+    tracker.finish()
+    assert f"(upload: wandb sync {shlex.quote(str(tracker.dir))})" in tracker.note and " '" in tracker.note
 
 
 def test_a_wandb_failure_mid_run_switches_tracking_off_and_history_goes_on(tmp_path, caplog):

@@ -366,11 +366,11 @@ def test_nan_loss_or_a_loss_explosion_stops_cleanly_and_keeps_the_last_good_chec
     # A learning rate this large blows the weights up after one step: the next loss is NaN.
     with pytest.raises(TrainingDiverged, match=r"training \(epoch 1, step 2\) loss became nan.*none yet.*train\.lr"):
         train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, tmp_path / "runs", "train.lr=1e30"))
-    assert not (only_run(tmp_path / "runs").checkpoints).exists()
+    assert run_folders(tmp_path / "runs") == []  # diverged in epoch 1: no run, nothing left that looks like one
     # A finite explosion (loss ~1e19 at lr 1e6) is no success either.
     with pytest.raises(TrainingDiverged, match=r"training \(epoch 1, step 2\) loss became \d.*e\+"):
         train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, tmp_path / "runs2", "train.lr=1e6"))
-    assert not (only_run(tmp_path / "runs2").checkpoints).exists()
+    assert run_folders(tmp_path / "runs2") == []
 
     # Resumed after two good epochs with a learning rate that explodes the weights: the third
     # epoch diverges, and the epoch-2 checkpoints stay exactly as they were.
@@ -386,6 +386,102 @@ def test_nan_loss_or_a_loss_explosion_stops_cleanly_and_keeps_the_last_good_chec
     assert last_line.startswith("error: the training (epoch 3, step 2) loss became")
     assert f"{run.last} (epoch 2)" in last_line
     assert {p.name: sha256(p) for p in (run.last, run.best, run.history)} == before
+
+
+def test_a_failed_start_leaves_no_run_folder(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="no training batch: train.batch_size=1000 is larger than the training split"):
+        train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, "train.batch_size=1000"))
+    assert run_folders(runs) == []  # was: a folder of config.yaml and splits.csv that looked like a run
+
+
+def test_a_training_split_of_one_class_is_refused(tmp_path, phantom):
+    from PIL import Image
+
+    for split, n in (("train", 12), ("test", 2)):
+        folder = tmp_path / "kaggle" / "chest_xray" / split / "NORMAL"
+        folder.mkdir(parents=True)
+        for i in range(n):
+            Image.fromarray(phantom(64, 64)).save(folder / f"IM-{i + 100 * (split == 'test'):04d}-0001.jpeg")
+    runs = tmp_path / "runs"
+    overrides = [*tiny_overrides(tmp_path, runs), "data.sources=[kaggle]", f"data.cache_dir={tmp_path / 'cache'}"]
+    with pytest.raises(ConfigError, match="the training split has 0 positive images of 11: a classifier needs both"):
+        train("--config", "demo.yaml", "--set", *overrides)
+    assert run_folders(runs) == []
+
+
+def _sleeper() -> "subprocess.Popen":
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+
+
+def test_a_run_that_is_training_is_not_trained_a_second_time(tiny_run, tmp_path):
+    import socket
+
+    run = copy_run(tiny_run, tmp_path)
+    holder = _sleeper()  # a live process of this host stands for the first train.py
+    try:
+        run.lock.write_text(f"{socket.gethostname()} {holder.pid}\n")
+        with pytest.raises(ConfigError, match=rf"is being trained by another process \(.* {holder.pid}\); if no "
+                                              rf"training of it is running, delete {re.escape(str(run.lock))}"):
+            train("--resume", str(run.root), "--set", "train.epochs=3")
+    finally:
+        holder.kill()
+        holder.wait()
+    run.lock.write_text(f"another-host {holder.pid}\n")  # its processes cannot be asked: named, not taken
+    with pytest.raises(ConfigError, match="another process \\(another-host"):
+        train("--resume", str(run.root), "--set", "train.epochs=3")
+    assert len(pd.read_csv(run.history)) == 2
+
+    run.lock.write_text(f"{socket.gethostname()} {holder.pid}\n")  # left by a process that died: taken over
+    assert train("--resume", str(run.root), "--set", "train.epochs=3") == 0
+    assert len(pd.read_csv(run.history)) == 3 and not run.lock.exists()
+
+
+def test_a_new_run_is_locked_while_it_trains(tiny_data, tmp_path):
+    from pylon.engine import fit
+
+    cfg = load_config("demo.yaml", tiny_overrides(tiny_data, tmp_path / "runs", "train.epochs=1"))
+    seen = []
+    fit(cfg, on_epoch=lambda epoch, row: seen.append([p.name for p in only_run(tmp_path / "runs").root.iterdir()]))
+    assert "training.lock" in seen[0] and not only_run(tmp_path / "runs").lock.exists()
+
+
+def test_sigterm_stops_training_like_ctrl_c_and_names_the_run_to_resume(tiny_data, tmp_path):
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import quiet_wandb_env
+
+    runs = tmp_path / "runs with a space"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **quiet_wandb_env(tmp_path / ".wandb-home")}
+    proc = subprocess.Popen([sys.executable, str(TRAIN_PY), "--config", "demo.yaml", "--set",
+                             *tiny_overrides(tiny_data, runs, "train.epochs=1000")],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not list(runs.glob("*/checkpoints/last.pt")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-2000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    (run,) = run_folders(runs)
+    lines = error_lines(stderr)
+    assert lines[-1] == "interrupted" and "Traceback" not in stderr
+    assert lines[-2].endswith(f"resume with: python train.py --resume {shlex.quote(str(run))}")
+    assert not (run / "training.lock").exists()
+
+
+def test_printed_resume_hint_quotes_a_path_with_spaces():
+    text = train_module.format_summary({"run": "/data/my runs/demo-1", "best_checkpoint": "b", "last_checkpoint": "l",
+                                        "history": "h"})
+    assert "python train.py --resume '/data/my runs/demo-1'" in text
 
 
 def test_resume_accepts_only_settings_that_can_change_mid_run(tiny_run, tmp_path):
@@ -412,6 +508,15 @@ def test_unwritable_runs_folder_fails_before_any_data_work(tiny_data, tmp_path):
     with pytest.raises(ConfigError, match="logging.runs_dir=.*a-file/runs is not writable .*a-file is not a writable"):
         train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, blocker / "runs", f"data.cache_dir={cache}"))
     assert not cache.exists()
+
+
+def test_unwritable_cache_folder_fails_in_one_line_naming_the_key(tiny_data, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    runs = tmp_path / "runs"
+    with pytest.raises(ConfigError, match="data.cache_dir=.*a-file/cache is not writable .*set --set data.cache_dir="):
+        train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, f"data.cache_dir={blocker / 'cache'}"))
+    assert run_folders(runs) == []
 
 
 def test_run_stores_absolute_data_roots_and_its_split_manifest(tiny_run):

@@ -22,6 +22,7 @@ import argparse
 import glob
 import math
 import os
+import shlex
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -278,7 +279,10 @@ def run_sweep(space: Space, config: str, overrides: list[str], trials: int, out:
     base_overrides = [*space.command_overrides, *fixed, *overrides]
     check_parameters(space, config, base_overrides)
     base = load_config(config, base_overrides)
-    check_writable(out or base.logging.runs_dir)
+    if out:
+        check_writable(out, "--out")
+    else:
+        check_writable(base.logging.runs_dir)
     setup = {"config": str(resolve_config_path(config).resolve()), "overrides": base_overrides, "space": space.raw}
     sweep_dir = Path(out) if out else new_run(Path(base.logging.runs_dir) / "sweeps", base.name).root
     if sweep_dir.exists() and not (sweep_dir / JOURNAL).is_file() and (
@@ -304,8 +308,8 @@ def run_sweep(space: Space, config: str, overrides: list[str], trials: int, out:
     try:
         study.optimize(objective, n_trials=trials, catch=errors, callbacks=[objective.report], gc_after_trial=True)
     except KeyboardInterrupt:
-        print(f"\ninterrupted; continue the sweep with: python tools/sweep.py --space {space.path} "
-              f"--out {sweep_dir} --trials N (and the same --config/--set)", file=sys.stderr)
+        print(f"\ninterrupted; continue the sweep with: python tools/sweep.py --space {shlex.quote(str(space.path))} "
+              f"--out {shlex.quote(str(sweep_dir))} --trials N (and the same --config/--set)", file=sys.stderr)
         raise
     finally:
         table = write_table(study, space, base, sweep_dir / "sweep.csv")

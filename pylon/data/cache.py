@@ -39,12 +39,17 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
+from pylon import PylonError
 from pylon.data import readers
 from pylon.data.records import Record
 
 log = logging.getLogger(__name__)
 BUILDING_PREFIX = ".building-"
 GEOMETRY_FIELDS = ("orig_h", "orig_w", "scale_x", "scale_y", "pad_x", "pad_y")
+
+
+class CacheWriteError(PylonError):
+    """The image cache cannot be written where data.cache_dir points (a full disk, no permission)."""
 
 
 @dataclass(frozen=True)
@@ -137,14 +142,18 @@ def build_cache(records: Sequence[Record], cache_dir: Path, *, image_size: int, 
         shutil.rmtree(final, ignore_errors=True)  # a folder without meta.json is not a finished build
         _remove_stale_builds(cache_dir)
         building = cache_dir / f"{BUILDING_PREFIX}{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        building.mkdir(parents=True)
         try:
+            building.mkdir(parents=True)
+            _check_free_space(cache_dir, len(records) * image_size * image_size)
             _build_into(building, records, fingerprint, image_size, resize, workers, progress)
             try:
                 os.rename(building, final)
             except OSError:
                 if not (final / "meta.json").exists():
                     raise  # else another process finished the same cache first: use theirs
+        except OSError as error:  # a full disk, a lost mount, ...: one line, not a traceback
+            raise CacheWriteError(f"cannot write the image cache in {cache_dir} ({error.strerror or error}); free "
+                                  "space there or point data.cache_dir at another folder") from error
         finally:
             shutil.rmtree(building, ignore_errors=True)
         cache = _open(final, records)
@@ -155,6 +164,17 @@ def build_cache(records: Sequence[Record], cache_dir: Path, *, image_size: int, 
         n = len(cache.unreadable)
         log.warning("skipped %d unreadable image%s, see %s", n, "" if n == 1 else "s", final / "report.csv")
     return cache
+
+
+def _check_free_space(cache_dir: Path, image_bytes: int) -> None:
+    """Refuse a build the disk cannot hold: the images are written through a memory map, and a
+    full disk kills a process that writes one with SIGBUS ("Bus error"), not an OSError."""
+    needed = image_bytes + 16 * 2**20  # and the index, report and meta files
+    free = shutil.disk_usage(cache_dir).free
+    if free < needed:
+        raise CacheWriteError(f"not enough free space for the image cache in {cache_dir}: it needs "
+                              f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; free space there "
+                              "or point data.cache_dir at another folder")
 
 
 def _remove_stale_builds(cache_dir: Path) -> None:
@@ -188,7 +208,7 @@ def cache_key(records: Sequence[Record], *, image_size: int, resize: str) -> tup
         except OSError:
             files.append([record.id, path, -1, -1])  # missing now: the build reports why
     # The names and values below are frozen: changing any of them orphans every existing cache.
-    fingerprint = {"pixel_pipeline_version": 1, "reader_version": "1", "image_size": int(image_size),
+    fingerprint = {"pixel_pipeline_version": 1, "reader_version": "2", "image_size": int(image_size),
                    "resize": resize, "interpolation": "area-when-shrinking/cubic-when-growing", "pad_value": 0}
     digest = hashlib.sha256(json.dumps([fingerprint, files], separators=(",", ":")).encode())
     return f"s{int(image_size)}-{resize}-{digest.hexdigest()[:16]}", fingerprint

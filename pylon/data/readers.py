@@ -1,19 +1,20 @@
 """Read any supported radiograph file into one 2-D uint8 array, bright = dense.
 
-DICOM (detected by content, every transfer syntax pydicom can decode), JPEG and PNG; colour
-becomes its luminance. Whatever cannot honestly become a single grey radiograph raises
-ImageReadError naming the file and why.
+DICOM (detected by content, every transfer syntax pydicom can decode), JPEG and PNG (turned as
+their EXIF Orientation says, as viewers show them); colour becomes its luminance. Whatever
+cannot honestly become a single grey radiograph raises ImageReadError naming the file and why.
 """
 from __future__ import annotations
 
 import logging
+import os
 import re
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pydicom
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from pydicom.pixels import apply_color_lut, apply_modality_lut, apply_voi_lut, pixel_array
 from pydicom.uid import JPEGBaseline8Bit
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 # pydicom logs whole tracebacks for files that read_image then reports in one line
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)
 _warned: set[str] = set()  # kinds of warning already given in this process
+DATA_RANGE_PERCENTILES = (0.5, 99.5)  # what a DICOM without a window is scaled by
 
 
 class ImageReadError(PylonError, ValueError):
@@ -44,8 +46,11 @@ def read_image(path: str | Path) -> np.ndarray:
         with open(path, "rb") as handle:
             head = handle.read(132)
     except OSError as error:
-        missing = isinstance(error, FileNotFoundError)
-        raise ImageReadError(path, "file not found" if missing else f"cannot open file ({error})") from None
+        if isinstance(error, FileNotFoundError):
+            reason = f"broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "file not found"
+        else:
+            reason = f"cannot open file ({error})"
+        raise ImageReadError(path, reason) from None
     if not head:
         raise ImageReadError(path, "file is empty (0 bytes)")
     pillow_magic = head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"))
@@ -86,7 +91,10 @@ def _read_dicom(path: Path, has_preamble: bool, caught: list) -> np.ndarray:
     if frames != 1:
         raise ImageReadError(path, f"multi-frame DICOM ({frames} frames); expected a single radiograph")
     samples = int(ds.get("SamplesPerPixel", 1) or 1)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper()
+    photometric = str(ds.get("PhotometricInterpretation") or "").strip().upper()
+    if not photometric:  # pydicom cannot decode without it either
+        raise ImageReadError(path, "DICOM PhotometricInterpretation (0028,0004) is missing or empty; "
+                                   "expected MONOCHROME1 or MONOCHROME2 for a radiograph")
     colour = samples == 3 or photometric == "PALETTE COLOR"  # secondary captures of films, mostly
     if not colour and (samples != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2")):
         raise ImageReadError(path, f"unsupported DICOM image ({photometric}, {samples} samples per pixel)")
@@ -131,21 +139,34 @@ def _dicom_to_uint8(values: np.ndarray, ds: pydicom.Dataset, inverted: bool) -> 
     has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
     if values.dtype == np.uint8 and not has_modality and not has_voi:  # all RSNA files: nothing to map
         return (255 - values) if inverted else values
-    # The output range is what the LUT chain makes of the extreme stored values, so a 12-bit
-    # image fills 0..255 and a window's bounds map to 0 and 255.
-    bits = int(ds.get("BitsStored", ds.BitsAllocated))
-    signed = int(ds.get("PixelRepresentation", 0)) == 1
-    extremes = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], np.int64)
     if has_modality:
-        values, extremes = apply_modality_lut(values, ds), apply_modality_lut(extremes, ds)
+        values = apply_modality_lut(values, ds)
     if has_voi:
-        values, extremes = apply_voi_lut(values, ds, index=0), apply_voi_lut(extremes, ds, index=0)
-    low, high = float(np.min(extremes)), float(np.max(extremes))
+        values, (low, high) = apply_voi_lut(values, ds, index=0), _voi_output_range(ds)
+    else:
+        # No window: fit the display to the pixel data, as viewers do. BitsStored only bounds
+        # the data (12-bit films declared 16 are common), and a few extreme pixels (markers,
+        # collimator edges) must not set the contrast.
+        low, high = (float(v) for v in np.percentile(values, DATA_RANGE_PERCENTILES))
+        if high <= low:
+            low, high = float(np.min(values)), float(np.max(values))
+        if high <= low:  # a flat image: black, as a flat PNG
+            return np.zeros(values.shape, np.uint8)
     if not np.isfinite([low, high]).all() or high <= low:
         raise ValueError(f"LUT/window output range [{low}, {high}] is empty")
     scaled = (values.astype(np.float32) - low) * np.float32(255.0 / (high - low))
     out = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
     return (255 - out) if inverted else out
+
+
+def _voi_output_range(ds: pydicom.Dataset) -> tuple[float, float]:
+    """What the window or VOI LUT makes of the extreme stored values: a window's bounds map to 0
+    and 255 (its output spans what pydicom derives from BitsStored and the rescale)."""
+    bits = int(ds.get("BitsStored", ds.BitsAllocated))
+    signed = int(ds.get("PixelRepresentation", 0)) == 1
+    extremes = np.array([-(2 ** (bits - 1)), 2 ** (bits - 1) - 1] if signed else [0, 2**bits - 1], np.int64)
+    mapped = apply_voi_lut(apply_modality_lut(extremes, ds), ds, index=0)
+    return float(np.min(mapped)), float(np.max(mapped))
 
 
 def _read_with_pillow(path: Path) -> np.ndarray:
@@ -157,7 +178,7 @@ def _read_with_pillow(path: Path) -> np.ndarray:
             if frames != 1:
                 raise ImageReadError(path, f"{image.format} has {frames} frames; expected one image")
             image.load()  # decode now, so truncation surfaces here
-            return _pillow_to_uint8(image)
+            return _pillow_to_uint8(ImageOps.exif_transpose(image))  # as viewers show it (EXIF Orientation)
     except UnidentifiedImageError:
         raise ImageReadError(path, "unknown file format; expected DICOM, JPEG or PNG") from None
     except Image.DecompressionBombError as error:

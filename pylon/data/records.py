@@ -5,7 +5,7 @@ import io
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional
 
 from pylon import PylonError
 
@@ -59,9 +59,11 @@ def label_file(path: Path) -> io.StringIO:
     return io.StringIO(text, newline="")
 
 
-def warn_problems(module: str, problems: dict[str, list[str]]) -> None:
-    """One warning from a source module's logger: each kind of problem met, its count and a few examples."""
+def warn_problems(module: str, problems: dict[str, list[str]], effects: Mapping[str, str]) -> None:
+    """One warning from a source module's logger: each kind of problem met, its count, a few
+    examples and, from ``effects`` (kind -> what indexing did about it), what became of them."""
     kinds = "; ".join(f"{kind}: {len(examples)} (e.g. {', '.join(examples[:3])})"
+                      + (f" -> {effects[kind]}" if kind in effects else "")
                       for kind, examples in sorted(problems.items()) if examples)
     if kinds:
         logging.getLogger(module).warning("%s: problems found while indexing: %s", module.rsplit(".", 1)[-1], kinds)

@@ -8,6 +8,7 @@ patient is parsed from the file name so that a splitter keeps each child's image
 """
 from __future__ import annotations
 
+import logging
 import os
 import re
 from collections import defaultdict
@@ -23,6 +24,11 @@ SPLITS = ("train", "val", "test")
 LABEL_FOLDERS = {"NORMAL": 0, "PNEUMONIA": 1}
 _PERSON = re.compile(r"(person\d+)_(bacteria|virus)_\d+(?:_\d+)*", re.IGNORECASE)
 _IM = re.compile(r"((?:NORMAL2-)?IM-\d+)(?:-\d+)+", re.IGNORECASE)
+EFFECTS = {  # what indexing does with each kind of problem, said in its warning
+    "unknown_folder": "folder skipped", "skipped_file": "file skipped (not .jpeg, .jpg or .png)",
+    "unparseable_name": "file name used as the patient", "label_name_conflict": "folder's label kept",
+    "duplicate_id": "kept, its extension added to its id", "broken_symlink": "file skipped",
+}
 
 
 def parse_patient(stem: str) -> tuple[Optional[str], Optional[str]]:
@@ -57,6 +63,9 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
                 stem, suffix = os.path.splitext(entry.name)
                 if entry.name.startswith("."):
                     continue  # .DS_Store and friends
+                if entry.is_symlink() and not entry.exists():
+                    problems["broken_symlink"].append(where)
+                    continue
                 if suffix.lower() not in (".jpeg", ".jpg", ".png") or not entry.is_file():
                     problems["skipped_file"].append(where)
                     continue
@@ -75,6 +84,9 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
                 seen.add(record_id)
                 records.append(Record(id=record_id, patient_id=patient, source="kaggle", path=str(entry),
                                       label=label, split=split, detail_class=detail))
+    if not (base / "test").is_dir():  # e.g. only train/ was unpacked
+        logging.getLogger(__name__).warning("kaggle: %s has no test/ folder, the official test split: no Kaggle "
+                                            "image is in the test split", base)
     # The official split puts some children in train and test: split_records drops the leak and says so.
-    warn_problems(__name__, problems)
+    warn_problems(__name__, problems, EFFECTS)
     return records

@@ -22,6 +22,10 @@ MARKER = "BBox_List_2017.csv"
 OFFICIAL_TEST = False
 
 ENTRIES = "Data_Entry_2017.csv"
+EFFECTS = {  # what indexing does with each kind of problem, said in its warning
+    "bad_box": "box ignored", "missing_image": "row dropped", "negative_with_pneumonia_box": "box dropped",
+    "implausible_age": "age unknown", "box_without_image": "box ignored",
+}
 ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position")
 
 
@@ -70,5 +74,5 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
                               view=row["View Position"].strip().upper() or None, age=age,
                               sex=sex if sex in ("M", "F") else None, detail_class=row["Finding Labels"].strip()))
     problems["box_without_image"] += sorted(boxes)
-    warn_problems(__name__, problems)
+    warn_problems(__name__, problems, EFFECTS)
     return records

@@ -2,8 +2,8 @@
 
 Layout: root/stage_2_train_labels.csv (patientId,x,y,width,height,Target; one row per box,
 negatives have empty coordinates), optional root/stage_2_detailed_class_info.csv
-(patientId,class) and root/stage_2_train_images/<patientId>.dcm. One Record per image with all
-its boxes; view, age and sex come from the DICOM headers, read without pixels and kept in
+(patientId,class) and root/stage_2_train_images/<patientId>.dcm (or .DCM). One Record per
+image with all its boxes; view, age and sex come from the DICOM headers, read without pixels and kept in
 <cache_dir>/rsna_headers.csv keyed by file name, size and mtime (26,684 headers take minutes).
 """
 from __future__ import annotations
@@ -30,6 +30,15 @@ LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 MAX_PLAUSIBLE_AGE = 120  # the official file has a few ages like 148 and 155: typos
 
 Problems = dict[str, list[str]]
+EFFECTS = {  # what indexing does with each kind of problem, said in its warning
+    "missing_patient_id": "label row ignored", "bad_target": "label row ignored",
+    "incomplete_box": "box ignored", "bad_box_value": "box ignored", "image_without_label": "image not used",
+    "conflicting_target": "patient dropped", "missing_image": "patient dropped", "broken_symlink": "patient dropped",
+    "unreadable_header": "patient dropped", "implausible_age": "age unknown", "detail_class_conflict": "Target kept",
+    "negative_with_box": "boxes ignored, image kept as negative", "non_positive_box_size": "box dropped",
+    "box_outside_image": "box dropped", "box_clipped": "box clipped to the image", "duplicate_box": "copy dropped",
+    "positive_without_box": "image kept, not scored for localization",
+}
 
 
 class Header(NamedTuple):
@@ -52,18 +61,18 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
     problems: Problems = defaultdict(list)
     targets, raw_boxes = read_labels(root / MARKER, problems)
     detail = _read_detail_classes(root / "stage_2_detailed_class_info.csv")
-    on_disk = {e.name[:-4] for e in os.scandir(images_dir) if e.name.endswith(".dcm") and e.is_file()}
-    problems["image_without_label"] += sorted(on_disk - targets.keys())
+    on_disk, broken = _dicom_files(images_dir)
+    problems["image_without_label"] += sorted(on_disk.keys() - targets.keys())
     present = []
     for patient in sorted(targets):
         if len(targets[patient]) > 1:
             problems["conflicting_target"].append(patient)
         elif patient not in on_disk:
-            problems["missing_image"].append(patient)
+            problems["broken_symlink" if patient in broken else "missing_image"].append(patient)
         else:
             present.append(patient)
 
-    paths = [images_dir / f"{patient}.dcm" for patient in present]
+    paths = [on_disk[patient] for patient in present]
     headers = read_headers(paths, None if cache_dir is None else Path(cache_dir) / "rsna_headers.csv")
     records = []
     for patient, path in zip(present, paths):
@@ -83,8 +92,23 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
             problems["detail_class_conflict"].append(f"{patient} ({detail_class}, Target {label})")
         records.append(Record(id=patient, patient_id=patient, source="rsna", path=str(path), label=label,
                               boxes=boxes, view=header.view, age=age, sex=header.sex, detail_class=detail_class))
-    warn_problems(__name__, problems)
+    warn_problems(__name__, problems, EFFECTS)
     return records
+
+
+def _dicom_files(folder: Path) -> tuple[dict[str, Path], set[str]]:
+    """patientId -> file of every <patientId>.dcm (any case of the extension), and the ids whose
+    file is a broken symbolic link."""
+    files, broken = {}, set()
+    for entry in os.scandir(folder):
+        stem, suffix = os.path.splitext(entry.name)
+        if suffix.lower() != ".dcm":
+            continue
+        if entry.is_file():
+            files[stem] = Path(entry.path)
+        elif entry.is_symlink():
+            broken.add(stem)
+    return files, broken
 
 
 def read_labels(path: Path, problems: Optional[Problems] = None
