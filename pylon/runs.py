@@ -56,37 +56,20 @@ def find_run(run: Optional[Union[str, Path]], runs_dir: Union[str, Path] = "runs
 @contextlib.contextmanager
 def training_lock(run: RunPaths) -> Iterator[None]:
     """Hold ``run.lock`` while this process trains ``run``, so that a second train.py on it is
-    refused; a lock left by a dead process of this host is taken over, any other is named."""
-    for attempt in (1, 2):
-        try:
-            handle = os.open(run.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
-            break
-        except FileExistsError:
-            holder = run.lock.read_text(errors="replace").strip() if run.lock.is_file() else ""
-            if attempt == 2 or not _dead_here(holder):
-                raise ConfigError(f"{run.root} is being trained by another process ({holder or 'unknown'}); "
-                                  f"if no training of it is running, delete {run.lock}") from None
-            run.lock.unlink(missing_ok=True)
+    refused. A lock left by a killed process is refused too, with the file to delete: whether
+    its holder still runs is the user's to say, not ours to guess."""
+    try:
+        handle = os.open(run.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
+    except FileExistsError:
+        holder = run.lock.read_text(errors="replace").strip() if run.lock.is_file() else ""
+        raise ConfigError(f"{run.root} is being trained by another process ({holder or 'unknown'}); "
+                          f"if no training of it is running, delete {run.lock}") from None
     with os.fdopen(handle, "w") as file:
         file.write(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         yield
     finally:
         run.lock.unlink(missing_ok=True)  # gone already when a failed start removed its run folder
-
-
-def _dead_here(holder: str) -> bool:
-    """Whether a lock's "<host> <pid>" names a process of this host that no longer exists."""
-    host, _, pid = holder.partition(" ")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-    except ProcessLookupError:
-        return True
-    except PermissionError:  # it does, another user's
-        pass
-    return False
 
 
 def check_writable(folder: Union[str, Path], name: str = "logging.runs_dir") -> None:

@@ -85,12 +85,10 @@ class Tracker:
             if mode == "offline":
                 self._off(f"wandb.init failed: {err}")
                 return None
-            if "timed out" in str(err).lower():
-                print(f"W&B did not answer within {waited} s; logging offline instead (on a slow network, "
-                      "set WANDB_INIT_TIMEOUT=<seconds>)", flush=True)
-            elif not (mode is None and isinstance(err, wandb.errors.UsageError)):  # auto without a login: just offline
+            if not (mode is None and isinstance(err, wandb.errors.UsageError)):  # auto without a login: just offline
                 reason = " ".join(line.strip() for line in str(err).splitlines()[:3])  # pydantic names the field on line 2
-                print(f"W&B could not start online ({reason}); logging offline instead", flush=True)
+                print(f"W&B could not start online within {waited} s ({reason}); logging offline instead "
+                      "(on a slow network, set WANDB_INIT_TIMEOUT=<seconds>)", flush=True)
         try:
             return wandb.init(mode="offline", **start)
         except Exception as err:  # noqa: BLE001
