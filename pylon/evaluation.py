@@ -383,6 +383,7 @@ def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunP
         classification["loss_note"] = "unweighted BCE: this run's best.pt predates storing train.pos_weight"
     metrics: dict[str, Any] = {
         "run": str(run.root), "checkpoint": str(run.best), "checkpoint_epoch": trained.info.get("epoch"), "split": split,
+        "precision": trained.precision.name, "trained_precision": trained.info.get("precision"),
         "data": {s: str(Path(source_root(cfg.data, s)).resolve()) for s in cfg.data.sources},
         "classification": classification}
     figures = classification_figures(evaluated, youden, run.history, out)

@@ -386,3 +386,13 @@ def test_views_are_grouped_within_rsna_only():
     assert rsna_view(Record("a", "a", "rsna", "a.dcm", 1, view="AP")) == "AP"
     assert rsna_view(Record("b", "b", "nih", "b.png", 1, view="PA")) == ""
     assert rsna_view(Record("c", "c", "rsna", "c.dcm", 0)) == ""
+
+
+def test_metrics_say_at_which_precision_the_run_was_trained_and_evaluated(tiny_run, tmp_path):
+    from pylon.checkpoint import load_checkpoint
+    from pylon.runs import RunPaths
+
+    run = copy_run(tiny_run, tmp_path)
+    metrics = run_evaluate(run, "--set", "train.amp=false")
+    assert metrics["precision"] == "fp32"  # amp off evaluates in fp32 whatever the run trained at
+    assert metrics["trained_precision"] == load_checkpoint(RunPaths(tiny_run).best)["precision"]
