@@ -267,7 +267,10 @@ def test_encoder_weights_from_a_model_checkpoint_and_safetensors(tmp_path):
     torch.save({"model": source.state_dict()}, with_prefix)
     plain = tmp_path / "encoder.safetensors"
     save_file({k: v.contiguous() for k, v in source.encoder.state_dict().items()}, str(plain))
-    for path in (with_prefix, plain):
+    run = tmp_path / "runs" / "baseline-20260101-000000"  # a run folder stands for its best.pt
+    (run / "checkpoints").mkdir(parents=True)
+    torch.save({"model": source.state_dict(), "epoch": 3}, run / "checkpoints" / "best.pt")
+    for path in (with_prefix, plain, run):
         state = small_pylon(weights=str(path)).encoder.state_dict()
         for key, value in source.encoder.state_dict().items():
             assert torch.equal(state[key], value), (path.name, key)

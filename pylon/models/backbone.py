@@ -40,8 +40,9 @@ class ModelOutput(NamedTuple):
 def build_encoder(name: str, n_in: int, weights: WeightsSpec) -> nn.Module:
     """A depth-5 smp encoder (forward: the input and the feature maps at 1/2 ... 1/32) with
     ``n_in`` input channels and ``weights``: None (random), "imagenet" (smp's, from the Hugging
-    Face hub) or a local state dict file, whose three-channel weights are fitted to ``n_in`` the
-    way smp does it (one channel: the first conv summed over RGB)."""
+    Face hub), a local state dict file, whose three-channel weights are fitted to ``n_in`` the
+    way smp does it (one channel: the first conv summed over RGB), or a trained run's folder (its
+    best.pt: any model of this project with the same encoder)."""
     if weights is None:
         return get_encoder(name, in_channels=n_in, depth=5, weights=None)
     if str(weights) == "imagenet":
@@ -56,6 +57,8 @@ def build_encoder(name: str, n_in: int, weights: WeightsSpec) -> nn.Module:
 
 
 def _encoder_from_file(name: str, n_in: int, path: Path) -> nn.Module:
+    if path.is_dir():  # a run folder: the weights it selected
+        path = path / "checkpoints" / "best.pt"
     state = read_state_dict(path, "model.weights")
     with torch.random.fork_rng(devices=[]):  # only for key names: leave the random stream alone
         probe = get_encoder(name, in_channels=3, depth=5, weights=None)
