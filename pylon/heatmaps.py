@@ -11,12 +11,15 @@ CPU, values in [0, 1], one map per image for class 0, at the method's own resolu
 * ``center``: a cone peaking at the image centre (the "no model" baseline); input size.
 * ``prior``: the training split's mean box mask (``box_prior``), the same for every image.
 
-The model runs in eval mode, and every submodule's train/eval flag is restored afterwards.
+PYLON's forward pass runs at the caller's precision (``pylon.device``; its head stays fp32), the
+CAM-style maps always in fp32. The model runs in eval mode, and every submodule's train/eval flag
+is restored afterwards.
 Gradient methods work under ``torch.no_grad``/``inference_mode`` and leave every ``.grad``
 None: do not call them between a training step's backward and its step.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import List, Optional, Sequence
 
 import numpy as np
@@ -101,8 +104,8 @@ def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optiona
              precision: Optional[Precision] = None) -> torch.Tensor:
     """(N, h, w) CPU heatmaps of ``images`` (N, n_in, H, W), normalised as for the model, by
     ``method``, one of ``methods_for(model)`` (see the module docstring); ``prior``: the run's
-    ``box_prior``, needed by the "prior" method only; ``precision``: the forward pass's
-    (default fp32)."""
+    ``box_prior``, needed by the "prior" method only; ``precision``: PYLON's forward pass's
+    (default fp32; CAM-style maps are always fp32)."""
     model = unwrap(model)
     assert method in methods_for(model), (method, type(model).__name__)
     n, _, height, width = images.shape
@@ -119,7 +122,9 @@ def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optiona
     model.eval()
     try:
         if method in ("pylon", "cam"):
-            with torch.no_grad(), precision.autocast():
+            # CAM-style maps are computed in fp32: the baseline's 4x4 to 8x8 maps tie easily, and
+            # bf16 features moved one of 32 demo CAM peaks (PYLON's: none of 32).
+            with torch.no_grad(), (precision.autocast() if method == "pylon" else contextlib.nullcontext()):
                 raw = model(x).heatmap[:, 0].float()
             # float64: a float32 sigmoid saturates to 1.0 above a logit of ~17, and the argmax of
             # a confident model's map would drift to the first of the tied maxima.

@@ -127,3 +127,13 @@ def test_bf16_pylon_training_repeats_exactly_at_a_small_input():
 
     first, second = train_three_steps(), train_three_steps()
     assert [k for k in first if not torch.equal(first[k], second[k])] == []
+
+
+@pytest.mark.parametrize("method", ["cam", "gradcam", "gradcam++"])
+def test_cam_style_maps_are_fp32_whatever_the_precision(method):
+    torch.manual_seed(0)
+    model = BaselineConfig(n_in=1, n_out=1, backbone="resnet18").make_model().eval()
+    x = torch.randn(2, 1, 64, 64)
+    fast = Precision(CPU, torch.bfloat16, True)
+    torch.testing.assert_close(heatmaps(fast.layout(model), x, method, precision=fast), heatmaps(model, x, method),
+                               atol=1e-5, rtol=1e-5)
