@@ -34,7 +34,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError(f"--device {args.device}: expected cpu, cuda or cuda:N")
     if args.out is not None and args.out.exists() and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is a file; give a folder for the overlays and predictions.csv")
-    check_writable(args.out or run.root / "predict", "--out")  # before the model is loaded
+    out = args.out or run.root / "predict"
+    check_writable(out, "--out")  # before the model is loaded
     import pandas as pd
 
     from pylon.inference import load_run, predict_files
@@ -47,7 +48,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise FileNotFoundError(f"--boxes-csv {args.boxes_csv}: file not found")
         _, boxes = read_labels(args.boxes_csv)
     trained = load_run(run, device=args.device)
-    out = args.out or run.root / "predict"
     results = predict_files(trained, args.images, out, method=args.method, boxes_by_id=boxes)
     table = pd.DataFrame([{"file": r.path, "id": r.id, "probability": r.probability, "peak_x": r.peak_x,
                            "peak_y": r.peak_y, "method": r.method, "overlay": r.overlay or "", "error": r.error or ""}

@@ -17,6 +17,7 @@ float32 or wider; bf16 needs no loss scaling.
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 from dataclasses import dataclass
 from typing import Any, Optional, TypeVar
@@ -39,6 +40,7 @@ def resolve_device(preference: str, local_rank: int = 0) -> torch.device:
     return torch.device(f"cuda:{local_rank}") if device.type == "cuda" and device.index is None else device
 
 
+@functools.cache  # asked on every training step; the CPU does not change
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU computes bf16 in hardware (AVX512-BF16 or AMX), as oneDNN's bf16 kernels need."""
     return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())

@@ -285,15 +285,11 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
 
 def build_loss(cfg_train: Any, data: PreparedData, device: torch.device) -> nn.Module:
     """BCE on the logits, with ``train.pos_weight`` ('auto': negatives per positive in the training split)."""
-    pos_weight = _auto_pos_weight(data) if cfg_train.pos_weight == "auto" else cfg_train.pos_weight
+    pos_weight = cfg_train.pos_weight
+    if pos_weight == "auto":  # both classes are there: setup refuses a one-class training split
+        p = data.prevalence("train")
+        pos_weight = (1 - p) / p
     return nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor([float(pos_weight)], device=device))
-
-
-def _auto_pos_weight(data: PreparedData) -> float:
-    p = data.prevalence("train")
-    if not 0 < p < 1:
-        raise ConfigError(f"train.pos_weight=auto needs both classes in the training split (prevalence {p:.3f})")
-    return (1 - p) / p
 
 
 def _finished_already(state: LoopState, cfg: Any) -> Optional[str]:

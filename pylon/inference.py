@@ -35,8 +35,8 @@ MIN_SIDE_FRACTION = 4  # predict.py warns when an image's longer side is under 1
 
 
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader: Any, precision: Precision, loss_fn: Optional[nn.Module] = None, desc: str = "predict", progress: bool = True,
-                   embeddings: bool = False) -> dict:
+def predict_loader(model: nn.Module, loader: Any, precision: Precision, loss_fn: Optional[nn.Module] = None,
+                   desc: str = "predict", progress: bool = True, embeddings: bool = False) -> dict:
     """Labels, probabilities, cache rows and the summed loss over a loader (plain model, not DDP);
     with ``embeddings``, also each image's deepest encoder map averaged over space, from the same pass."""
     model.eval()
