@@ -76,6 +76,14 @@ class DataConfig:
     val_fraction: float = 0.1
     rsna_test_fraction: float = 0.1
     split_seed: int = 0
+    # k-fold cross-validation of the sources without an official test split: fold `fold` of their
+    # patients (label-stratified) is the test split instead of rsna_test_fraction; 0 = no folds
+    folds: int = 0
+    fold: int = 0
+    # source -> CSV mapping each image id (first column) to its person (a column named patient or
+    # *_patient), so that splits and bootstrap intervals group a person's films; a relative path
+    # is taken from the source's root
+    patient_maps: dict[str, str] = field(default_factory=dict)
     mean: float = 0.4984
     std: float = 0.2483
     normalize_from_train: bool = False
@@ -266,6 +274,11 @@ def validate(cfg: Any) -> None:
              f"data.augment.crop_ratio must be two positive numbers, low <= high, got {list(d.augment.crop_ratio)}")
     for name in ("val_fraction", "rsna_test_fraction"):
         _require(0 < d[name] < 1, f"data.{name} must be between 0 and 1, got {d[name]}")
+    _require(d.folds == 0 or (d.folds >= 2 and 0 <= d.fold < d.folds),
+             f"data.folds must be 0 (no cross-validation) or at least 2, and data.fold in 0..folds-1, got "
+             f"{d.folds} and {d.fold}")
+    _require(set(d.patient_maps) <= set(d.sources),
+             f"data.patient_maps names sources not in data.sources: {sorted(set(d.patient_maps) - set(d.sources))}")
     _require(math.isfinite(d.mean) and math.isfinite(d.std) and d.std > 0,
              f"data.mean and data.std must be finite and data.std positive, got {d.mean} and {d.std}")
     _require(d.num_workers >= 0, f"data.num_workers must be 0 or more, got {d.num_workers}")

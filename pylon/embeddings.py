@@ -68,7 +68,7 @@ def _auroc_entry(block: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _auroc(target: np.ndarray, scores: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
-    return _auroc_entry(group_block(target, scores, None, n_boot, seed))
+    return _auroc_entry(group_block(target, scores, None, None, n_boot, seed))
 
 
 def probe(features: np.ndarray, target: np.ndarray, patients: np.ndarray, n_boot: int, seed: int) -> dict[str, Any]:
@@ -138,7 +138,6 @@ def embedding_maps(data: PreparedData, evaluated: SplitPredictions, classificati
     report: (metrics.json section, figures, printed table), and embeddings.csv."""
     features = evaluated.embeddings
     frame = evaluated.frame(data)
-    frame.insert(1, "patient_id", [data.cache.records[r].patient_id for r in evaluated.rows])
     points = project(features, seed)
     figures = []
     for name in PROJECTIONS:

@@ -55,12 +55,13 @@ class SplitPredictions:
     loss: float
     sources: np.ndarray
     views: np.ndarray  # "" where unknown
+    patients: np.ndarray  # bootstrap intervals resample people, not images
     embeddings: Optional[np.ndarray] = None  # (n, channels) pooled encoder features, when asked for
 
     def frame(self, data: PreparedData) -> pd.DataFrame:
         return pd.DataFrame({"id": [data.cache.records[r].id for r in self.rows], "source": self.sources,
                              "view": [v or None for v in self.views], "label": self.labels, "prob": self.probs,
-                             "split": self.split})
+                             "split": self.split, "patient_id": self.patients})
 
 
 def rsna_view(record: Any) -> str:
@@ -80,7 +81,7 @@ def predict_split(trained: TrainedRun, data: PreparedData, split: str, embedding
     records = [data.cache.records[r] for r in out["rows"]]
     return SplitPredictions(split, out["rows"], out["labels"], out["probs"].astype(np.float64),
                             out["loss_sum"] / max(len(records), 1), np.array([r.source for r in records]),
-                            np.array([rsna_view(r) for r in records]),
+                            np.array([rsna_view(r) for r in records]), np.array([r.patient_id for r in records]),
                             out.get("embeddings"))
 
 
@@ -88,31 +89,35 @@ def predict_split(trained: TrainedRun, data: PreparedData, split: str, embedding
 
 
 def _with_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int, seed: int,
-             with_auroc: bool = True) -> dict:
-    """``classification_metrics`` with percentile-bootstrap 95% intervals (the same resamples for all)."""
+             with_auroc: bool = True, patients: Optional[np.ndarray] = None) -> dict:
+    """``classification_metrics`` with percentile-bootstrap 95% intervals (the same resamples for
+    all), resampling ``patients`` whole when given."""
     result = classification_metrics(labels, probs, threshold)
     if not with_auroc:
         result.pop("auroc")
     if n_boot >= 1:
         statistic = partial(classification_rows, threshold=threshold, auroc=with_auroc)
-        result["ci"] = bootstrap_ci(statistic, labels, probs, n_boot=n_boot, seed=seed)
+        result["ci"] = bootstrap_ci(statistic, labels, probs, n_boot=n_boot, seed=seed, groups=patients)
     return result
 
 
-def group_block(labels: np.ndarray, probs: np.ndarray, youden: Optional[float], n_boot: int, seed: int) -> dict:
+def group_block(labels: np.ndarray, probs: np.ndarray, patients: Optional[np.ndarray], youden: Optional[float],
+                n_boot: int, seed: int) -> dict:
     """One group's metrics at 0.5 and at the val-chosen Youden threshold, with ECE."""
-    block = {**_with_ci(labels, probs, 0.5, n_boot, seed), "ece": expected_calibration_error(labels, probs)}
+    block = {**_with_ci(labels, probs, 0.5, n_boot, seed, patients=patients),
+             "ece": expected_calibration_error(labels, probs)}
     if youden is not None:
-        block["threshold_youden"] = _with_ci(labels, probs, youden, n_boot, seed, with_auroc=False)
+        block["threshold_youden"] = _with_ci(labels, probs, youden, n_boot, seed, with_auroc=False, patients=patients)
     return block
 
 
 def classification_report(evaluated: SplitPredictions, youden: Optional[float],
                           n_boot: int, seed: int) -> dict:
     """The ``classification`` section of metrics.json."""
-    y, p = evaluated.labels, evaluated.probs
-    block = lambda yy, pp: group_block(yy, pp, youden, n_boot, seed)  # noqa: E731
-    report = {"split": evaluated.split, **block(y, p), "loss": evaluated.loss, "bootstrap_resamples": n_boot}
+    y, p, g = evaluated.labels, evaluated.probs, evaluated.patients
+    block = lambda yy, pp, gg: group_block(yy, pp, gg, youden, n_boot, seed)  # noqa: E731
+    report = {"split": evaluated.split, **block(y, p, g), "loss": evaluated.loss, "bootstrap_resamples": n_boot,
+              "bootstrap_unit": "patient"}
     if youden is None:
         report["threshold_youden"] = {"threshold": None, "chosen_on": "val",
                                       "note": "no Youden threshold: the val split had one class"}
@@ -120,8 +125,8 @@ def classification_report(evaluated: SplitPredictions, youden: Optional[float],
         report["threshold_youden"] = {"threshold": youden, "chosen_on": "val", **report["threshold_youden"]}
         if evaluated.split == "val":
             report["threshold_youden"]["note"] = "chosen and evaluated on the same (val) split: optimistic"
-    report["by_source"] = by_group(block, evaluated.sources, y, p)
-    report["by_view"] = by_group(block, evaluated.views, y, p)
+    report["by_source"] = by_group(block, evaluated.sources, y, p, g)
+    report["by_view"] = by_group(block, evaluated.views, y, p, g)
     return report
 
 
@@ -178,31 +183,35 @@ def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Seque
     return outcome
 
 
-def localization_block(values: Mapping[str, list], keep: np.ndarray, n_boot: int, seed: int) -> dict:
-    """The four metrics' means over the images in ``keep``, with 95% intervals; ``n_laterality``
-    counts the images whose boxes all lie on one side of the midline."""
+def localization_block(values: Mapping[str, list], keep: np.ndarray, patients: np.ndarray, n_boot: int,
+                       seed: int) -> dict:
+    """The four metrics' means over the images in ``keep``, with 95% intervals over resampled
+    patients; ``n_laterality`` counts the images whose boxes all lie on one side of the midline."""
     entry: dict[str, Any] = {}
     for key in LOCALIZATION_METRICS:
         array = np.asarray(values[key], dtype=np.float64)[keep]
-        array = array[np.isfinite(array)]
+        finite = np.isfinite(array)
+        array = array[finite]
         entry[key] = float(array.mean()) if array.size else math.nan
         if n_boot >= 1 and array.size:
-            entry.setdefault("ci", {})[key] = bootstrap_ci(lambda a: {"mean": a.mean(-1)}, array,
-                                                           n_boot=n_boot, seed=seed)["mean"]
+            entry.setdefault("ci", {})[key] = bootstrap_ci(lambda a: {"mean": a.mean(-1)}, array, n_boot=n_boot,
+                                                           seed=seed, groups=patients[keep][finite])["mean"]
         if key == "laterality_acc":
             entry["n_laterality"] = int(array.size)
     entry["n"] = int(keep.sum())
     return entry
 
 
-def localization_report(outcome: Localization, views: Sequence[Optional[str]], n_boot: int, seed: int) -> dict:
-    """The ``localization`` section of metrics.json, keyed by method."""
-    views = np.array([v or "" for v in views])
+def localization_report(values: Mapping[str, Mapping[str, list]], views: Sequence[Optional[str]],
+                        patients: Sequence[str], n_boot: int, seed: int) -> dict:
+    """The ``localization`` section of metrics.json, keyed by method: ``values`` holds each
+    method's per-image metric values, in the order of ``views`` and ``patients``."""
+    views, patients = np.array([v or "" for v in views]), np.asarray(patients)
     report = {}
-    for m in outcome.methods:
-        entry = localization_block(outcome.values[m], np.ones(len(views), dtype=bool), n_boot, seed)
-        entry["pointing_tolerance_px"] = outcome.tolerance_px
-        entry["by_view"] = {v: localization_block(outcome.values[m], views == v, n_boot, seed) for v in sorted(set(views) - {""})}
+    for m, per_image in values.items():
+        entry = localization_block(per_image, np.ones(len(views), dtype=bool), patients, n_boot, seed)
+        entry["by_view"] = {v: localization_block(per_image, views == v, patients, n_boot, seed)
+                            for v in sorted(set(views) - {""})}
         report[m] = entry
     return report
 
@@ -419,8 +428,11 @@ def _localization_into(out: Path, trained: TrainedRun, data: PreparedData, evalu
         metrics["localization"] = {}
         metrics["localization_note"] = f"no images with boxes in the {split} split: localization not scored"
         return [], [], [metrics["localization_note"]]
-    views = [rsna_view(data.cache.records[int(r)]) for r in outcome.rows]
-    metrics["localization"] = localization_report(outcome, views, n_boot, seed)
+    records = [data.cache.records[int(r)] for r in outcome.rows]
+    metrics["localization"] = localization_report(outcome.values, [rsna_view(r) for r in records],
+                                                  [r.patient_id for r in records], n_boot, seed)
+    for entry in metrics["localization"].values():
+        entry["pointing_tolerance_px"] = outcome.tolerance_px
     if outcome.tolerance_px != 15.0:
         metrics["localization_note"] = f"{POINTING_KEY} uses a tolerance of {outcome.tolerance_px:g} px"
     figures = localization_figures(trained, data, outcome, dict(zip(evaluated.rows.tolist(),

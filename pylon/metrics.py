@@ -130,7 +130,7 @@ def classification_rows(labels: np.ndarray, probs: np.ndarray, threshold: float 
 
 
 def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05) -> dict[str, list[float]]:
+                 seed: int = 0, alpha: float = 0.05, groups: Optional[Any] = None) -> dict[str, list[float]]:
     """Percentile bootstrap ``{name: [low, high]}`` for every value ``statistic`` returns.
 
     The ``arrays`` (equal length n) are resampled together; ``statistic`` receives them as
@@ -138,14 +138,18 @@ def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_bo
     (``classification_rows``, or e.g. ``lambda hits: {"point_acc": hits.mean(-1)}``): one
     call per block of resamples instead of one per resample keeps 1,000 resamples fast.
     Resamples whose value is nan are dropped per name; ``[nan, nan]`` when none is left.
+    With ``groups`` (e.g. the patient of each image) whole groups are resampled: see
+    ``_group_resamples``.
     """
     data = [_numpy(a) for a in arrays]
     n = len(data[0])
     rng = np.random.default_rng(seed)
+    members = None if groups is None else _members(groups)
     per_block = max(1, _BOOT_BLOCK // n)  # blocks bound memory; the draws equal one (n_boot, n) call
     blocks = []
     for start in range(0, n_boot, per_block):
-        index = rng.integers(0, n, size=(min(per_block, n_boot - start), n))
+        size = (min(per_block, n_boot - start), n)
+        index = rng.integers(0, n, size=size) if members is None else _group_resamples(rng, members, size)
         stats = statistic(*(a[index] for a in data))
         assert all(np.shape(v) == (len(index),) for v in stats.values()), "statistic must return one value per row"
         blocks.append(stats)
@@ -156,6 +160,28 @@ def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_bo
         bounds = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0]) if values.size else [math.nan] * 2
         intervals[name] = [float(v) for v in bounds]
     return intervals
+
+
+def _members(groups: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The item indices sorted by group, and each group's start and size in that order."""
+    _, inverse, sizes = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
+    order = np.argsort(inverse, kind="stable")
+    return order, np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes
+
+
+def _group_resamples(rng: np.random.Generator, members: tuple[np.ndarray, np.ndarray, np.ndarray],
+                     size: tuple[int, int]) -> np.ndarray:
+    """(resamples, n) item indices of a cluster bootstrap: groups drawn with replacement, each
+    bringing all its items, until n items (the last group cut short): a person's films move
+    together, so that intervals allow for their correlation."""
+    order, starts, sizes = members
+    rows, n = size
+    drawn = rng.integers(0, len(sizes), size=size)  # n groups always hold at least n items
+    per_group, per_row = sizes[drawn].ravel(), sizes[drawn].sum(1)
+    offset = np.arange(per_group.sum())
+    item = np.repeat(starts[drawn].ravel(), per_group) + offset - np.repeat(np.cumsum(per_group) - per_group, per_group)
+    position = offset - np.repeat(np.cumsum(per_row) - per_row, per_row)
+    return order[item[position < n]].reshape(rows, n)
 
 
 def by_group(fn: Callable[..., Any], groups: Sequence[Hashable], *arrays: Any) -> dict:

@@ -175,3 +175,10 @@ def test_an_interrupt_says_interrupted_and_no_resume_advice_of_its_own(capsys):
         cli.run(interrupted, [])
     assert code.value.code == 130
     assert capsys.readouterr().err.strip() == "interrupted"  # train.py names the run to resume, when there is one
+
+
+@pytest.mark.parametrize("overrides, key", [(["data.folds=1"], "data.folds"), (["data.folds=3", "data.fold=3"], "data.folds"),
+                                            (["data.patient_maps={nih: x.csv}"], "data.patient_maps")])
+def test_cross_validation_and_patient_map_keys_are_checked(overrides, key):
+    with pytest.raises(ConfigError, match=key):
+        load_config("demo.yaml", overrides)

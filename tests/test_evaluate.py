@@ -107,7 +107,7 @@ def test_metrics_json_has_the_contract_keys_and_consistent_counts(pylon_eval):
         path = run / "eval" / name
         assert path.is_file() and Image.open(path).size[0] > 100, name
     predictions = pd.read_csv(run / "eval" / "predictions.csv")
-    assert list(predictions.columns) == ["id", "source", "view", "label", "prob", "split"]
+    assert list(predictions.columns) == ["id", "source", "view", "label", "prob", "split", "patient_id"]
     assert (predictions.split == "test").sum() == c["n"]
     assert (predictions.split == "val").sum() == len(data.rows["val"])
 

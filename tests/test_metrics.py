@@ -364,3 +364,26 @@ def test_bootstrap_statistic_must_give_one_value_per_resample():
     # A per-resample statistic (one scalar for the whole block) would give a silently wrong interval.
     with pytest.raises(AssertionError, match="one value per row"):
         bootstrap_ci(lambda h: {"mean": h.mean()}, np.arange(10.0), n_boot=20)
+
+
+def test_grouped_bootstrap_moves_a_groups_items_together_and_widens_for_correlated_items():
+    from pylon.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    person_value = rng.random(40)
+    values = np.repeat(person_value, 5)  # five identical films per person: 40 independent values, not 200
+    people = np.repeat(np.arange(40), 5).astype(str)
+    seen = []
+
+    def statistic(a: np.ndarray) -> dict:
+        seen.append(a)
+        return {"mean": a.mean(-1)}
+
+    grouped = bootstrap_ci(statistic, values, n_boot=2000, seed=1, groups=people)["mean"]
+    resample = seen[-1][0]
+    assert resample.shape == (200,) and all(np.sum(resample[:195] == v) % 5 == 0 for v in set(resample[:195]))
+    flat = bootstrap_ci(lambda a: {"mean": a.mean(-1)}, values, n_boot=2000, seed=1)["mean"]
+    per_person = bootstrap_ci(lambda a: {"mean": a.mean(-1)}, person_value, n_boot=2000, seed=1)["mean"]
+    width = lambda ci: ci[1] - ci[0]  # noqa: E731
+    assert width(grouped) > 1.8 * width(flat)  # about sqrt(5) wider
+    assert width(grouped) == pytest.approx(width(per_person), rel=0.15)

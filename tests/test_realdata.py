@@ -7,6 +7,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import pydicom
+import pytest
 from pydicom.pixels import pixel_array
 
 from pylon.data.readers import read_image
@@ -74,3 +75,20 @@ def test_real_kaggle_index_and_split(kermany, caplog):
     assert len(result) == len(records) - n_dropped
     assert f"kaggle: {len(shared)} patients have images in the official test split and outside it; " \
            f"their {n_dropped} non-test images were dropped" in caplog.text
+
+
+def test_the_nih_patient_map_groups_rsna_733_films_by_person(realdata, tmp_path, caplog):
+    from pylon.config import load_config
+    from pylon.data.pipeline import index_sources
+
+    root = realdata / "rsna_733"
+    if not (root / "nih_patient_map.csv").is_file():
+        pytest.skip("rsna_733/nih_patient_map.csv absent")
+    cfg = load_config("real_rsna_pylon_r18", [f"data.rsna_root={root}", f"data.cache_dir={tmp_path}",
+                                              "data.patient_maps={rsna: nih_patient_map.csv}", "data.folds=5"])
+    with caplog.at_level(logging.INFO):
+        records = index_sources(cfg.data)
+    films_per_person = Counter(r.patient_id for r in records)
+    assert len(records) == 733 and len(films_per_person) == 683
+    assert sum(n for n in films_per_person.values() if n > 1) == 86
+    assert "733 images belong to 683 people" in caplog.text

@@ -133,3 +133,48 @@ def test_leakage_check_names_the_patient():
     with pytest.raises(PatientLeakageError, match=r"pb: test \(b2\), train \(b1\)"):
         assert_no_patient_leakage(records)
     assert_no_patient_leakage(records[:2])
+
+
+def test_folds_partition_the_patients_and_keep_each_fold_stratified():
+    records = rsna_records(403) + kaggle_records()
+    tests = []
+    for fold in range(5):
+        result = split_records(records, val_fraction=0.1, test_fraction=0.3, seed=3, folds=(5, fold))
+        by_split = patients_by_split([r for r in result if r.source == "rsna"])
+        assert not by_split["test"] & (by_split["train"] | by_split["val"])
+        assert len(by_split["val"]) == pytest.approx(0.1 * (403 - len(by_split["test"])), abs=2)
+        positives = sum(r.label for r in result if r.source == "rsna" and r.split == "test")
+        assert positives in (20, 21)  # 101 positives in 5 folds
+        kaggle = [r for r in result if r.source == "kaggle"]
+        assert kaggle == [r for r in split(records, seed=3) if r.source == "kaggle"]  # official test kept
+        tests.append(by_split["test"])
+    assert set().union(*tests) == {f"r{i}" for i in range(403)}
+    assert sum(map(len, tests)) == 403  # every patient tested exactly once
+
+
+def test_a_patient_map_keeps_a_persons_films_in_one_split(tmp_path, caplog):
+    from pylon.data.records import with_patient_map
+
+    films = rsna_records(200)
+    csv_path = tmp_path / "map.csv"
+    # films r0..r99 belong to 50 people, two each; r100.. are not in the map
+    csv_path.write_text("patientId,nih_image,nih_patient\n" + "".join(f"r{i},x.png,{i // 2:08d}\n" for i in range(100)))
+    with caplog.at_level("INFO"):
+        mapped = with_patient_map(films, csv_path, "data.patient_maps.rsna")
+    assert "200 images belong to 150 people (100 images not in the map" in caplog.text
+    assert mapped[0].patient_id == mapped[1].patient_id != mapped[2].patient_id
+    assert mapped[150].patient_id == "r150"
+    for folds in [None, (3, 0), (3, 2)]:
+        by_patient = defaultdict(set)
+        for r in split_records(mapped, val_fraction=0.2, test_fraction=0.3, seed=1, folds=folds):
+            by_patient[r.patient_id].add(r.split)
+        assert all(len(s) == 1 for s in by_patient.values())
+
+
+def test_a_patient_map_without_a_patient_column_is_refused_by_name(tmp_path):
+    from pylon.data.records import DatasetLayoutError, with_patient_map
+
+    csv_path = tmp_path / "map.csv"
+    csv_path.write_text("patientId,person\nr1,7\n")
+    with pytest.raises(DatasetLayoutError, match="data.patient_maps.rsna: .* patient or \\*_patient"):
+        with_patient_map(rsna_records(3), csv_path, "data.patient_maps.rsna")

@@ -20,7 +20,7 @@ from pylon import demo
 from pylon.config import ConfigError
 from pylon.data.cache import ImageCache, build_cache, pixel_mean_std
 from pylon.data.dataset import CxrDataset, collate, eval_transform, reseed, seed_worker, train_transform
-from pylon.data.records import Record
+from pylon.data.records import Record, with_patient_map
 from pylon.data.sources import SOURCES, root_key, source_root
 from pylon.data.splits import split_records
 
@@ -86,11 +86,15 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
         indexed = source.index(Path(root), Path(data_cfg.cache_dir))
         if not indexed:
             raise ConfigError(f"data.{key}: no {name} images found under {root}")
+        if name in data_cfg.patient_maps:
+            indexed = with_patient_map(indexed, Path(root) / data_cfg.patient_maps[name], f"data.patient_maps.{name}")
+        elif source.IDS_NAME_FILMS:
+            log.info("%s: no data.patient_maps entry, so each image id counts as its own patient", name)
         records += indexed
     if not split:
         return [replace(r, split=ALL) for r in records]
     return split_records(records, val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.rsna_test_fraction,
-                         seed=data_cfg.split_seed)
+                         seed=data_cfg.split_seed, folds=(data_cfg.folds, data_cfg.fold) if data_cfg.folds else None)
 
 
 def prepare_data(data_cfg: Any, *, progress: bool = True, split: bool = True) -> PreparedData:

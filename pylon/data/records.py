@@ -1,11 +1,12 @@
 """The unit every data-handling step passes along: one image and what is known of it."""
 from __future__ import annotations
 
+import csv
 import io
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Mapping, NamedTuple, Optional
+from typing import Mapping, NamedTuple, Optional, Sequence
 
 from pylon import PylonError
 
@@ -67,3 +68,24 @@ def warn_problems(module: str, problems: dict[str, list[str]], effects: Mapping[
                       for kind, examples in sorted(problems.items()) if examples)
     if kinds:
         logging.getLogger(module).warning("%s: problems found while indexing: %s", module.rsplit(".", 1)[-1], kinds)
+
+
+def with_patient_map(records: Sequence[Record], path: Path, key: str) -> list[Record]:
+    """``records`` with ``patient_id`` read from the CSV at ``path``: its first column is the image
+    id, its column ``patient`` (or ``*_patient``) the person; images missing from it, or with an
+    empty cell, stay their own patient. One line says how many people the films came from."""
+    if not Path(path).is_file():
+        raise DatasetLayoutError(f"{key}: no such file {path}")
+    reader = csv.reader(label_file(path))
+    header = next(reader)
+    column = next((i for i, name in enumerate(header) if name == "patient" or name.endswith("_patient")), None)
+    if column is None or column == 0:
+        raise DatasetLayoutError(f"{key}: {path} needs the image id in its first column and a column named "
+                                 f"patient or *_patient; its columns are {header}")
+    person = {row[0].strip(): row[column].strip() for row in reader if len(row) > column and row[column].strip()}
+    mapped = [replace(r, patient_id=f"{r.source}-person-{person[r.id]}") if r.id in person else r for r in records]
+    n_people = len({r.patient_id for r in mapped})
+    logging.getLogger(__name__).info(
+        "%s: %d images belong to %d people (%d images not in the map count as their own person)",
+        key, len(mapped), n_people, sum(r.id not in person for r in mapped))
+    return mapped

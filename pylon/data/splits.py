@@ -4,7 +4,9 @@
   train and val images are pooled and `val_fraction` of the pool's patients become val.
   Patients the official split puts in test and outside it lose their non-test images.
 - Any other source: `test_fraction` of its patients become test, then `val_fraction` of the
-  remaining patients become val.
+  remaining patients become val. With ``folds=(k, i)`` (cross-validation) the patients of each
+  label are cut into k folds instead and fold i is the test split: the k test splits of one seed
+  partition the source's patients, so that k runs score every image exactly once.
 - Within every source the patients of each label are ranked by a seeded hash of their id and
   cut at the fraction: exactly stratified, identical on every machine for a given seed, and
   stable (adding or removing patients moves few others).
@@ -15,7 +17,7 @@ import hashlib
 import logging
 from collections import defaultdict
 from dataclasses import replace
-from typing import Iterable, Sequence
+from typing import Iterable, Optional, Sequence
 
 from pylon.data.records import Record
 from pylon.data.sources import SOURCES
@@ -27,15 +29,18 @@ class PatientLeakageError(ValueError):
     """A patient's images sit in more than one split."""
 
 
-def split_records(records: Sequence[Record], *, val_fraction: float, test_fraction: float, seed: int) -> list[Record]:
-    """Every record with its split set, in the input order (less any dropped overlap images)."""
+def split_records(records: Sequence[Record], *, val_fraction: float, test_fraction: float, seed: int,
+                  folds: Optional[tuple[int, int]] = None) -> list[Record]:
+    """Every record with its split set, in the input order (less any dropped overlap images);
+    ``folds=(k, i)`` makes fold i of k the test split of sources without an official one."""
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
         by_source[record.source].append(i)
     assigned: dict[int, str] = {}
     for source, indices in sorted(by_source.items()):
         if not SOURCES[source].OFFICIAL_TEST:
-            part = _stratified_patients(records, indices, [test_fraction, val_fraction], seed)
+            fractions = [val_fraction] if folds else [test_fraction, val_fraction]
+            part = _stratified_patients(records, indices, fractions, seed, folds)
             assigned.update((i, ("test", "val", "train")[part[records[i].patient_id]]) for i in indices)
             continue
         test_patients = {records[i].patient_id for i in indices if records[i].split == "test"}
@@ -54,10 +59,11 @@ def split_records(records: Sequence[Record], *, val_fraction: float, test_fracti
     return result
 
 
-def _stratified_patients(records: Sequence[Record], indices: list[int], fractions: list[float], seed: int
-                         ) -> dict[str, int]:
+def _stratified_patients(records: Sequence[Record], indices: list[int], fractions: list[float], seed: int,
+                         folds: Optional[tuple[int, int]] = None) -> dict[str, int]:
     """Patient -> part: parts 0..k-1 take fractions[j] of the patients of each label (each from
-    what the previous parts left); part k takes the rest. A patient's label is its maximum."""
+    what the previous parts left); part k takes the rest. With ``folds=(n, i)`` fold i of n is
+    part 0 and the fractions number the parts from 1. A patient's label is its maximum."""
     label_of: dict[str, int] = {}
     for i in indices:
         patient = records[i].patient_id
@@ -69,11 +75,16 @@ def _stratified_patients(records: Sequence[Record], indices: list[int], fraction
     for patients in strata.values():
         # a cryptographic hash rather than hash(): identical across processes and machines
         remaining = sorted(patients, key=lambda p: (hashlib.blake2b(f"{seed}:{p}".encode(), digest_size=8).digest(), p))
-        for part, fraction in enumerate(fractions):
+        if folds:
+            n, i = folds
+            low, high = (round(j * len(remaining) / n) for j in (i, i + 1))
+            part_of.update((p, 0) for p in remaining[low:high])
+            remaining = remaining[:low] + remaining[high:]
+        for part, fraction in enumerate(fractions, start=1 if folds else 0):
             take = int(round(fraction * len(remaining)))
             part_of.update((p, part) for p in remaining[:take])
             remaining = remaining[take:]
-        part_of.update((p, len(fractions)) for p in remaining)
+        part_of.update((p, len(fractions) + bool(folds)) for p in remaining)
     return part_of
 
 

@@ -1,7 +1,9 @@
 """The data sources: one module each, registered in SOURCES by the name configs use.
 
 A source module exposes MARKER (a path under its root that must exist), OFFICIAL_TEST (True
-when it ships its own test split, which the splitter then keeps) and
+when it ships its own test split, which the splitter then keeps), IDS_NAME_FILMS (True when
+its patient ids name films rather than people, so that a run without ``data.patient_maps``
+says so) and
 ``index(root: Path, cache_dir: Optional[Path]) -> list[Record]``. Adding a source is one
 module plus one line here. Importing this package loads neither torch nor OpenCV.
 """
