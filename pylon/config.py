@@ -132,6 +132,7 @@ class LoggingConfig:
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     project: str = "pylon-cxr"
     entity: Optional[str] = None
+    group: Optional[str] = None  # a W&B group, e.g. one per cross-validation (tools/crossval.py sets it)
     runs_dir: str = "runs"
     log_every_steps: int = 10
     n_val_images: int = 4

@@ -59,7 +59,7 @@ class Tracker:
         self._wandb = wandb
         start = dict(project=logging_cfg.project, entity=logging_cfg.entity, name=self.run_dir.name,
                      config=config, dir=str(self.run_dir), id=run_id, resume="allow" if run_id else None,
-                     job_type=job_type, reinit="create_new")
+                     job_type=job_type, group=logging_cfg.group, reinit="create_new")
         self.run = self._start(mode, start)
         if self.run is None:
             return

@@ -1,0 +1,178 @@
+"""Cross-validate a config: python tools/crossval.py --config NAME [--folds 5] [--set k=v ...] [--resume CV_DIR]
+
+Trains one ordinary run per fold (``data.folds=K data.fold=i``: fold i of the patients of every
+source without an official test split is the test split, label-stratified; other sources keep
+their own splits), evaluates each with ``evaluate.py --localization``, then pools every fold's
+test images into one report: each image is scored by the one model that never saw its patient.
+Writes ``<runs_dir>/<name>-cv<K>-<time>/``: the fold runs, ``crossval.json`` (the recipe and its
+runs), and ``eval/`` with the pooled ``metrics.json`` (classification and every heatmap method,
+with bootstrap 95% intervals that resample patients, per source and per view; each fold's own
+numbers and their spread under ``per_fold``), ``predictions.csv`` and ``localization.csv``.
+Every fold run joins one W&B group named after the folder. ``--resume CV_DIR`` trains and
+evaluates only what is missing (an interrupted fold resumes from its last.pt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+
+from pylon import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+MANIFEST = "crossval.json"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    cli.add_config_args(parser, required=False)
+    parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    parser.add_argument("--resume", metavar="CV_DIR", help="finish the missing folds of an earlier cross-validation")
+    parser.add_argument("--bootstrap", type=int, help="resamples of the pooled intervals (default: eval.bootstrap)")
+    args = parser.parse_args(argv)
+
+    from pylon.config import ConfigError, load_config
+    from pylon.runs import new_run
+
+    if bool(args.resume) == bool(args.config):
+        raise ConfigError("give --config NAME for a new cross-validation or --resume CV_DIR to finish one")
+    if args.resume:
+        folder = Path(args.resume)
+        if not (folder / MANIFEST).is_file():
+            raise ConfigError(f"{folder} is not a cross-validation folder (no {MANIFEST})")
+        plan = json.loads((folder / MANIFEST).read_text())
+    else:
+        if args.folds < 2:
+            raise ConfigError(f"--folds must be at least 2, got {args.folds}")
+        cfg = load_config(args.config, [*args.overrides, f"data.folds={args.folds}"])  # fails here, not in fold 1
+        folder = new_run(cfg.logging.runs_dir, f"{cfg.name}-cv{args.folds}").root
+        plan = {"config": args.config, "folds": args.folds, "overrides": list(args.overrides), "runs": {}}
+        _save(folder, plan)
+    for fold in range(plan["folds"]):
+        run_fold(folder, plan, fold)
+    cfg = load_config(Path(plan["runs"]["0"]) / "config.yaml")
+    n_boot = cfg.eval.bootstrap if args.bootstrap is None else args.bootstrap
+    metrics = pool(folder, [Path(plan["runs"][str(f)]) for f in range(plan["folds"])], n_boot, cfg.train.seed)
+    print(pooled_tables(metrics))
+    print(f"\n{folder / 'eval' / 'metrics.json'}")
+    return 0
+
+
+def _save(folder: Path, plan: dict) -> None:
+    partial = folder / f".{MANIFEST}.tmp"
+    partial.write_text(json.dumps(plan, indent=2) + "\n")
+    os.replace(partial, folder / MANIFEST)
+
+
+def _script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """``python NAME ARGS`` in the repository root; its output passes through, its last line is kept."""
+    done = subprocess.run([sys.executable, str(ROOT / name), *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    sys.stdout.write(done.stdout)
+    if done.returncode != 0:
+        raise SystemExit(done.returncode)
+    return done
+
+
+def run_fold(folder: Path, plan: dict, fold: int) -> None:
+    """Train (or resume) and evaluate fold ``fold`` unless its evaluation is already there."""
+    run = plan["runs"].get(str(fold))
+    if run is not None and (Path(run) / "eval" / "metrics.json").is_file():
+        return
+    print(f"=== fold {fold + 1} of {plan['folds']}", flush=True)
+    if run is None or not (Path(run) / "checkpoints" / "last.pt").is_file():
+        fold_set = [f"data.folds={plan['folds']}", f"data.fold={fold}", f"logging.runs_dir={folder}",
+                    f"logging.group={folder.name}"]
+        done = _script("train.py", "--config", plan["config"], "--set", *plan["overrides"], *fold_set)
+        plan["runs"][str(fold)] = json.loads(done.stdout.strip().splitlines()[-1])["run"]
+        _save(folder, plan)
+    else:
+        _script("train.py", "--resume", run)
+    _script("evaluate.py", "--run", plan["runs"][str(fold)], "--localization")
+
+
+def _fold_frames(runs: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Every fold's test predictions and localization rows, with the fold, patient and view of each."""
+    predictions, localization = [], []
+    for fold, run in enumerate(runs):
+        p = pd.read_csv(run / "eval" / "predictions.csv", dtype={"id": str, "patient_id": str}, keep_default_na=False)
+        p = p[p.split == "test"].assign(fold=fold)
+        predictions.append(p)
+        lo = pd.read_csv(run / "eval" / "localization.csv", dtype={"id": str})
+        localization.append(lo.assign(fold=fold).merge(p[["id", "patient_id", "view"]], on="id", how="left"))
+    return pd.concat(predictions, ignore_index=True), pd.concat(localization, ignore_index=True)
+
+
+def _spread(values: list[float]) -> dict:
+    array = np.asarray(values, dtype=np.float64)
+    return {"mean": float(np.nanmean(array)), "sd": float(np.nanstd(array, ddof=1)) if len(array) > 1 else None,
+            "values": [float(v) for v in array]}
+
+
+def pool(folder: Path, runs: Sequence[Path], n_boot: int, seed: int) -> dict:
+    """The pooled report of the fold runs, written to ``folder/eval``; returns metrics.json's content."""
+    from pylon.evaluation import group_block, localization_report
+    from pylon.metrics import LOCALIZATION_METRICS, POINTING_KEY, by_group, jsonable
+
+    predictions, localization = _fold_frames(runs)
+    y, p = predictions.label.to_numpy(), predictions.prob.to_numpy(np.float64)
+    g = predictions.patient_id.to_numpy(str)
+    block = lambda yy, pp, gg: group_block(yy, pp, gg, None, n_boot, seed)  # noqa: E731
+    classification = {"split": f"test of each of {len(runs)} folds, pooled", **block(y, p, g),
+                      "bootstrap_resamples": n_boot, "bootstrap_unit": "patient",
+                      "by_source": by_group(block, predictions.source.to_numpy(str), y, p, g),
+                      "by_view": by_group(block, predictions.view.to_numpy(str), y, p, g)}
+    columns = {"point_acc": "point_acc_hit", POINTING_KEY: f"{POINTING_KEY}_hit", "energy_in_box": "energy_in_box",
+               "laterality_acc": "laterality_hit"}
+    values, views, patients = {}, None, None
+    for method, rows in localization.groupby("method", sort=False):
+        values[method] = {k: rows[columns[k]].astype(np.float64).tolist() for k in LOCALIZATION_METRICS}
+        views, patients = rows.view.fillna("").tolist(), rows.patient_id.tolist()  # the same images for every method
+    fold_metrics = [json.loads((run / "eval" / "metrics.json").read_text()) for run in runs]
+    per_fold = {"auroc": _spread([m["classification"]["auroc"] for m in fold_metrics]),
+                "point_acc": {method: _spread([m["localization"][method]["point_acc"] for m in fold_metrics])
+                              for method in values},
+                "energy_in_box": {method: _spread([m["localization"][method]["energy_in_box"] for m in fold_metrics])
+                                  for method in values}}
+    metrics = jsonable({"crossval": {"folds": len(runs), "runs": [str(r) for r in runs]},
+                        "classification": classification,
+                        "localization": localization_report(values, views, patients, n_boot, seed) if values else {},
+                        "per_fold": per_fold})
+    out = folder / "eval"
+    out.mkdir(exist_ok=True)
+    predictions.to_csv(out / "predictions.csv", index=False)
+    localization.to_csv(out / "localization.csv", index=False)
+    partial = out / ".metrics.json.tmp"
+    partial.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(partial, out / "metrics.json")
+    return metrics
+
+
+def pooled_tables(metrics: dict[str, Any]) -> str:
+    from pylon.tables import localization_table
+
+    c = metrics["classification"]
+    lines = [f"pooled over {metrics['crossval']['folds']} folds: n={c['n']} ({c['n_pos']} positive), AUROC "
+             f"{c['auroc']:.3f} [{c['ci']['auroc'][0]:.3f}, {c['ci']['auroc'][1]:.3f}] (95% CI over patients); "
+             f"per fold {_fmt_spread(metrics['per_fold']['auroc'])}"]
+    for view, b in c["by_view"].items():
+        lines.append(f"  {view}: n={b['n']} AUROC {b['auroc']:.3f} [{b['ci']['auroc'][0]:.3f}, {b['ci']['auroc'][1]:.3f}]")
+    if metrics["localization"]:
+        lines += ["", localization_table(metrics["localization"]), "", "point_acc per fold:"]
+        lines += [f"  {method:<10} {_fmt_spread(s)}" for method, s in metrics["per_fold"]["point_acc"].items()]
+    return "\n".join(lines)
+
+
+def _fmt_spread(spread: dict) -> str:
+    sd = "" if spread["sd"] is None else f" +- {spread['sd']:.3f}"
+    return f"{spread['mean']:.3f}{sd} (" + ", ".join(f"{v:.3f}" for v in spread["values"]) + ")"
+
+
+if __name__ == "__main__":
+    cli.run(main)
