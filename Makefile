@@ -8,10 +8,11 @@ INSTALLED := $(VENV)/.installed
 
 setup: $(INSTALLED)
 
-$(INSTALLED): setup.py
+# setup.py gives the compatible ranges, constraints.txt the exact tested versions within them.
+$(INSTALLED): setup.py constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(INSTALLED)
 
 # Generate the synthetic data, train PYLON and its ResNet baseline, evaluate both side by side.
