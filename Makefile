@@ -8,10 +8,11 @@ INSTALLED := $(VENV)/.installed
 
 setup: $(INSTALLED)
 
-$(INSTALLED): setup.py
+# setup.py gives the compatible ranges, constraints.txt the exact tested versions within them.
+$(INSTALLED): setup.py constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(INSTALLED)
 
 # Generate the synthetic data, train PYLON and its ResNet baseline, evaluate both side by side.
@@ -22,7 +23,9 @@ demo: $(INSTALLED)
 	$(PY) train.py --config demo_baseline.yaml
 	$(PY) evaluate.py --localization
 
+# Lint first (rules in pyproject.toml): a lint error fails the target before any test runs.
 test: $(INSTALLED)
+	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 -q
 
 bench: $(INSTALLED)

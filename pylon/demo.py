@@ -102,8 +102,8 @@ def render(film: Film, *, with_opacities: bool = True) -> tuple[np.ndarray, list
     density += 0.015 * lungs * _waves(rng, u, v, 12, (15.0, 40.0))  # fine lung markings
 
     boxes = []
-    side = float(rng.choice([-1.0, 1.0]))
-    for side in [side, -side][: film.n_opacities]:  # a second opacity goes in the other lung
+    first = float(rng.choice([-1.0, 1.0]))
+    for side in [first, -first][: film.n_opacities]:  # a second opacity goes in the other lung
         for _ in range(100):  # a point well inside the lung, clear of the heart
             a, b = rng.uniform(-0.55, 0.55, 2)
             ou, ov = side * (lung_x + a * lung_w), lung_y + b * lung_h

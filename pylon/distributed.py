@@ -5,7 +5,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, TypeVar
 
-import numpy as np
 import torch
 import torch.distributed as dist
 

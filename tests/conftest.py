@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 from typing import Callable
 
@@ -153,7 +154,6 @@ def train_cli(args: list[str], *, cwd: Path, env: dict[str, str] | None = None,
               timeout: float = 300) -> "subprocess.CompletedProcess[str]":
     """``python train.py ARGS`` run in ``cwd`` (a scratch folder: W&B's caches go there too),
     with one torch thread."""
-    import subprocess
     import sys
 
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", **quiet_wandb_env(Path(cwd) / ".wandb-home"), **(env or {})}

@@ -1,6 +1,7 @@
 """Checkpoints: atomic saves, safe and checked loads, strict weight loading."""
 from __future__ import annotations
 
+import pickle
 import subprocess
 import sys
 import time
@@ -41,7 +42,7 @@ def test_round_trip_and_a_failed_save_keeps_the_previous_file(tmp_path):
     loaded = load_checkpoint(target)
     assert loaded["loop"] == state["loop"] and torch.equal(loaded["model"]["weight"], state["model"]["weight"])
     before = target.read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises((AttributeError, pickle.PicklingError)):  # which one depends on the Python version
         save_checkpoint(target, {"unpicklable": lambda: 0})
     assert target.read_bytes() == before and temp_files(target.parent) == []
 

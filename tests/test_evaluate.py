@@ -136,7 +136,7 @@ def test_localization_scores_pylon_and_the_image_blind_baselines_in_both_frames(
     loc = metrics["localization"]
     assert set(loc) == {"pylon", "prior", "center"}
     views = {data.cache.records[r].view for r in boxed}
-    for method, entry in loc.items():
+    for entry in loc.values():
         assert entry["n"] == len(boxed)
         for key in ("point_acc", "pointing_game_15px", "energy_in_box"):
             assert 0.0 <= entry[key] <= 1.0

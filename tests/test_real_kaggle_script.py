@@ -1,4 +1,4 @@
-"""bench/real_kaggle.sh, the command behind the README's real-data table, end to end on a tiny
+"""bench/real_kaggle.sh, the command behind the real-data table in docs/RESULTS.md, end to end on a tiny
 Kaggle-layout set: both configs train, evaluate on the official-style test split, and the
 PYLON run predicts on RSNA-layout DICOMs with their boxes."""
 from __future__ import annotations

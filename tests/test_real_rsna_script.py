@@ -1,4 +1,4 @@
-"""bench/real_rsna.sh, the command behind the README's real localization tables, end to end on
+"""bench/real_rsna.sh, the command behind the real localization tables in docs/RESULTS.md, end to end on
 the tiny generated set: a merged PYLON run (one of the four configs, to keep the suite fast)
 trains, evaluates with --localization, and the table sets its map beside the image-blind
 baselines. Baseline runs go through the same evaluate.py (tests/test_evaluate.py)."""
@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml

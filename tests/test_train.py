@@ -13,6 +13,7 @@ import json
 import math
 import re
 import shutil
+import subprocess
 from pathlib import Path
 
 import pandas as pd
@@ -411,7 +412,6 @@ def test_a_training_split_of_one_class_is_refused(tmp_path, phantom):
 
 
 def _sleeper() -> "subprocess.Popen":
-    import subprocess
     import sys
 
     return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
