@@ -1,0 +1,59 @@
+"""tools/crossval.py: k ordinary fold runs whose test splits partition the patients, pooled into one report."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import REPO_ROOT, quiet_wandb_env, tiny_overrides
+
+
+def crossval(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", **quiet_wandb_env(cwd / ".wandb-home")}
+    return subprocess.run([sys.executable, str(REPO_ROOT / "tools" / "crossval.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_two_folds_score_every_rsna_film_once_and_resume_finishes_what_is_missing(tiny_data, tmp_path):
+    overrides = tiny_overrides(tiny_data, tmp_path / "runs", "train.epochs=1", "eval.bootstrap=50", "eval.n_overlays=1")
+    done = crossval(["--config", "demo.yaml", "--folds", "2", "--set", *overrides], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (folder,) = (tmp_path / "runs").iterdir()
+    plan = json.loads((folder / "crossval.json").read_text())
+    runs = [Path(plan["runs"][str(f)]) for f in range(2)]
+    assert plan["folds"] == 2 and all(r.parent == folder and (r / "checkpoints" / "best.pt").is_file() for r in runs)
+
+    def test_ids(run: Path, source: str) -> set[str]:
+        with open(run / "splits.csv", newline="") as handle:
+            return {row["id"] for row in csv.DictReader(handle) if row["split"] == "test" and row["source"] == source}
+
+    rsna = [test_ids(r, "rsna") for r in runs]
+    assert rsna[0] and rsna[1] and not rsna[0] & rsna[1] and len(rsna[0] | rsna[1]) == 16  # every film once
+    assert test_ids(runs[0], "kaggle") == test_ids(runs[1], "kaggle")  # the official test split, in every fold
+
+    metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+    fold_metrics = [json.loads((r / "eval" / "metrics.json").read_text()) for r in runs]
+    assert metrics["classification"]["n"] == sum(m["classification"]["n"] for m in fold_metrics)
+    assert metrics["classification"]["bootstrap_unit"] == "patient"
+    assert {"pylon", "prior", "center"} <= set(metrics["localization"])
+    boxed = sum(m["localization"]["pylon"]["n"] for m in fold_metrics)
+    assert metrics["localization"]["pylon"]["n"] == boxed
+    assert len(metrics["per_fold"]["point_acc"]["pylon"]["values"]) == 2
+    assert "pooled over 2 folds" in done.stdout
+
+    shutil.rmtree(runs[1] / "eval")
+    shutil.rmtree(folder / "eval")
+    again = crossval(["--resume", str(folder)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "=== fold 1 of 2" not in again.stdout and "=== fold 2 of 2" in again.stdout
+    assert sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "eval") == sorted(r.name for r in runs)
+    assert json.loads((folder / "eval" / "metrics.json").read_text())["classification"] == metrics["classification"]
+
+
+def test_a_cross_validation_needs_a_config_or_a_folder_to_resume(tmp_path):
+    done = crossval(["--resume", str(tmp_path)], tmp_path)
+    assert done.returncode == 2 and "not a cross-validation folder" in done.stderr
