@@ -35,7 +35,7 @@ from pylon.device import bar_disabled, choose_precision, describe_precision, see
 from pylon.distributed import Dist, gather, init_distributed, main_first
 from pylon.inference import overlays, predict_loader
 from pylon.metrics import classification_metrics, youden_threshold
-from pylon.models import build_model, unwrap
+from pylon.models import build_model, init_from, unwrap
 from pylon.runs import (RunPaths, absolute_roots, check_splits, check_writable, new_run, training_lock,
                         write_splits)
 from pylon.tracking import Tracker
@@ -178,6 +178,8 @@ def setup(cfg: Any, d: Dist) -> tuple[nn.Module, PreparedData, torch.optim.Optim
     cached), then the data (rank 0 first, so the cache is built once)."""
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(d.device)
+    if d.is_main and model.init_note:
+        print(model.init_note, flush=True)
     data = main_first(d, lambda: prepare_data(cfg.data, progress=d.is_main))
     positives, n = int(data.cache.labels[data.rows["train"]].sum()), len(data.rows["train"])
     if positives in (0, n):
@@ -265,7 +267,9 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
                                 rank=d.rank, world_size=d.world_size)
     val_loader = split_loader(data, "val", cfg.data, cfg.eval.batch_size, train=False, rank=d.rank, world_size=d.world_size)
     precision = choose_precision(d.device, cfg.train).name
-    tracker = Tracker(run.root, cfg.logging, config={**to_dict(cfg), "precision": precision}, enabled=d.is_main,
+    origin = init_from(cfg.model, model)
+    tracker = Tracker(run.root, cfg.logging, config={**to_dict(cfg), "precision": precision, "init_from": origin},
+                      enabled=d.is_main,
                       run_id=None if saved is None else saved.get("wandb_run_id"))
     try:
         _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
@@ -275,7 +279,7 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
         if d.is_main and not run.last.is_file():  # no epoch finished: nothing to resume or evaluate
             shutil.rmtree(run.root, ignore_errors=True)
         raise
-    summary = {**_summary(run, state, tracker, started), "precision": precision}
+    summary = {**_summary(run, state, tracker, started), "precision": precision, "init_from": origin}
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     if run.best.exists():
         tracker.log_artifact(run.best, f"{run.root.name}-best")
@@ -332,7 +336,8 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
 
     train_model = stage(state.epoch)
     config_dict = to_dict(cfg)
-    precision = choose_precision(d.device, cfg.train).name
+    # How the run computed and where its weights started, in both checkpoints.
+    recorded = {"precision": choose_precision(d.device, cfg.train).name, "init_from": init_from(cfg.model, model)}
     prevalence = data.prevalence("train")
     # The image-blind localization floor, from the training split only; it travels with the weights.
     prior = box_prior([data.cache.boxes_in_cache_frame(int(r)) for r in data.rows["train"]], data.cache.image_size)
@@ -392,13 +397,13 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
                         "model": weights, "config": config_dict, "epoch": epoch + 1, "val_loss": val["loss"],
                         "val_metrics": metrics, "normalization": {"mean": float(data.mean), "std": float(data.std)},
                         "threshold_youden": youden_threshold(val["labels"], val["probs"]) if both else None,
-                        "prior": prior, "wandb_run_id": tracker.id, "precision": precision,
+                        "prior": prior, "wandb_run_id": tracker.id, **recorded,
                         "pos_weight": None if loss_fn.pos_weight is None else float(loss_fn.pos_weight)})
                 save_checkpoint(run.last, {
                     "model": weights, "optimizer": optimizer.state_dict(),
                     "scheduler": None if scheduler is None else scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "loop": asdict(state), "config": config_dict,
-                    "wandb_run_id": tracker.id, "precision": precision})
+                    "wandb_run_id": tracker.id, **recorded})
                 tracker.log_epoch(epoch + 1, row, state.global_step)
                 if tracker.run is not None and cfg.logging.n_val_images > 0:
                     tracker.log_images("val/heatmaps", validation_images(model, data, cfg.logging.n_val_images, cfg.train),
