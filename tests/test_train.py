@@ -607,3 +607,45 @@ def test_across_architectures_and_from_a_plain_file_only_the_encoder_is_taken(ti
         else:
             n = len(_head_keys(state))
             assert f"encoder + 0 of {n} " in note and "not loaded: " in note
+
+
+# ---------------------------------------------------------------------------------------------
+# Merged sources: per-source draws and per-source model selection
+
+
+def test_select_on_a_source_chooses_best_pt_and_stops_on_that_sources_val_loss(tiny_data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    extra = ("train.select_on=rsna", "train.epochs=4", "train.early_stop_patience=1", "data.val_fraction=0.3",
+             "data.source_shares={rsna: 1, kaggle: 1}")
+    capsys.readouterr()
+    assert train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, *extra)) == 0
+    out = capsys.readouterr().out
+    run = only_run(runs)
+    history = pd.read_csv(run.history)
+    assert (history["val_select_loss"] == history["val_loss_rsna"]).all()
+    # The pooled loss is the per-source losses weighed by each source's val images.
+    val = prepare_data(load_config(run.config).data, progress=False).records("val")
+    n = {s: sum(r.source == s for r in val) for s in ("kaggle", "rsna")}
+    pooled = (n["kaggle"] * history["val_loss_kaggle"] + n["rsna"] * history["val_loss_rsna"]) / len(val)
+    assert history["val_loss"].tolist() == pytest.approx(pooled.tolist(), rel=1e-6)
+
+    rsna = history["val_loss_rsna"].tolist()
+    stale = next((i for i in range(1, len(rsna)) if rsna[i] >= min(rsna[:i])), None)  # patience 1 stops there
+    assert len(rsna) == (4 if stale is None else stale + 1)
+    best_epoch = int(history.loc[history["val_loss_rsna"].idxmin(), "epoch"])
+    best = load_checkpoint(run.best)
+    assert best["epoch"] == best_epoch and best["select_on"] == "rsna"
+    assert best["val_select_loss"] == pytest.approx(min(rsna), rel=1e-12)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["select_on"] == "rsna" and summary["best_epoch"] == best_epoch
+    assert summary["best_val_loss"] == pytest.approx(min(rsna), rel=1e-12)
+    assert f"best epoch {best_epoch} of {len(rsna)}: rsna val loss {min(rsna):.4f}" in out
+    assert "training draws per source (data.source_shares): kaggle 50.0% (" in out
+
+
+def test_selection_losses_pooled_mean_of_sources_or_one_source():
+    from pylon.engine import selection_loss
+
+    val = {"loss": 0.5, "source_losses": {"kaggle": 0.2, "rsna": 1.0}}
+    assert [selection_loss(val, name) for name in ("pooled", "mean_sources", "rsna")] == [0.5, 0.6, 1.0]
+
