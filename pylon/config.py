@@ -271,7 +271,7 @@ def validate(cfg: Any) -> None:
     _require(math.isfinite(d.mean) and math.isfinite(d.std) and d.std > 0,
              f"data.mean and data.std must be finite and data.std positive, got {d.mean} and {d.std}")
     _require(d.num_workers >= 0, f"data.num_workers must be 0 or more, got {d.num_workers}")
-    _check_source_shares(d)
+    _check_per_source(d, t)
 
     from segmentation_models_pytorch.encoders import encoders
 
@@ -309,8 +309,6 @@ def validate(cfg: Any) -> None:
     _require(not (t.scheduler == "plateau" and stage_two < t.min_lr),
              f"train.lr={t.lr}" + (f" x train.finetune_lr_factor={t.finetune_lr_factor}" if t.freeze_encoder_epochs else "")
              + f" is below train.min_lr={t.min_lr}: the run would stop after one epoch at that rate")
-    selectable = ["pooled", "mean_sources", *d.sources]
-    _require(t.select_on in selectable, f"train.select_on must be one of {selectable}, got '{t.select_on}'")
     _require(re.fullmatch(DEVICE_PATTERN, t.device) is not None,
              f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
 
@@ -322,9 +320,11 @@ def validate(cfg: Any) -> None:
     _require(cfg.logging.log_every_steps >= 1, f"logging.log_every_steps must be at least 1, got {cfg.logging.log_every_steps}")
 
 
-def _check_source_shares(d: Any) -> None:
-    """Shares are relative (normalised where used), and every source needs one: a source left out
-    would silently never be trained on."""
+def _check_per_source(d: Any, t: Any) -> None:
+    """The keys that name sources. Shares are relative (normalised where used), and every source
+    needs one: a source left out would silently never be trained on."""
+    selectable = ["pooled", "mean_sources", *d.sources]
+    _require(t.select_on in selectable, f"train.select_on must be one of {selectable}, got '{t.select_on}'")
     shares = dict(d.source_shares)
     if not shares:
         return

@@ -245,9 +245,8 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
     d = init_distributed(cfg.train.device)
     if cfg.train.batch_size % d.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {d.world_size} processes")
-    for key in ("balanced_sampler", "source_shares"):  # a weighted sampler draws for one process
-        if cfg.data[key] and d.world_size > 1:
-            raise ConfigError(f"data.{key} is not supported with several processes")
+    if (cfg.data.balanced_sampler or cfg.data.source_shares) and d.world_size > 1:  # weighted draws are one process's
+        raise ConfigError("data.balanced_sampler and data.source_shares are not supported with several processes")
     if d.is_main and run is None:
         check_writable(cfg.logging.runs_dir)  # before minutes of caching, not after
     if d.is_main:
@@ -294,10 +293,8 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
     train_loader = split_loader(data, "train", cfg.data, batch, train=True, seed=cfg.train.seed,
                                 rank=d.rank, world_size=d.world_size)
     val_loader = split_loader(data, "val", cfg.data, cfg.eval.batch_size, train=False, rank=d.rank, world_size=d.world_size)
-    precision = choose_precision(d.device, cfg.train).name
-    origin = init_from(cfg.model, model)
-    tracker = Tracker(run.root, cfg.logging, config={**to_dict(cfg), "precision": precision, "init_from": origin},
-                      enabled=d.is_main,
+    recorded = {"precision": choose_precision(d.device, cfg.train).name, "init_from": init_from(cfg.model, model)}
+    tracker = Tracker(run.root, cfg.logging, config={**to_dict(cfg), **recorded}, enabled=d.is_main,
                       run_id=None if saved is None else saved.get("wandb_run_id"))
     try:
         _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
@@ -307,8 +304,7 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
         if d.is_main and not run.last.is_file():  # no epoch finished: nothing to resume or evaluate
             shutil.rmtree(run.root, ignore_errors=True)
         raise
-    summary = {**_summary(run, state, tracker, started), "select_on": cfg.train.select_on, "precision": precision,
-               "init_from": origin}
+    summary = {**_summary(run, state, tracker, started), "select_on": cfg.train.select_on, **recorded}
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     if run.best.exists():
         tracker.log_artifact(run.best, f"{run.root.name}-best")
