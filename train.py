@@ -70,7 +70,7 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("best_epoch", -1) > 0:
         auroc = summary.get("best_val_auroc")
         auroc_text = "n/a" if auroc is None or not math.isfinite(auroc) else f"{auroc:.4f}"
-        lines.append(f"best epoch {summary['best_epoch']} of {summary['epochs']}: val loss "
+        lines.append(f"best epoch {summary['best_epoch']} of {summary['epochs']}: {_selected(summary)} "
                      f"{summary['best_val_loss']:.4f}, val AUROC {auroc_text}")
     if summary.get("stop_reason"):
         lines.append(f"stopped: {summary['stop_reason']}")
@@ -81,6 +81,13 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("wandb"):
         lines.append(summary["wandb"])
     return "\n".join(lines)
+
+
+def _selected(summary: dict[str, Any]) -> str:
+    """Which val loss chose the best epoch (train.select_on), as the best-epoch line names it."""
+    select_on = summary.get("select_on", "pooled")
+    names = {"pooled": "pooled val loss", "mean_sources": "mean of the sources' val losses"}
+    return names.get(select_on, f"{select_on} val loss")
 
 
 def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:

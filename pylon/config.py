@@ -89,6 +89,7 @@ class DataConfig:
     normalize_from_train: bool = False
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     balanced_sampler: bool = False
+    source_shares: dict[str, float] = field(default_factory=dict)  # of training draws, by source; {}: by size
     num_workers: int = 4
 
 
@@ -113,6 +114,7 @@ class TrainConfig:
     freeze_encoder_epochs: int = 0
     finetune_lr_factor: float = 0.1
     max_steps_per_epoch: Optional[int] = None
+    select_on: str = "pooled"  # the val loss that picks best.pt: pooled, mean_sources or a source's name
     seed: int = 0
     device: str = "auto"
 
@@ -283,6 +285,7 @@ def validate(cfg: Any) -> None:
     _require(math.isfinite(d.mean) and math.isfinite(d.std) and d.std > 0,
              f"data.mean and data.std must be finite and data.std positive, got {d.mean} and {d.std}")
     _require(d.num_workers >= 0, f"data.num_workers must be 0 or more, got {d.num_workers}")
+    _check_per_source(d, t)
 
     from segmentation_models_pytorch.encoders import encoders
 
@@ -329,6 +332,22 @@ def validate(cfg: Any) -> None:
     _require(e.bootstrap >= 0 and e.pointing_tolerance_px >= 0 and e.n_overlays >= 0,
              "eval.bootstrap, eval.pointing_tolerance_px and eval.n_overlays must be 0 or more")
     _require(cfg.logging.log_every_steps >= 1, f"logging.log_every_steps must be at least 1, got {cfg.logging.log_every_steps}")
+
+
+def _check_per_source(d: Any, t: Any) -> None:
+    """The keys that name sources. Shares are relative (normalised where used), and every source
+    needs one: a source left out would silently never be trained on."""
+    selectable = ["pooled", "mean_sources", *d.sources]
+    _require(t.select_on in selectable, f"train.select_on must be one of {selectable}, got '{t.select_on}'")
+    shares = dict(d.source_shares)
+    if not shares:
+        return
+    unknown = sorted(set(shares) - set(d.sources))
+    _require(not unknown, f"data.source_shares: {unknown} not in data.sources {list(d.sources)}")
+    missing = [s for s in d.sources if s not in shares]
+    _require(not missing, f"data.source_shares gives no share to {missing}; name every source of data.sources")
+    _require(all(math.isfinite(v) and v > 0 for v in shares.values()),
+             f"data.source_shares values must be positive numbers, got {shares}")
 
 
 def to_yaml(cfg: Any) -> str:

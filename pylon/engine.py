@@ -29,13 +29,13 @@ from tqdm.auto import tqdm
 from pylon import PylonError
 from pylon.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
 from pylon.config import ConfigError, to_dict, to_yaml
-from pylon.data.pipeline import SPLITS, PreparedData, prepare_data, set_loader_epoch, split_loader
+from pylon.data.pipeline import SPLITS, PreparedData, describe_draws, prepare_data, set_loader_epoch, split_loader
 from pylon.heatmaps import box_prior
 from pylon.device import bar_disabled, choose_precision, describe_precision, seed_everything
 from pylon.distributed import Dist, gather, init_distributed, main_first
 from pylon.inference import overlays, predict_loader
 from pylon.metrics import classification_metrics, youden_threshold
-from pylon.models import build_model, unwrap
+from pylon.models import build_model, init_from, unwrap
 from pylon.runs import (RunPaths, absolute_roots, check_splits, check_writable, new_run, training_lock,
                         write_splits)
 from pylon.tracking import Tracker
@@ -134,14 +134,38 @@ def train_epoch(model, loader, optimizer, loss_fn, scaler, d: Dist, cfg: Any, st
 
 
 def validate(model: nn.Module, loader: Any, d: Dist, cfg_train: Any, loss_fn: nn.Module, desc: str) -> dict[str, Any]:
-    """Loss, labels and probabilities over the val shard of every process, gathered."""
+    """Loss (pooled, and per source), labels and probabilities over the val shard of every process, gathered."""
     part = predict_loader(unwrap(model), loader, choose_precision(d.device, cfg_train), loss_fn,
                           desc=desc, progress=d.is_main)
     parts = gather(part, d)
     n = sum(len(p["labels"]) for p in parts)
+    losses = np.concatenate([p["losses"] for p in parts])
+    sources = np.array([loader.dataset.cache.records[r].source for p in parts for r in p["rows"]])
     return {"loss": sum(p["loss_sum"] for p in parts) / max(n, 1),
+            "source_losses": {name: float(losses[sources == name].mean()) for name in sorted(set(sources))},
             "labels": np.concatenate([p["labels"] for p in parts]),
             "probs": np.concatenate([p["probs"] for p in parts])}
+
+
+def selection_loss(val: dict[str, Any], select_on: str) -> float:
+    """The val loss ``train.select_on`` names: it chooses best.pt, drives early stopping and the
+    plateau scheduler. ``mean_sources`` weighs every source alike, however many images each has."""
+    if select_on == "pooled":
+        return val["loss"]
+    if select_on == "mean_sources":
+        return float(np.mean(list(val["source_losses"].values())))
+    return val["source_losses"][select_on]
+
+
+def check_selection(cfg: Any, data: PreparedData) -> None:
+    """A source the selection needs must be in the val split, or its loss would not exist."""
+    select_on = cfg.train.select_on
+    needed = {"pooled": [], "mean_sources": list(cfg.data.sources)}.get(select_on, [select_on])
+    present = {r.source for r in data.records("val")}
+    missing = [name for name in needed if name not in present]
+    if missing:
+        raise ConfigError(f"train.select_on={select_on} needs val images of {missing}, and the val split has none; "
+                          "raise data.val_fraction or choose train.select_on=pooled")
 
 
 def validation_images(model: nn.Module, data: PreparedData, n: int, cfg_train: Any) -> list[tuple[np.ndarray, str]]:
@@ -178,13 +202,18 @@ def setup(cfg: Any, d: Dist) -> tuple[nn.Module, PreparedData, torch.optim.Optim
     cached), then the data (rank 0 first, so the cache is built once)."""
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(d.device)
+    if d.is_main and model.init_note:
+        print(model.init_note, flush=True)
     data = main_first(d, lambda: prepare_data(cfg.data, progress=d.is_main))
     positives, n = int(data.cache.labels[data.rows["train"]].sum()), len(data.rows["train"])
     if positives in (0, n):
         raise ConfigError(f"the training split has {positives} positive images of {n}: a classifier needs both "
                           "classes; check the labels or add data (data.sources)")
+    check_selection(cfg, data)
+    draws = describe_draws(data, "train", cfg.data)  # also refuses shares a split cannot meet, before any run folder
     if d.is_main:
         print(f"data: {data.summary()}", flush=True)
+        print(draws, flush=True)
     precision = choose_precision(d.device, cfg.train)
     if d.is_main:
         print(f"compute: {describe_precision(precision, cfg.train)}", flush=True)
@@ -216,8 +245,8 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
     d = init_distributed(cfg.train.device)
     if cfg.train.batch_size % d.world_size:
         raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {d.world_size} processes")
-    if cfg.data.balanced_sampler and d.world_size > 1:
-        raise ConfigError("data.balanced_sampler is not supported with several processes")
+    if (cfg.data.balanced_sampler or cfg.data.source_shares) and d.world_size > 1:  # weighted draws are one process's
+        raise ConfigError("data.balanced_sampler and data.source_shares are not supported with several processes")
     if d.is_main and run is None:
         check_writable(cfg.logging.runs_dir)  # before minutes of caching, not after
     if d.is_main:
@@ -264,8 +293,8 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
     train_loader = split_loader(data, "train", cfg.data, batch, train=True, seed=cfg.train.seed,
                                 rank=d.rank, world_size=d.world_size)
     val_loader = split_loader(data, "val", cfg.data, cfg.eval.batch_size, train=False, rank=d.rank, world_size=d.world_size)
-    precision = choose_precision(d.device, cfg.train).name
-    tracker = Tracker(run.root, cfg.logging, config={**to_dict(cfg), "precision": precision}, enabled=d.is_main,
+    recorded = {"precision": choose_precision(d.device, cfg.train).name, "init_from": init_from(cfg.model, model)}
+    tracker = Tracker(run.root, cfg.logging, config={**to_dict(cfg), **recorded}, enabled=d.is_main,
                       run_id=None if saved is None else saved.get("wandb_run_id"))
     try:
         _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
@@ -275,7 +304,7 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
         if d.is_main and not run.last.is_file():  # no epoch finished: nothing to resume or evaluate
             shutil.rmtree(run.root, ignore_errors=True)
         raise
-    summary = {**_summary(run, state, tracker, started), "precision": precision}
+    summary = {**_summary(run, state, tracker, started), "select_on": cfg.train.select_on, **recorded}
     tracker.summary({k: v for k, v in summary.items() if isinstance(v, (int, float))})
     if run.best.exists():
         tracker.log_artifact(run.best, f"{run.root.name}-best")
@@ -290,6 +319,25 @@ def build_loss(cfg_train: Any, data: PreparedData, device: torch.device) -> nn.M
         p = data.prevalence("train")
         pos_weight = (1 - p) / p
     return nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor([float(pos_weight)], device=device))
+
+
+def _record_epoch(state: LoopState, epoch: int, select: float, metrics: dict, cfg_train: Any, lr: float) -> bool:
+    """``state`` once epoch ``epoch`` (from 0) scored ``select`` (train.select_on's val loss): the
+    best so far, patience and the stop rules (``lr``: after the scheduler's step); whether it improved."""
+    state.epoch = epoch + 1
+    improved = select < state.best_val_loss
+    if improved:
+        state.best_val_loss, state.best_epoch, state.epochs_without_improvement = select, epoch + 1, 0
+        state.best_metrics = {k: metrics[k] for k in SUMMARY_METRICS}
+    else:
+        state.epochs_without_improvement += 1
+    if cfg_train.early_stop_patience and state.epochs_without_improvement >= cfg_train.early_stop_patience:
+        state.stop_reason = f"early stop: no val-loss improvement for {state.epochs_without_improvement} epochs"
+    elif cfg_train.scheduler == "plateau" and lr < cfg_train.min_lr:
+        state.stop_reason = f"learning rate {lr:.1e} fell below train.min_lr={cfg_train.min_lr:.1e}"
+    elif state.epoch >= cfg_train.epochs:
+        state.stop_reason = ALL_EPOCHS_DONE
+    return improved
 
 
 def _finished_already(state: LoopState, cfg: Any) -> Optional[str]:
@@ -332,7 +380,8 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
 
     train_model = stage(state.epoch)
     config_dict = to_dict(cfg)
-    precision = choose_precision(d.device, cfg.train).name
+    # How the run computed and where its weights started, in both checkpoints.
+    recorded = {"precision": choose_precision(d.device, cfg.train).name, "init_from": init_from(cfg.model, model)}
     prevalence = data.prevalence("train")
     # The image-blind localization floor, from the training split only; it travels with the weights.
     prior = box_prior([data.cache.boxes_in_cache_frame(int(r)) for r in data.rows["train"]], data.cache.image_size)
@@ -355,28 +404,17 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
             _finite(val["loss"], f"validation (epoch {epoch + 1})", last_good)  # the same on every rank
             metrics = classification_metrics(val["labels"], val["probs"])
             lr = optimizer.param_groups[0]["lr"]
+            select = selection_loss(val, cfg.train.select_on)
             row = {"train_loss": train_loss, "val_loss": val["loss"], "val_auroc": metrics["auroc"],
                    "val_accuracy": metrics["accuracy"], "val_sensitivity": metrics["sensitivity"],
                    "val_specificity": metrics["specificity"], "lr": lr, "epoch_seconds": time.time() - t0,
-                   "train_prevalence": prevalence}
+                   "train_prevalence": prevalence, **{f"val_loss_{k}": v for k, v in val["source_losses"].items()},
+                   "val_select_loss": select}
             if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(val["loss"])
+                scheduler.step(select)
             elif scheduler is not None:
                 scheduler.step()
-            state.epoch = epoch + 1
-            improved = val["loss"] < state.best_val_loss
-            if improved:
-                state.best_val_loss, state.best_epoch, state.epochs_without_improvement = val["loss"], epoch + 1, 0
-                state.best_metrics = {k: metrics[k] for k in SUMMARY_METRICS}
-            else:
-                state.epochs_without_improvement += 1
-            new_lr = optimizer.param_groups[0]["lr"]
-            if cfg.train.early_stop_patience and state.epochs_without_improvement >= cfg.train.early_stop_patience:
-                state.stop_reason = f"early stop: no val-loss improvement for {state.epochs_without_improvement} epochs"
-            elif cfg.train.scheduler == "plateau" and new_lr < cfg.train.min_lr:
-                state.stop_reason = f"learning rate {new_lr:.1e} fell below train.min_lr={cfg.train.min_lr:.1e}"
-            elif state.epoch >= cfg.train.epochs:
-                state.stop_reason = ALL_EPOCHS_DONE
+            improved = _record_epoch(state, epoch, select, metrics, cfg.train, optimizer.param_groups[0]["lr"])
             # Asked even when a stop rule fired, so the caller sees every epoch; all ranks follow rank 0.
             if on_epoch is not None and gather(d.is_main and bool(on_epoch(epoch + 1, row)), d)[0]:
                 state.stop_reason = state.stop_reason or PRUNED
@@ -390,24 +428,26 @@ def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, sta
                     both = 0 < int(val["labels"].sum()) < len(val["labels"])
                     save_checkpoint(run.best, {
                         "model": weights, "config": config_dict, "epoch": epoch + 1, "val_loss": val["loss"],
+                        "select_on": cfg.train.select_on, "val_select_loss": select,
                         "val_metrics": metrics, "normalization": {"mean": float(data.mean), "std": float(data.std)},
                         "threshold_youden": youden_threshold(val["labels"], val["probs"]) if both else None,
-                        "prior": prior, "wandb_run_id": tracker.id, "precision": precision,
+                        "prior": prior, "wandb_run_id": tracker.id, **recorded,
                         "pos_weight": None if loss_fn.pos_weight is None else float(loss_fn.pos_weight)})
                 save_checkpoint(run.last, {
                     "model": weights, "optimizer": optimizer.state_dict(),
                     "scheduler": None if scheduler is None else scheduler.state_dict(),
                     "scaler": scaler.state_dict(), "loop": asdict(state), "config": config_dict,
-                    "wandb_run_id": tracker.id, "precision": precision})
+                    "wandb_run_id": tracker.id, **recorded})
                 tracker.log_epoch(epoch + 1, row, state.global_step)
                 if tracker.run is not None and cfg.logging.n_val_images > 0:
                     tracker.log_images("val/heatmaps", validation_images(model, data, cfg.logging.n_val_images, cfg.train),
                                        state.global_step)
                 bar.set_postfix(val_loss=f"{val['loss']:.4f}", auroc=f"{metrics['auroc']:.3f}", lr=f"{lr:.1e}")
                 bar.update()
+                chosen = "" if cfg.train.select_on == "pooled" else f" ({cfg.train.select_on} {select:.4f})"
                 print(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {train_loss:.4f}, val loss "
-                      f"{val['loss']:.4f}, val AUROC {metrics['auroc']:.4f}, lr {lr:.1e}{' *' if improved else ''}",
-                      flush=True)
+                      f"{val['loss']:.4f}{chosen}, val AUROC {metrics['auroc']:.4f}, lr {lr:.1e}"
+                      f"{' *' if improved else ''}", flush=True)
             if d.world_size > 1:
                 dist.barrier()  # nobody starts the next epoch before rank 0 has saved this one
             if state.stop_reason:

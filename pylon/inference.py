@@ -11,6 +11,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
@@ -35,12 +36,14 @@ MIN_SIDE_FRACTION = 4  # predict.py warns when an image's longer side is under 1
 
 
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader: Any, precision: Precision, loss_fn: Optional[nn.Module] = None,
-                   desc: str = "predict", progress: bool = True, embeddings: bool = False) -> dict:
-    """Labels, probabilities, cache rows and the summed loss over a loader (plain model, not DDP);
-    with ``embeddings``, also each image's deepest encoder map averaged over space, from the same pass."""
+def predict_loader(model: nn.Module, loader: Any, precision: Precision,
+                   loss_fn: Optional[nn.BCEWithLogitsLoss] = None, desc: str = "predict", progress: bool = True,
+                   embeddings: bool = False) -> dict:
+    """Labels, probabilities, cache rows and, with ``loss_fn``, each image's loss (with its
+    pos_weight; a subset's mean is a source's val loss) and their sum, over a loader (plain model,
+    not DDP); with ``embeddings``, also each image's deepest encoder map averaged over space."""
     model.eval()
-    loss_sum, labels, probs, rows, pooled = 0.0, [], [], [], []
+    losses, labels, probs, rows, pooled = [], [], [], [], []
     hook = model.encoder.register_forward_hook(
         lambda _module, _inputs, features: pooled.append(features[-1].float().mean(dim=(-2, -1)).cpu().numpy())
     ) if embeddings else None
@@ -51,7 +54,8 @@ def predict_loader(model: nn.Module, loader: Any, precision: Precision, loss_fn:
             with precision.autocast():
                 logits = model(images).logits.float()
             if loss_fn is not None:
-                loss_sum += float(loss_fn(logits, target)) * len(target)
+                losses.append(F.binary_cross_entropy_with_logits(logits, target, pos_weight=loss_fn.pos_weight,
+                                                                 reduction="none").mean(dim=1).cpu().numpy())
             labels.append(target[:, 0].cpu().numpy())
             probs.append(torch.sigmoid(logits[:, 0]).cpu().numpy())
             rows.append(np.asarray(batch["row"]))
@@ -59,8 +63,10 @@ def predict_loader(model: nn.Module, loader: Any, precision: Precision, loss_fn:
         if hook is not None:
             hook.remove()
     join = lambda parts: np.concatenate(parts) if parts else np.array([])  # noqa: E731
-    return {"loss_sum": loss_sum, "labels": join(labels).astype(np.int64), "probs": join(probs),
-            "rows": join(rows).astype(np.int64), **({"embeddings": join(pooled).astype(np.float64)} if embeddings else {})}
+    losses = join(losses).astype(np.float64)
+    return {"loss_sum": float(losses.sum()), "losses": losses, "labels": join(labels).astype(np.int64),
+            "probs": join(probs), "rows": join(rows).astype(np.int64),
+            **({"embeddings": join(pooled).astype(np.float64)} if embeddings else {})}
 
 
 @dataclass

@@ -150,8 +150,9 @@ def plot_learning_curves(history_csv: PathLike, path: PathLike) -> Path:
             ax.set_yscale("log")
         elif name == "loss":
             ax.legend(fontsize=8)
-            if "val_loss" in drawn:
-                ax.axvline(epochs.iloc[int(frame["val_loss"].idxmin())], color="0.5", linestyle=":", linewidth=1)
+            chosen = "val_select_loss" if "val_select_loss" in frame else "val_loss"  # the loss best.pt was kept on
+            if "val_loss" in drawn and frame[chosen].notna().any():
+                ax.axvline(epochs.iloc[int(frame[chosen].idxmin())], color="0.5", linestyle=":", linewidth=1)
         ax.set(xlabel="epoch", title=name)
         ax.grid(alpha=0.3)
     fig.suptitle("Training history")

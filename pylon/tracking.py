@@ -67,6 +67,7 @@ class Tracker:
         self.run.define_metric("*", step_metric=STEP)
         # A run's summary val_loss is its best epoch's, what checkpointing (and a W&B sweep) selects on.
         self.run.define_metric("val_loss", step_metric=STEP, summary="min")
+        self.run.define_metric("val_select_loss", step_metric=STEP, summary="min")  # train.select_on's, when not pooled
         self.id = self.run.id  # stored in the checkpoints, so a resumed run or its evaluation continues it
         self.mode = "offline" if self.run.settings._offline else "online"
         self.dir = Path(self.run.settings.sync_dir)

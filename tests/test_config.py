@@ -87,6 +87,12 @@ def test_overrides_are_typed_and_applied():
         (["train.plateau_patience=-1"], "train.plateau_patience 0 or more"),
         (["train.finetune_lr_factor=-0.1"], "train.finetune_lr_factor must be in (0, 1]"),
         (["train.freeze_encoder_epochs=1", "train.lr=5.0e-6"], "x train.finetune_lr_factor=0.1 is below train.min_lr"),
+        (["data.source_shares={rsna: 1, nih: 1, kaggle: 1}"], "data.source_shares: ['nih'] not in data.sources"),
+        (["data.source_shares={rsna: 1}"], "data.source_shares gives no share to ['kaggle']"),
+        (["data.source_shares={rsna: 0, kaggle: 1}"], "data.source_shares values must be positive numbers"),
+        (["data.source_shares={rsna: .inf, kaggle: 1}"], "data.source_shares values must be positive numbers"),
+        (["data.source_shares={rsna: many}"], "bad value for 'data.source_shares.rsna'"),
+        (["train.select_on=nih"], "train.select_on must be one of ['pooled', 'mean_sources', 'kaggle', 'rsna'], got 'nih'"),
     ],
 )
 def test_bad_overrides_fail_in_one_line_naming_the_key(overrides, fragment):

@@ -159,3 +159,48 @@ def test_balanced_sampler_draws_both_classes_equally(cache):
     drawn = np.concatenate([np.array(list(loader.sampler)) for _ in range(100)])
     assert 0.45 < cache.labels[rows[drawn]].mean() < 0.55
     assert data.prevalence("train") == pytest.approx(1 / 17)
+
+
+def _drawn_sources(loader, epochs: int) -> list[list[str]]:
+    """The sources of the images each epoch's batches hold, epoch by epoch."""
+    drawn = []
+    for epoch in range(epochs):
+        set_loader_epoch(loader, 0, epoch)
+        drawn.append([source for batch in loader for source in batch["source"]])
+    return drawn
+
+
+@pytest.mark.parametrize("balanced", [False, True])
+def test_source_shares_set_each_sources_part_of_the_draws(cache, balanced):
+    rows = np.array([0, 1] + [4, 6] * 7 + [5])  # rsna: 2 images of 17, one positive; kaggle: 15, one positive
+    data = PreparedData(cache, {"train": rows}, MEAN, STD)
+    cfg = data_cfg(num_workers=0, source_shares={"rsna": 1.0, "kaggle": 3.0}, balanced_sampler=balanced)
+    loader = split_loader(data, "train", cfg, len(rows), train=True, seed=0)
+    epochs = _drawn_sources(loader, 20)
+    assert all(len(sources) == len(rows) for sources in epochs)  # an epoch draws as many as the split holds
+    rsna = np.mean([s == "rsna" for sources in epochs for s in sources])
+    assert 0.15 < rsna < 0.35  # asked 1/4; in proportion to the images it would be 2/17
+    assert _drawn_sources(loader, 2) == epochs[:2] and epochs[0] != epochs[1]  # a function of (seed, epoch)
+    if balanced:  # within each source, positives and negatives halve its share
+        drawn = np.concatenate([np.array(list(loader.sampler)) for _ in range(50)])
+        for source in ("rsna", "kaggle"):
+            labels = [cache.labels[r] for r in rows[drawn] if cache.records[r].source == source]
+            assert 0.4 < np.mean(labels) < 0.6, source
+
+
+def test_shares_or_a_selection_the_split_cannot_meet_are_refused_by_key(cache):
+    from pylon.config import ConfigError, load_config
+    from pylon.engine import check_selection
+
+    rsna_only = np.array([0, 1, 2, 3])
+    data = PreparedData(cache, {"train": rsna_only, "val": rsna_only}, MEAN, STD)
+    with pytest.raises(ConfigError, match=r"data.source_shares gives kaggle a share but train has no kaggle images"):
+        split_loader(data, "train", data_cfg(num_workers=0, source_shares={"rsna": 1.0, "kaggle": 1.0}), 2, train=True)
+    one_class = PreparedData(cache, {"train": np.array([0, 1, 4, 6])}, MEAN, STD)  # kaggle: negatives only
+    with pytest.raises(ConfigError, match=r"data.balanced_sampler needs both classes in the kaggle images of train"):
+        split_loader(one_class, "train", data_cfg(num_workers=0, source_shares={"rsna": 1.0, "kaggle": 1.0},
+                                                  balanced_sampler=True), 2, train=True)
+    for select_on in ("kaggle", "mean_sources"):
+        with pytest.raises(ConfigError, match=rf"train.select_on={select_on} needs val images of \['kaggle'\]"):
+            check_selection(load_config("demo.yaml", [f"train.select_on={select_on}"]), data)
+    check_selection(load_config("demo.yaml", ["train.select_on=rsna"]), data)

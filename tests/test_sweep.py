@@ -176,7 +176,9 @@ def test_sweep_runs_complete_trial_folders_prunes_continues_and_writes_best(tiny
         assert list(trial.intermediate_values.values()) == pytest.approx(history["val_loss"].tolist())
         reason = load_checkpoint(run.last)["loop"]["stop_reason"]
         assert reason == (engine.PRUNED if row["state"] == "PRUNED" else engine.ALL_EPOCHS_DONE)
-    assert set(sweep.VAL_METRICS) == {c for c in history.columns if c.startswith("val_")}
+    assert set(sweep.VAL_METRICS) == {c for c in history.columns if c.startswith("val_")
+                                      and not c.startswith(sweep.SOURCE_LOSS)}
+    assert {c for c in history.columns if c.startswith(sweep.SOURCE_LOSS)} == {"val_loss_kaggle", "val_loss_rsna"}
 
     complete = table[table["state"] == "COMPLETE"]
     best_row = complete.loc[complete["best_val_loss"].idxmin()]

@@ -546,3 +546,106 @@ def test_evaluation_reports_the_val_loss_best_pt_was_chosen_on(tiny_data, tmp_pa
     assert load_script("evaluate").main(["--run", str(run.root), "--split", "val", "--set", "eval.bootstrap=0"]) == 0
     classification = json.loads((run.eval_dir / "metrics.json").read_text())["classification"]
     assert classification["loss"] == pytest.approx(best["val_loss"], rel=1e-5) and "loss_note" not in classification
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting from a trained run (model.weights=<run>)
+
+
+def _head_keys(state: dict) -> list[str]:
+    return [k for k in state if not k.startswith("encoder.")]
+
+
+def test_weights_from_a_run_start_encoder_decoder_and_head_from_its_checkpoint(tiny_run, tiny_data, tmp_path, capsys):
+    source = RunPaths(tiny_run)
+    runs = tmp_path / "runs"
+    overrides = tiny_overrides(tiny_data, runs, f"model.weights={tiny_run}", "train.epochs=1",
+                               "train.max_steps_per_epoch=1")
+    cfg = load_config("demo.yaml", overrides)
+    seed_everything(cfg.train.seed)  # what the run builds before its first step
+    assert_same_tensors(build_model(cfg.model).state_dict(), weights(source.best))
+    cfg.model.weights = str(source.last)  # a run's checkpoint file names that checkpoint
+    assert_same_tensors(build_model(cfg.model).state_dict(), weights(source.last))
+
+    capsys.readouterr()
+    assert train("--config", "demo.yaml", "--set", *overrides) == 0
+    out = capsys.readouterr().out
+    n = len(_head_keys(weights(source.best)))
+    assert f"model.weights: encoder + {n} of {n} decoder/head tensors from run {tiny_run.name} (" in out
+    run = only_run(runs)
+    summary = json.loads(out.strip().splitlines()[-1])
+    for record in (summary["init_from"], load_checkpoint(run.best)["init_from"], load_checkpoint(run.last)["init_from"]):
+        assert record["path"] == str(source.best.resolve()) and record["run"] == tiny_run.name
+        assert record["loaded"].startswith(f"model.weights: encoder + {n} of {n} decoder/head tensors")
+
+
+def test_across_architectures_and_from_a_plain_file_only_the_encoder_is_taken(tiny_run, tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    extra = ("train.epochs=1", "train.max_steps_per_epoch=1")
+    assert train("--config", "demo_baseline.yaml", "--set", *tiny_overrides(tiny_data, runs, *extra)) == 0
+    baseline_run = only_run(runs)
+    plain = tmp_path / "pylon_state.pt"  # a whole PYLON state dict outside a run: encoder weights, as always
+    torch.save(weights(RunPaths(tiny_run).best), plain)
+
+    def built(config: str, weights_spec) -> tuple:
+        cfg = load_config(config, tiny_overrides(tiny_data, runs, f"model.weights={weights_spec}"))
+        seed_everything(cfg.train.seed)
+        model = build_model(cfg.model)
+        return model.state_dict(), model.init_note
+
+    for config, spec, source in (("demo.yaml", baseline_run.root, baseline_run.best),
+                                 ("demo_baseline.yaml", tiny_run, RunPaths(tiny_run).best),
+                                 ("demo.yaml", plain, RunPaths(tiny_run).best)):
+        state, note = built(config, spec)
+        fresh, _ = built(config, "null")
+        trained = weights(source)
+        assert_same_tensors({k: state[k] for k in state if k.startswith("encoder.")},
+                            {k: trained[k] for k in trained if k.startswith("encoder.")})
+        assert_same_tensors({k: state[k] for k in _head_keys(state)}, {k: fresh[k] for k in _head_keys(fresh)})
+        if spec == plain:
+            assert note == f"model.weights: encoder from {plain}"
+        else:
+            n = len(_head_keys(state))
+            assert f"encoder + 0 of {n} " in note and "not loaded: " in note
+
+
+# ---------------------------------------------------------------------------------------------
+# Merged sources: per-source draws and per-source model selection
+
+
+def test_select_on_a_source_chooses_best_pt_and_stops_on_that_sources_val_loss(tiny_data, tmp_path, capsys):
+    runs = tmp_path / "runs"
+    extra = ("train.select_on=rsna", "train.epochs=4", "train.early_stop_patience=1", "data.val_fraction=0.3",
+             "data.source_shares={rsna: 1, kaggle: 1}")
+    capsys.readouterr()
+    assert train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, *extra)) == 0
+    out = capsys.readouterr().out
+    run = only_run(runs)
+    history = pd.read_csv(run.history)
+    assert (history["val_select_loss"] == history["val_loss_rsna"]).all()
+    # The pooled loss is the per-source losses weighed by each source's val images.
+    val = prepare_data(load_config(run.config).data, progress=False).records("val")
+    n = {s: sum(r.source == s for r in val) for s in ("kaggle", "rsna")}
+    pooled = (n["kaggle"] * history["val_loss_kaggle"] + n["rsna"] * history["val_loss_rsna"]) / len(val)
+    assert history["val_loss"].tolist() == pytest.approx(pooled.tolist(), rel=1e-6)
+
+    rsna = history["val_loss_rsna"].tolist()
+    stale = next((i for i in range(1, len(rsna)) if rsna[i] >= min(rsna[:i])), None)  # patience 1 stops there
+    assert len(rsna) == (4 if stale is None else stale + 1)
+    best_epoch = int(history.loc[history["val_loss_rsna"].idxmin(), "epoch"])
+    best = load_checkpoint(run.best)
+    assert best["epoch"] == best_epoch and best["select_on"] == "rsna"
+    assert best["val_select_loss"] == pytest.approx(min(rsna), rel=1e-12)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["select_on"] == "rsna" and summary["best_epoch"] == best_epoch
+    assert summary["best_val_loss"] == pytest.approx(min(rsna), rel=1e-12)
+    assert f"best epoch {best_epoch} of {len(rsna)}: rsna val loss {min(rsna):.4f}" in out
+    assert "training draws per source (data.source_shares): kaggle 50.0% (" in out
+
+
+def test_selection_losses_pooled_mean_of_sources_or_one_source():
+    from pylon.engine import selection_loss
+
+    val = {"loss": 0.5, "source_losses": {"kaggle": 0.2, "rsna": 1.0}}
+    assert [selection_loss(val, name) for name in ("pooled", "mean_sources", "rsna")] == [0.5, 0.6, 1.0]
+

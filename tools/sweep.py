@@ -32,8 +32,9 @@ from pylon import cli
 
 SWEEP_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"  # where a bare --space name is looked up
 # history.csv's validation columns, each with the direction that is better.
-VAL_METRICS = {"val_loss": "minimize", "val_auroc": "maximize", "val_accuracy": "maximize",
-               "val_sensitivity": "maximize", "val_specificity": "maximize"}
+VAL_METRICS = {"val_loss": "minimize", "val_select_loss": "minimize", "val_auroc": "maximize",
+               "val_accuracy": "maximize", "val_sensitivity": "maximize", "val_specificity": "maximize"}
+SOURCE_LOSS = "val_loss_"  # + a source's name: that source's val loss, minimized
 W_AND_B_ONLY = ("program", "command", "project", "entity", "name", "description", "run_cap")
 SET_BY_SWEEP = ("name", "logging.runs_dir")  # every trial is named and placed by the sweep
 # Each distribution: its required and optional keys.
@@ -147,11 +148,14 @@ def read_space(name_or_path: str) -> Space:
         raise ConfigError(f"{path}: method must be bayes, random or grid, got {method!r}")
     metric = raw.get("metric") if isinstance(raw.get("metric"), dict) else {}
     name, goal = metric.get("name"), metric.get("goal")
-    if name not in VAL_METRICS:
-        raise ConfigError(f"{path}: metric {name!r} is not a validation metric (one of {', '.join(VAL_METRICS)}): "
+    from pylon.data.sources import SOURCES
+
+    wanted = {**VAL_METRICS, **{SOURCE_LOSS + source: "minimize" for source in SOURCES}}
+    if name not in wanted:
+        raise ConfigError(f"{path}: metric {name!r} is not a validation metric (one of {', '.join(wanted)}): "
                           "a sweep never selects on the test split")
-    if goal != VAL_METRICS[name]:
-        raise ConfigError(f"{path}: metric {name} needs goal: {VAL_METRICS[name]}, got {goal!r}")
+    if goal != wanted[name]:
+        raise ConfigError(f"{path}: metric {name} needs goal: {wanted[name]}, got {goal!r}")
     if Path(str(raw.get("program", ""))).name != "train.py":
         raise ConfigError(f"{path}: program must be train.py, got {raw.get('program')!r}")
     if not isinstance(raw.get("parameters"), dict) or not raw["parameters"]:

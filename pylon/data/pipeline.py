@@ -9,7 +9,7 @@ import logging
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import cv2
 import numpy as np
@@ -140,16 +140,8 @@ def split_loader(data: PreparedData, split: str, data_cfg: Any, batch_size: int,
     else:
         transform = eval_transform(data_cfg.image_size, mean=data.mean, std=data.std)
     dataset = CxrDataset(data.cache, rows, transform)
-    sampler = None
-    if train and data_cfg.balanced_sampler:  # positives and negatives drawn equally often
-        labels = data.cache.labels[rows].astype(np.float64)
-        n_pos = int(labels.sum())
-        if n_pos in (0, labels.size):
-            raise ConfigError(f"data.balanced_sampler needs both classes in {split}: {n_pos} of {labels.size} positive")
-        weights = np.where(labels == 1.0, 0.5 / n_pos, 0.5 / (labels.size - n_pos))
-        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=labels.size,
-                                        replacement=True, generator=torch.Generator().manual_seed(int(seed)))
-    elif train:
+    sampler = _weighted_sampler(data, split, data_cfg, seed) if train else None
+    if train and sampler is None:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
     if data_cfg.num_workers > 0:
@@ -162,6 +154,51 @@ def split_loader(data: PreparedData, split: str, data_cfg: Any, batch_size: int,
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
                       collate_fn=collate, worker_init_fn=seed_worker, drop_last=train,
                       generator=torch.Generator().manual_seed(int(seed + rank)), pin_memory=torch.cuda.is_available())
+
+
+def draw_weights(data: PreparedData, split: str, data_cfg: Any) -> np.ndarray:
+    """Each image's chance of a training draw: ``data.source_shares`` divides the draws between
+    the sources (normalised; {}: the split as one group) and, within each, ``data.balanced_sampler``
+    halves them between positives and negatives; a group's images share its part equally."""
+    rows = data.rows[split]
+    labels = data.cache.labels[rows].astype(np.float64)
+    sources = np.array([data.cache.records[r].source for r in rows])
+    shares = dict(data_cfg.source_shares) or {None: 1.0}
+    total = sum(shares.values())
+    weights = np.zeros(len(rows), dtype=np.float64)
+    for source, share in shares.items():
+        members = np.ones(len(rows), bool) if source is None else sources == source
+        n_pos, n = int(labels[members].sum()), int(members.sum())
+        where = f"the {source} images of {split}" if source is not None else split
+        if n == 0:
+            raise ConfigError(f"data.source_shares gives {source} a share but {split} has no {source} images")
+        if data_cfg.balanced_sampler and n_pos in (0, n):
+            raise ConfigError(f"data.balanced_sampler needs both classes in {where}: {n_pos} of {n} positive")
+        classes = [members & (labels == 1.0), members & (labels != 1.0)] if data_cfg.balanced_sampler else [members]
+        for group in classes:
+            weights[group] = share / total / len(classes) / int(group.sum())
+    return weights
+
+
+def _weighted_sampler(data: PreparedData, split: str, data_cfg: Any, seed: int) -> Optional[WeightedRandomSampler]:
+    """Draws with replacement as ``draw_weights`` says, as many as the split has images; None when
+    neither shares nor balancing are asked for (plain shuffling)."""
+    if not (data_cfg.balanced_sampler or data_cfg.source_shares):
+        return None
+    weights = draw_weights(data, split, data_cfg)
+    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=weights.size,
+                                 replacement=True, generator=torch.Generator().manual_seed(int(seed)))
+
+
+def describe_draws(data: PreparedData, split: str, data_cfg: Any) -> str:
+    """Each source's share of an epoch's draws, for the line a run prints at its start."""
+    rows = data.rows[split]
+    sources = np.array([data.cache.records[r].source for r in rows])
+    weights = draw_weights(data, split, data_cfg)  # neither option: uniform, what shuffling draws on average
+    how = "data.source_shares" if data_cfg.source_shares else "in proportion to the images"
+    parts = ", ".join(f"{name} {weights[sources == name].sum():.1%} ({int((sources == name).sum())} images)"
+                      for name in sorted(set(sources)))
+    return f"training draws per source ({how}): {parts}"
 
 
 def set_loader_epoch(loader: DataLoader, seed: int, epoch: int, rank: int = 0) -> None:

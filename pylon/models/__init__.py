@@ -2,16 +2,16 @@
 both returning ``ModelOutput(logits, heatmap)``."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from torch import nn
 
-from .backbone import ModelOutput, WeightsFileError, WeightsUnavailableError
+from .backbone import ModelOutput, WeightsFileError, WeightsUnavailableError, weights_origin
 from .baseline import BaselineClassifier, BaselineConfig
 from .pylon import Pylon, PylonConfig
 
 __all__ = ["BaselineClassifier", "BaselineConfig", "ModelOutput", "Pylon", "PylonConfig", "WeightsFileError",
-           "WeightsUnavailableError", "build_model", "unwrap"]
+           "WeightsUnavailableError", "build_model", "init_from", "unwrap"]
 
 
 def build_model(model_cfg: Any) -> nn.Module:
@@ -20,6 +20,14 @@ def build_model(model_cfg: Any) -> nn.Module:
     if model_cfg.arch == "pylon":
         return PylonConfig(**fields, **model_cfg.decoder).make_model()
     return BaselineConfig(**fields, pooling=model_cfg.pooling).make_model()
+
+
+def init_from(model_cfg: Any, model: nn.Module) -> Optional[dict]:
+    """Where ``model`` (built from ``model_cfg``) got its weights, for the run's records; None for
+    ImageNet, random and ``pretrain`` starts."""
+    if model_cfg.pretrain is not None:
+        return None
+    return weights_origin(model_cfg.weights, getattr(unwrap(model), "init_note", None))
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -37,12 +37,13 @@ class ModelOutput(NamedTuple):
     heatmap: torch.Tensor
 
 
-def build_encoder(name: str, n_in: int, weights: WeightsSpec) -> nn.Module:
+def build_encoder(name: str, n_in: int, weights: WeightsSpec, state: Optional[dict] = None) -> nn.Module:
     """A depth-5 smp encoder (forward: the input and the feature maps at 1/2 ... 1/32) with
     ``n_in`` input channels and ``weights``: None (random), "imagenet" (smp's, from the Hugging
     Face hub), a local state dict file, whose three-channel weights are fitted to ``n_in`` the
     way smp does it (one channel: the first conv summed over RGB), or a trained run's folder (its
-    best.pt: any model of this project with the same encoder)."""
+    best.pt: any model of this project with the same encoder). ``state``: that file's tensors,
+    when the caller has read them already."""
     if weights is None:
         return get_encoder(name, in_channels=n_in, depth=5, weights=None)
     if str(weights) == "imagenet":
@@ -53,13 +54,28 @@ def build_encoder(name: str, n_in: int, weights: WeightsSpec) -> nn.Module:
                 f"cannot get the ImageNet weights of {name} ({type(err).__name__}: {err}); to work offline set "
                 "model.weights=null (random weights) or model.weights=/path/to/local/file (.pth/.pt/.safetensors), "
                 "or download the weights into the Hugging Face cache beforehand and set HF_HUB_OFFLINE=1") from err
-    return _encoder_from_file(name, n_in, Path(weights).expanduser())
+    path = weights_file(weights)
+    return _encoder_from_state(name, n_in, read_state_dict(path, "model.weights") if state is None else state, path)
 
 
-def _encoder_from_file(name: str, n_in: int, path: Path) -> nn.Module:
-    if path.is_dir():  # a run folder: the weights it selected
-        path = path / "checkpoints" / "best.pt"
-    state = read_state_dict(path, "model.weights")
+def weights_file(weights: Union[str, os.PathLike]) -> Path:
+    """The file a local ``model.weights`` names: a run folder stands for the weights it selected."""
+    path = Path(weights).expanduser()
+    return path / "checkpoints" / "best.pt" if path.is_dir() else path
+
+
+def source_run(weights: WeightsSpec) -> Optional[Path]:
+    """The trained run whose checkpoint ``model.weights`` names (its folder, or a file in its
+    ``checkpoints/``), else None: imagenet, null, or a plain state dict, which stays encoder-only."""
+    if weights is None or str(weights) == "imagenet":
+        return None
+    path = Path(weights).expanduser()
+    if path.is_dir():
+        return path
+    return path.parent.parent if path.parent.name == "checkpoints" else None
+
+
+def _encoder_from_state(name: str, n_in: int, state: dict, path: Path) -> nn.Module:
     with torch.random.fork_rng(devices=[]):  # only for key names: leave the random stream alone
         probe = get_encoder(name, in_channels=3, depth=5, weights=None)
     # The first convolution is the one smp fits to other channel counts.
@@ -121,11 +137,59 @@ def load_model_checkpoint(model: nn.Module, path: Union[str, os.PathLike],
     load_strict(model, translate(state) if translate else state, f"model.pretrain={str(path)!r}")
 
 
+def load_matching(module: nn.Module, state: dict, prefixes: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Copy into ``module`` each tensor of ``state`` under ``prefixes`` whose name and shape match
+    its own (a decoder of another width or depth keeps what fits); (loaded, not loaded) names."""
+    state = strip_wrapper_prefixes(state)
+    own = module.state_dict()
+    wanted = [k for k in own if k.startswith(prefixes)]
+    fits = {k: state[k] for k in wanted if k in state and state[k].shape == own[k].shape}
+    module.load_state_dict(fits, strict=False)  # only the names in ``fits``: the rest keeps its initialisation
+    return list(fits), [k for k in wanted if k not in fits]
+
+
+def describe_init(weights: WeightsSpec, parts: str, not_loaded: list[str]) -> str:
+    """The one line a run prints about what ``model.weights`` gave the model."""
+    run = source_run(weights)
+    origin = f"run {run.name} ({weights_file(weights)})" if run is not None else str(weights_file(weights))
+    missing = f"; not loaded: {', '.join(not_loaded[:6])}{' ...' if len(not_loaded) > 6 else ''}" if not_loaded else ""
+    return f"model.weights: {parts} from {origin}{missing}"
+
+
+def read_run_state(weights: WeightsSpec) -> Optional[dict]:
+    """The tensors of the trained run's checkpoint ``weights`` names (see ``source_run``), else None."""
+    return None if source_run(weights) is None else read_state_dict(weights_file(weights), "model.weights")
+
+
+def weights_origin(weights: WeightsSpec, note: Optional[str] = None) -> Optional[dict]:
+    """What a run records as ``init_from``: the resolved file a local ``model.weights`` named,
+    the run it belongs to (None for a plain state dict) and ``note``, what was loaded from it."""
+    if weights is None or str(weights) == "imagenet":
+        return None
+    run = source_run(weights)
+    return {"path": str(weights_file(weights).resolve()), "run": None if run is None else run.resolve().name,
+            "loaded": note}
+
+
+def init_beyond_encoder(model: nn.Module, weights: WeightsSpec, run_state: Optional[dict],
+                        prefixes: tuple[str, ...]) -> Optional[str]:
+    """Give ``model`` the tensors under ``prefixes`` (its head) that fit from a run's checkpoint,
+    after the encoder got its weights; the line that says what ``model.weights`` loaded."""
+    if weights is None or str(weights) == "imagenet":
+        return None
+    if run_state is None:
+        return describe_init(weights, "encoder", [])
+    loaded, missing = load_matching(model, run_state, prefixes)
+    part = "/".join(prefix.rstrip(".") for prefix in prefixes)
+    return describe_init(weights, f"encoder + {len(loaded)} of {len(loaded) + len(missing)} {part} tensors", missing)
+
+
 class EncoderModel(nn.Module):
     """Base of both models: an ``encoder`` that can be frozen."""
 
     encoder: nn.Module
     frozen_encoder: bool = False
+    init_note: Optional[str] = None  # what a local model.weights file gave the model (describe_init)
 
     def freeze_encoder(self, frozen: bool = True) -> None:
         """Frozen: no gradients, and eval mode even while the model trains; unfrozen: trains again."""

@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import EncoderModel, ModelOutput, WeightsSpec, build_encoder, load_model_checkpoint
+from .backbone import (EncoderModel, ModelOutput, WeightsSpec, build_encoder, init_beyond_encoder, load_model_checkpoint,
+                       read_run_state)
 
 
 @dataclass
@@ -40,8 +41,11 @@ class BaselineClassifier(EncoderModel):
     def __init__(self, conf: BaselineConfig):
         super().__init__()
         self.conf = conf
-        self.encoder = build_encoder(conf.backbone, conf.n_in, None if conf.pretrain is not None else conf.weights)
+        weights = None if conf.pretrain is not None else conf.weights
+        run_state = read_run_state(weights)  # a trained run's: the linear head takes it too if it fits
+        self.encoder = build_encoder(conf.backbone, conf.n_in, weights, run_state)
         self.fc = nn.Linear(self.encoder.out_channels[-1], conf.n_out)
+        self.init_note = init_beyond_encoder(self, weights, run_state, ("fc.",))
         # The deepest feature map passes through this parameter-free module: what Grad-CAM
         # hooks, for any encoder, without changing the checkpoint's keys.
         self.target_layer = nn.Identity()

@@ -19,7 +19,8 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder, 
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from .backbone import EncoderModel, ModelOutput, WeightsSpec, build_encoder, load_model_checkpoint
+from .backbone import (EncoderModel, ModelOutput, WeightsSpec, build_encoder, init_beyond_encoder, load_model_checkpoint,
+                       read_run_state)
 
 
 @dataclass
@@ -30,7 +31,7 @@ class PylonConfig:
     n_in: int
     n_out: int
     backbone: str = "resnet50"  # any segmentation-models-pytorch encoder
-    weights: WeightsSpec = "imagenet"  # encoder initialisation: None, "imagenet" or a local file
+    weights: WeightsSpec = "imagenet"  # encoder initialisation: None, "imagenet", a local file or a run (+ decoder)
     n_dec_ch: int = 128  # channels of every decoder feature map
     n_up: int = 3  # UP modules: 3 gives a 1/4 resolution heatmap, 0 a 1/32 one
     seg_kern_size: int = 1  # prediction head kernel size (odd)
@@ -130,13 +131,16 @@ class Pylon(EncoderModel):
         super().__init__()
         self.conf = conf
         # A whole-model checkpoint overwrites the encoder anyway: do not fetch its weights.
-        self.encoder = build_encoder(conf.backbone, conf.n_in, None if conf.pretrain is not None else conf.weights)
+        weights = None if conf.pretrain is not None else conf.weights
+        run_state = read_run_state(weights)  # a trained run's: the decoder and head take what fits too
+        self.encoder = build_encoder(conf.backbone, conf.n_in, weights, run_state)
         self.decoder = PylonDecoder(self.encoder.out_channels, conf.n_dec_ch, conf.use_pa, conf.up_type,
                                     conf.up_kernel_size, conf.n_up)
         self.head = nn.Conv2d(conf.n_dec_ch, conf.n_out, conf.seg_kern_size, padding=conf.seg_kern_size // 2)
         # Same initialisation as smp segmentation models (and the original PYLON).
         initialize_decoder(self.decoder)
         initialize_head(self.head)
+        self.init_note = init_beyond_encoder(self, weights, run_state, ("decoder.", "head."))
         if conf.pretrain is not None:
             load_model_checkpoint(self, conf.pretrain, translate=translate_reference_keys)
         if conf.freeze == "enc":
