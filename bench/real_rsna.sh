@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# Real localization: PYLON-R18 and its ResNet18 twin from scratch, on RSNA films alone and on
-# Kaggle merged with RSNA; each evaluated with --localization on its test split, then one table
-# of every heatmap method (pylon, cam, gradcam, gradcam++, and the image-blind prior and center).
+# Real localization, the recommended recipes: PYLON-R18 and its ResNet18 twin, on RSNA films alone
+# (real_rsna_pylon, real_rsna_baseline) and on Kaggle merged with RSNA (real_merged_pylon,
+# real_merged_baseline); each evaluated with --localization on its test split, then one table of
+# every heatmap method (pylon, cam, gradcam, gradcam++, and the image-blind prior and center).
 #
 #   bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT [--set key=value ...]
-#   CONFIGS="real_merged_pylon_r18" bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT   # a subset
+#   CONFIGS="real_merged_pylon_r18" bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT   # other configs
 #   RUNS_DIR=/elsewhere bench/real_rsna.sh ...                                 # runs and log there
 #
 # KAGGLE_ROOT holds chest_xray/{train,test}/{NORMAL,PNEUMONIA}; RSNA_ROOT holds
-# stage_2_train_labels.csv and stage_2_train_images/. Each config (configs/real_*_r18.yaml)
-# trains in under 45 minutes on 2 CPU cores; extra arguments go to train.py as overrides.
+# stage_2_train_labels.csv, stage_2_train_images/ and, for the recommended configs,
+# nih_patient_map.csv (film -> person; without it add --set "data.patient_maps={}").
+# Each config trains in under 45 minutes on 2 CPU cores; extra arguments go to train.py as
+# overrides.
 # Everything is logged to <RUNS_DIR>/real_rsna-<time>.log; the tables (bench/results_table.py)
-# come last.
+# come last, then one JSON line naming the run folders, e.g.
+#   {"pylon": "runs/real_rsna_pylon-...", "baseline": ..., "merged_pylon": ..., "merged_baseline": ...}
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +28,7 @@ shift 2
 python="${PYTHON:-.venv/bin/python}"
 export PYTHONUNBUFFERED=1  # epoch lines reach the log as they happen
 runs_dir="${RUNS_DIR:-runs}"
-configs="${CONFIGS:-real_rsna_pylon_r18 real_rsna_baseline_r18 real_merged_pylon_r18 real_merged_baseline_r18}"
+configs="${CONFIGS:-real_rsna_pylon real_rsna_baseline real_merged_pylon real_merged_baseline}"
 mkdir -p "$runs_dir"
 log="$runs_dir/real_rsna-$(date +%Y%m%d-%H%M%S).log"
 runs=()
@@ -41,3 +45,7 @@ for config in $configs; do
 done
 
 "$python" bench/results_table.py "${runs[@]}" | tee -a "$log"
+# the JSON line: each run under its config's role (real_rsna_pylon -> pylon, real_merged_baseline -> merged_baseline)
+"$python" -c 'import json, re, sys
+names, runs = sys.argv[1].split(), sys.argv[2:]
+print(json.dumps({re.sub(r"^real_(rsna_)?", "", n): r for n, r in zip(names, runs)}))' "$configs" "${runs[@]}" | tee -a "$log"

@@ -5,8 +5,9 @@
 - ``kaggle/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``: landscape films named like
   Kermany et al.'s (``IM-0115-0001.jpeg``, ``person12_bacteria_47.jpeg``), several per child,
   every child in one split, about 74% pneumonia;
-- ``rsna/stage_2_train_labels.csv`` (one row per box), ``stage_2_detailed_class_info.csv`` and
-  ``stage_2_train_images/<patientId>.dcm``: square 8-bit JPEG-baseline DICOMs, ~35% positive.
+- ``rsna/stage_2_train_labels.csv`` (one row per box), ``stage_2_detailed_class_info.csv``,
+  ``stage_2_train_images/<patientId>.dcm``: square 8-bit JPEG-baseline DICOMs, ~35% positive,
+  and ``nih_patient_map.csv`` (film -> person, as for the real films: a fifth of them in pairs).
 
 The phantom is plain on purpose: a grey body, two dark lungs, a brighter mediastinum and heart,
 smooth noise. Pneumonia adds one or two bright, blurry opacities inside a lung, and each RSNA
@@ -33,7 +34,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ComputedRadiographyImageStorage as CR_STORAGE, JPEGBaseline8Bit, generate_uid
 from tqdm import tqdm
 
-GENERATOR_VERSION = 2  # bump when the pictures change, so older demo sets are rebuilt
+GENERATOR_VERSION = 3  # bump when the files change, so older demo sets are rebuilt
 MARKER = "demo_complete.json"  # written last: its presence means the set is complete
 RSNA_SIZE = 512
 JPEG_QUALITY = 90
@@ -256,7 +257,11 @@ def generate_demo(root: Path | str, *, seed: int = 0, n_kaggle_patients: int = 2
         rows = [[patient, *(f"{c:.1f}" for c in box), "1"] for box in boxes]
         labels += rows or [[patient, "", "", "", "", "0"]]
         classes += [[patient, film.detail]] * max(1, len(rows))  # the real file repeats a patient once per box row
-    for name, table in (("stage_2_train_labels.csv", labels), ("stage_2_detailed_class_info.csv", classes)):
+    # as for the real films, some people have two: consecutive films share a person now and then
+    films = [film.header["PatientID"] for film in rsna]
+    people = [["patientId", "nih_patient"]] + [[f, f"{i // 2 if i % 10 < 2 else 10_000 + i:08d}"] for i, f in enumerate(films)]
+    for name, table in (("stage_2_train_labels.csv", labels), ("stage_2_detailed_class_info.csv", classes),
+                        ("nih_patient_map.csv", people)):
         with open(staging / "rsna" / name, "w", newline="") as handle:
             csv.writer(handle, lineterminator="\n").writerows(table)
     counts = {"kaggle_images": len(kaggle), "kaggle_positive": sum(f.label for f in kaggle), "rsna_images": n_rsna,

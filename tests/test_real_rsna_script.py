@@ -16,7 +16,9 @@ from conftest import REPO_ROOT, quiet_wandb_env
 from pylon.config import load_config
 
 SCRIPT = REPO_ROOT / "bench" / "real_rsna.sh"
-CONFIGS = ("real_rsna_pylon_r18", "real_rsna_baseline_r18", "real_merged_pylon_r18", "real_merged_baseline_r18")
+CONFIGS = ("real_rsna_pylon_r18", "real_rsna_baseline_r18", "real_merged_pylon_r18", "real_merged_baseline_r18",
+           "real_rsna_pylon", "real_rsna_baseline", "real_merged_pylon", "real_merged_baseline")
+RECOMMENDED = CONFIGS[4:]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -28,6 +30,24 @@ def test_real_configs_train_from_scratch_on_the_same_rsna_split(name):
     # One RSNA split for all four (it depends on these alone), with 50+ boxed test films of 238.
     assert (cfg.data.rsna_test_fraction, cfg.data.val_fraction, cfg.data.split_seed) == (0.3, 0.1, 0)
     assert round(238 * cfg.data.rsna_test_fraction) >= 50
+    if name in RECOMMENDED:  # split by person; merged: half the draws RSNA, selected on RSNA
+        assert dict(cfg.data.patient_maps) == {"rsna": "nih_patient_map.csv"}
+        merged = "merged" in name
+        assert (dict(cfg.data.source_shares), cfg.train.select_on) == (
+            ({"kaggle": 0.5, "rsna": 0.5}, "rsna") if merged else ({}, "pooled"))
+
+
+@pytest.mark.parametrize("pylon", ["real_rsna_pylon", "real_merged_pylon"])
+def test_each_recommended_baseline_is_its_pylons_twin(pylon):
+    from pylon.config import to_dict
+
+    twin = to_dict(load_config(pylon.replace("pylon", "baseline") + ".yaml"))
+    recipe = to_dict(load_config(f"{pylon}.yaml"))
+    for cfg in (twin, recipe):
+        cfg.pop("name")
+        cfg["model"].pop("arch")
+        cfg["model"].pop("pooling")
+    assert twin == recipe
 
 
 def test_script_trains_evaluates_and_tabulates(tiny_data, tmp_path):
@@ -37,7 +57,7 @@ def test_script_trains_evaluates_and_tabulates(tiny_data, tmp_path):
         **quiet_wandb_env(tmp_path / "wandb-home"),
         "PYTHON": sys.executable,
         "RUNS_DIR": str(runs),
-        "CONFIGS": "real_merged_pylon_r18",
+        "CONFIGS": "real_merged_pylon",
         "OMP_NUM_THREADS": "1",
     }
     overrides = ["--set", "data.image_size=64", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
@@ -48,7 +68,8 @@ def test_script_trains_evaluates_and_tabulates(tiny_data, tmp_path):
     logs = sorted(runs.glob("real_rsna-*.log"))
     assert done.returncode == 0, done.stderr[-2000:] + (logs[-1].read_text()[-3000:] if logs else "")
 
-    (run,) = runs.glob("real_merged_pylon_r18-*")
+    (run,) = runs.glob("real_merged_pylon-*")
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"merged_pylon": str(run)}
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["sources"] == ["kaggle", "rsna"]
     assert config["data"]["rsna_root"] == str(tiny_data / "rsna")
@@ -57,6 +78,6 @@ def test_script_trains_evaluates_and_tabulates(tiny_data, tmp_path):
     assert set(metrics["classification"]["by_source"]) == {"kaggle", "rsna"}
     table = done.stdout[done.stdout.index("| run | method"):]
     for method in ("pylon", "prior", "center"):
-        assert f"| real_merged_pylon_r18 | {method} | all |" in table
-    source_alone = table.splitlines()[-1].split("|")[8].strip()
+        assert f"| real_merged_pylon | {method} | all |" in table
+    source_alone = table.splitlines()[-2].split("|")[8].strip()
     assert 0.0 <= float(source_alone) <= 1.0

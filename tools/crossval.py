@@ -71,13 +71,17 @@ def _save(folder: Path, plan: dict) -> None:
     os.replace(partial, folder / MANIFEST)
 
 
-def _script(name: str, *args: str) -> subprocess.CompletedProcess:
-    """``python NAME ARGS`` in the repository root; its output passes through, its last line is kept."""
-    done = subprocess.run([sys.executable, str(ROOT / name), *args], cwd=ROOT, stdout=subprocess.PIPE, text=True)
-    sys.stdout.write(done.stdout)
-    if done.returncode != 0:
-        raise SystemExit(done.returncode)
-    return done
+def _script(name: str, *args: str) -> str:
+    """``python NAME ARGS`` in the repository root, its output passed through as it comes; its last line."""
+    last = ""
+    with subprocess.Popen([sys.executable, str(ROOT / name), *args], cwd=ROOT, stdout=subprocess.PIPE, text=True) as child:
+        for line in child.stdout:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+            last = line.strip() or last
+    if child.returncode != 0:
+        raise SystemExit(child.returncode)
+    return last
 
 
 def run_fold(folder: Path, plan: dict, fold: int) -> None:
@@ -89,8 +93,8 @@ def run_fold(folder: Path, plan: dict, fold: int) -> None:
     if run is None or not (Path(run) / "checkpoints" / "last.pt").is_file():
         fold_set = [f"data.folds={plan['folds']}", f"data.fold={fold}", f"logging.runs_dir={folder}",
                     f"logging.group={folder.name}"]
-        done = _script("train.py", "--config", plan["config"], "--set", *plan["overrides"], *fold_set)
-        plan["runs"][str(fold)] = json.loads(done.stdout.strip().splitlines()[-1])["run"]
+        summary = _script("train.py", "--config", plan["config"], "--set", *plan["overrides"], *fold_set)
+        plan["runs"][str(fold)] = json.loads(summary)["run"]
         _save(folder, plan)
     else:
         _script("train.py", "--resume", run)

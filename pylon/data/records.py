@@ -75,7 +75,8 @@ def with_patient_map(records: Sequence[Record], path: Path, key: str) -> list[Re
     id, its column ``patient`` (or ``*_patient``) the person; images missing from it, or with an
     empty cell, stay their own patient. One line says how many people the films came from."""
     if not Path(path).is_file():
-        raise DatasetLayoutError(f"{key}: no such file {path}")
+        raise DatasetLayoutError(f"{key}: no such file {path} (a relative path is taken from the source's root); "
+                                 f"give the CSV's path, or group by image id alone with --set {key.rsplit('.', 1)[0]}={{}}")
     reader = csv.reader(label_file(path))
     header = next(reader)
     column = next((i for i, name in enumerate(header) if name == "patient" or name.endswith("_patient")), None)
