@@ -322,6 +322,10 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     trained = load_run(run, overrides)
     cfg = trained.cfg
     split = cfg.eval.split
+    if run.crossval.is_file() and (split != ALL or embeddings):
+        raise ConfigError(f"{run.root} is a cross-validation: its fold models together have seen every image of its "
+                          "data, and have no one encoder to map; score the ensemble on other data (eval.split=all, "
+                          "--out DIR), or evaluate one fold's run")
     if out is None and _scores_other_data(cfg, run):
         raise ConfigError(f"eval.split={split} with these data.sources and roots is not the run's own test data: give "
                           f"--out DIR for its results, so that {run.eval_dir} stays the run's own evaluation")
@@ -391,7 +395,7 @@ def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunP
     if cfg.train.pos_weight is not None and "pos_weight" not in trained.info:
         classification["loss_note"] = "unweighted BCE: this run's best.pt predates storing train.pos_weight"
     metrics: dict[str, Any] = {
-        "run": str(run.root), "checkpoint": str(run.best), "checkpoint_epoch": trained.info.get("epoch"), "split": split,
+        "run": str(run.root), "checkpoint": trained.info.get("members", str(run.best)), "checkpoint_epoch": trained.info.get("epoch"), "split": split,
         "precision": trained.precision.name, "trained_precision": trained.info.get("precision"),
         "data": {s: str(Path(source_root(cfg.data, s)).resolve()) for s in cfg.data.sources},
         "classification": classification}

@@ -11,6 +11,9 @@ CPU, values in [0, 1], one map per image for class 0, at the method's own resolu
 * ``center``: a cone peaking at the image centre (the "no model" baseline); input size.
 * ``prior``: the training split's mean box mask (``box_prior``), the same for every image.
 
+An ``Ensemble`` (the fold models of a cross-validation) gets its members' methods, and each of
+its maps is the mean of its members' maps.
+
 PYLON's forward pass runs at the caller's precision (``pylon.device``; its head stays fp32), the
 CAM-style maps always in fp32. The model runs in eval mode, and every submodule's train/eval flag
 is restored afterwards.
@@ -28,7 +31,7 @@ from torch import nn
 
 from pylon.device import Precision
 from pylon.metrics import box_mask, upsample
-from pylon.models import BaselineClassifier, Pylon, unwrap
+from pylon.models import BaselineClassifier, Ensemble, Pylon, unwrap
 
 # The image-blind baselines come last: every model gets them.
 PYLON_METHODS = ("pylon", "prior", "center")
@@ -39,6 +42,8 @@ METHODS = ("pylon", "cam", "gradcam", "gradcam++", "prior", "center")
 def methods_for(model: nn.Module) -> List[str]:
     """Every heatmap method ``model`` supports, in reporting order."""
     model = unwrap(model)
+    if isinstance(model, Ensemble):
+        model = model.members[0]
     assert isinstance(model, (Pylon, BaselineClassifier)), type(model)
     return list(PYLON_METHODS if isinstance(model, Pylon) else BASELINE_METHODS)
 
@@ -115,6 +120,8 @@ def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optiona
         if prior is None:
             raise ValueError("the 'prior' method needs the run's box prior (its training split had no boxes)")
         return upsample(prior.float().cpu()[None], height, width).expand(n, height, width).clone()
+    if isinstance(model, Ensemble):
+        return torch.stack([heatmaps(member, images, method, prior, precision) for member in model.members]).mean(0)
     precision = precision or Precision(next(model.parameters()).device)
     x = precision.layout(images.to(precision.device))
     # Restore each submodule's own flag afterwards: a frozen encoder stays in eval while the rest trains.

@@ -4,6 +4,7 @@ docs/heatmap_grid.py all go through here, so a model sees its inputs one way eve
 """
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,7 @@ from pylon.data.readers import ImageReadError, read_image
 from pylon.device import Precision, bar_disabled, choose_precision, resolve_device
 from pylon.heatmaps import heatmaps, methods_for
 from pylon.metrics import argmax_points, upsample
-from pylon.models import build_model
+from pylon.models import Ensemble, build_model
 from pylon.runs import RunPaths
 
 # What --set may change when a trained run is evaluated; the rest is what was trained.
@@ -87,7 +88,10 @@ class TrainedRun:
 
 
 def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str] = None) -> TrainedRun:
-    """The run's config (plus the few overrides evaluation may change) and its best checkpoint."""
+    """The run's config (plus the few overrides evaluation may change) and its best checkpoint;
+    for a cross-validation folder, its fold models as one ``Ensemble``."""
+    if run.crossval.is_file():
+        return _load_ensemble(run, overrides, device)
     restrict_overrides(list(overrides), ALLOWED_OVERRIDES, "for a trained run",
                        "train a new run to change what was trained")
     cfg = load_config(run.config, list(overrides))
@@ -110,6 +114,27 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
     norm = state["normalization"]
     return TrainedRun(run, cfg, precision.layout(model.to(precision.device)).eval(), precision,
                       (float(norm["mean"]), float(norm["std"])), state.get("prior"), state)
+
+
+def _load_ensemble(folder: RunPaths, overrides: Sequence[str], device: Optional[str]) -> TrainedRun:
+    """The k fold runs of a cross-validation as one model: mean probability, mean heatmaps, the
+    mean of the folds' box priors and of their val-chosen thresholds."""
+    plan = json.loads(folder.crossval.read_text())
+    missing = [f for f in range(plan["folds"]) if str(f) not in plan["runs"]]
+    if missing:
+        raise ConfigError(f"{folder.root}: fold(s) {missing} were never trained; finish them with "
+                          f"python tools/crossval.py --resume {folder.root}")
+    members = [load_run(RunPaths(plan["runs"][str(f)]), overrides, device) for f in range(plan["folds"])]
+    if len({m.mean_std for m in members}) > 1:
+        raise ConfigError(f"{folder.root}: the fold runs normalise their inputs differently "
+                          "(data.normalize_from_train); their models cannot share one input")
+    priors, thresholds = [m.prior for m in members], [m.info.get("threshold_youden") for m in members]
+    first = members[0]
+    info = {"precision": first.info.get("precision"), "pos_weight": first.info.get("pos_weight"),
+            "threshold_youden": None if None in thresholds else float(np.mean(thresholds)),
+            "members": [str(m.paths.root) for m in members]}
+    return TrainedRun(folder, first.cfg, Ensemble([m.model for m in members]).eval(), first.precision,
+                      first.mean_std, None if any(p is None for p in priors) else torch.stack(priors).mean(0), info)
 
 
 def model_inputs(images: Sequence[np.ndarray], mean: float, std: float) -> torch.Tensor:

@@ -25,6 +25,7 @@ class RunPaths:
         self.splits = self.root / "splits.csv"  # image ids per split: evaluation scores exactly these
         self.eval_dir = self.root / "eval"
         self.lock = self.root / "training.lock"  # "<host> <pid>" of the process training the run
+        self.crossval = self.root / "crossval.json"  # only in a cross-validation folder (tools/crossval.py)
 
 
 def new_run(runs_dir: Union[str, Path], name: str) -> RunPaths:

@@ -52,6 +52,34 @@ def test_two_folds_score_every_rsna_film_once_and_resume_finishes_what_is_missin
     assert "=== fold 1 of 2" not in again.stdout and "=== fold 2 of 2" in again.stdout
     assert sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name != "eval") == sorted(r.name for r in runs)
     assert json.loads((folder / "eval" / "metrics.json").read_text())["classification"] == metrics["classification"]
+    check_the_folder_is_an_ensemble(folder, runs, tmp_path)
+
+
+def check_the_folder_is_an_ensemble(folder: Path, runs: list[Path], tmp_path: Path) -> None:
+    """Mean probability and mean heatmap of the fold models, evaluable on other data only."""
+    import pytest
+    import torch
+
+    from pylon.config import ConfigError
+    from pylon.evaluation import evaluate_run
+    from pylon.heatmaps import heatmaps
+    from pylon.inference import load_run, probabilities
+    from pylon.runs import RunPaths
+
+    ensemble, members = load_run(RunPaths(folder)), [load_run(RunPaths(r)) for r in runs]
+    images = torch.randn(3, 1, 64, 64)
+    mean_prob = sum(probabilities(m.model, images, m.precision) for m in members) / 2
+    assert probabilities(ensemble.model, images, ensemble.precision) == pytest.approx(mean_prob, abs=1e-6)
+    mean_map = sum(heatmaps(m.model, images, "pylon", precision=m.precision) for m in members) / 2
+    assert torch.allclose(heatmaps(ensemble.model, images, "pylon", precision=ensemble.precision), mean_map)
+    assert torch.allclose(ensemble.prior, (members[0].prior + members[1].prior) / 2)
+    with pytest.raises(ConfigError, match="is a cross-validation"):
+        evaluate_run(RunPaths(folder), localization=True, out=tmp_path / "own")
+    result = evaluate_run(RunPaths(folder), overrides=["eval.split=all", "eval.bootstrap=20", "eval.n_overlays=1",
+                                                      "logging.wandb_mode=disabled"],
+                          localization=True, out=tmp_path / "other")
+    assert result.metrics["checkpoint"] == [str(r) for r in runs]
+    assert {"pylon", "prior", "center"} <= set(result.metrics["localization"])
 
 
 def test_a_cross_validation_needs_a_config_or_a_folder_to_resume(tmp_path):

@@ -10,12 +10,17 @@ with bootstrap 95% intervals that resample patients, per source and per view; ea
 numbers and their spread under ``per_fold``), ``predictions.csv`` and ``localization.csv``.
 Every fold run joins one W&B group named after the folder. ``--resume CV_DIR`` trains and
 evaluates only what is missing (an interrupted fold resumes from its last.pt).
+
+The folder is also the k fold models as one ensemble (mean probability, mean heatmap), for data
+outside the folds: ``python evaluate.py --run CV_DIR --localization --set data.rsna_root=/other
+eval.split=all --out DIR``, ``python predict.py --run CV_DIR file.dcm``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +62,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _save(folder, plan)
     for fold in range(plan["folds"]):
         run_fold(folder, plan, fold)
-    cfg = load_config(Path(plan["runs"]["0"]) / "config.yaml")
+    # the recipe, as fold 0 ran it: evaluate.py and predict.py read the folder as one ensemble
+    shutil.copyfile(Path(plan["runs"]["0"]) / "config.yaml", folder / "config.yaml")
+    cfg = load_config(folder / "config.yaml")
     n_boot = cfg.eval.bootstrap if args.bootstrap is None else args.bootstrap
     metrics = pool(folder, [Path(plan["runs"][str(f)]) for f in range(plan["folds"])], n_boot, cfg.train.seed)
     print(pooled_tables(metrics))

@@ -8,9 +8,10 @@ from torch import nn
 
 from .backbone import ModelOutput, WeightsFileError, WeightsUnavailableError, weights_origin
 from .baseline import BaselineClassifier, BaselineConfig
+from .ensemble import Ensemble
 from .pylon import Pylon, PylonConfig
 
-__all__ = ["BaselineClassifier", "BaselineConfig", "ModelOutput", "Pylon", "PylonConfig", "WeightsFileError",
+__all__ = ["BaselineClassifier", "BaselineConfig", "Ensemble", "ModelOutput", "Pylon", "PylonConfig", "WeightsFileError",
            "WeightsUnavailableError", "build_model", "init_from", "unwrap"]
 
 
