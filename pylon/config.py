@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pylon import PylonError
+from pylon import ConfigError  # defined beneath every module that raises it; importable from here too
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
@@ -148,10 +148,6 @@ class ExperimentConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-
-
-class ConfigError(PylonError, ValueError):
-    """A user mistake in a config file or override; its message is one line."""
 
 
 def resolve_config_path(name_or_path: Union[str, Path], folder: Path = CONFIG_DIR, what: str = "config file") -> Path:
