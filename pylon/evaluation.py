@@ -224,11 +224,12 @@ def misclassified_gallery(trained: TrainedRun, data: PreparedData, evaluated: Sp
     rows = [int(r) for r in evaluated.rows[chosen]]
     images = [data.cache.image(r) for r in rows]
     maps = _heatmaps(trained, data, images, methods_for(trained.model)[0])
+    shown = [plots.GalleryImage(image, m, data.cache.boxes_in_cache_frame(r).tolist(),
+                                argmax_points(m[None], (data.cache.image_size,) * 2)[0], _caption(data, r, evaluated.probs[i]))
+             for image, m, r, i in zip(images, maps, rows, chosen)]
     return plots.plot_failure_gallery(
-        images, list(maps), [data.cache.boxes_in_cache_frame(r).tolist() for r in rows],
-        [argmax_points(m[None], (data.cache.image_size,) * 2)[0] for m in maps], out,
-        captions=[_caption(data, r, evaluated.probs[i]) for r, i in zip(rows, chosen)], n_failures=len(wrong),
-        n_images=len(evaluated.probs), title=f"Misclassified at threshold {threshold:.3f} ({evaluated.split}, most confident first)")
+        shown, out, n_failures=len(wrong), n_images=len(evaluated.probs),
+        title=f"Misclassified at threshold {threshold:.3f} ({evaluated.split}, most confident first)")
 
 
 def localization_figures(trained: TrainedRun, data: PreparedData, outcome: Localization,
@@ -254,11 +255,11 @@ def localization_figures(trained: TrainedRun, data: PreparedData, outcome: Local
     chosen = misses[:N_FAILURES].tolist()
     rows = outcome.rows[chosen].tolist()
     images = [cache.image(r) for r in rows]
+    shown = [plots.GalleryImage(image, m, cache.boxes_in_cache_frame(r).tolist(), outcome.points[primary][i], caption(i))
+             for image, m, r, i in zip(images, _heatmaps(trained, data, images, primary), rows, chosen)]
     figures.append(plots.plot_failure_gallery(
-        images, list(_heatmaps(trained, data, images, primary)),
-        [cache.boxes_in_cache_frame(r).tolist() for r in rows], [outcome.points[primary][i] for i in chosen],
-        out / "failures_localization.png", captions=[caption(i) for i in chosen], n_failures=len(misses),
-        n_images=len(outcome.rows), title=f"Missed localizations ({primary}, point_acc)"))
+        shown, out / "failures_localization.png", n_failures=len(misses), n_images=len(outcome.rows),
+        title=f"Missed localizations ({primary}, point_acc)"))
     return figures
 
 
