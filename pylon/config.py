@@ -17,7 +17,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from pylon import PylonError
+from pylon import ConfigError  # defined beneath every module that raises it; importable from here too
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
@@ -150,10 +150,6 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-class ConfigError(PylonError, ValueError):
-    """A user mistake in a config file or override; its message is one line."""
-
-
 def resolve_config_path(name_or_path: Union[str, Path], folder: Path = CONFIG_DIR, what: str = "config file") -> Path:
     """A path as given if it exists, else a bare name looked up in ``folder`` (``configs/``)."""
     path = Path(name_or_path)
@@ -258,10 +254,19 @@ def _require(ok: bool, message: str) -> None:
 
 
 def validate(cfg: Any) -> None:
-    """Value ranges and combinations the types cannot express, each named by its key."""
+    """Value ranges and combinations the types cannot express, each named by its key. One check per
+    section; a rule across sections sits with the section of the key it restricts."""
+    _check_data(cfg.data)
+    _check_per_source(cfg.data, cfg.train)
+    _check_model(cfg.model)
+    _check_train(cfg.train, cfg.model, cfg.data)
+    _check_eval(cfg.eval)
+    _require(cfg.logging.log_every_steps >= 1, f"logging.log_every_steps must be at least 1, got {cfg.logging.log_every_steps}")
+
+
+def _check_data(d: Any) -> None:
     from pylon.data.sources import SOURCES
 
-    m, d, t, e = cfg.model, cfg.data, cfg.train, cfg.eval
     unknown = [s for s in d.sources if s not in SOURCES]
     _require(bool(d.sources) and not unknown,
              f"data.sources must be a non-empty list of {sorted(SOURCES)}, got {list(d.sources)}")
@@ -285,8 +290,9 @@ def validate(cfg: Any) -> None:
     _require(math.isfinite(d.mean) and math.isfinite(d.std) and d.std > 0,
              f"data.mean and data.std must be finite and data.std positive, got {d.mean} and {d.std}")
     _require(d.num_workers >= 0, f"data.num_workers must be 0 or more, got {d.num_workers}")
-    _check_per_source(d, t)
 
+
+def _check_model(m: Any) -> None:
     from segmentation_models_pytorch.encoders import encoders
 
     _require(m.backbone in encoders or m.backbone.startswith("tu-"), f"model.backbone={m.backbone!r} is not a "
@@ -299,8 +305,9 @@ def validate(cfg: Any) -> None:
     for name in ("seg_kern_size", "up_kernel_size"):  # 'same' padding k // 2 needs odd kernels
         _require(dec[name] >= 1 and dec[name] % 2 == 1, f"model.decoder.{name} must be a positive odd number, got {dec[name]}")
 
-    _require(t.epochs >= 1 and t.batch_size >= 1 and e.batch_size >= 1,
-             "train.epochs, train.batch_size and eval.batch_size must be positive")
+
+def _check_train(t: Any, m: Any, d: Any) -> None:
+    _require(t.epochs >= 1 and t.batch_size >= 1, "train.epochs and train.batch_size must be positive")
     _require(t.pos_weight in (None, "auto") or (not isinstance(t.pos_weight, str) and 0 < t.pos_weight < math.inf),
              f"train.pos_weight must be a positive number, 'auto' or null, got '{t.pos_weight}'")
     _require(not (t.pos_weight == "auto" and d.balanced_sampler), "data.balanced_sampler already balances the "
@@ -326,12 +333,14 @@ def validate(cfg: Any) -> None:
     _require(re.fullmatch(DEVICE_PATTERN, t.device) is not None,
              f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
 
-    from pylon.heatmaps import METHODS
 
+def _check_eval(e: Any) -> None:
+    from pylon.heatmaps import METHODS  # here, not at the top: importing pylon.config does not load torch
+
+    _require(e.batch_size >= 1, "eval.batch_size must be positive")
     _require(set(e.methods) <= set(METHODS), f"eval.methods must be among {list(METHODS)}, got {list(e.methods)}")
     _require(e.bootstrap >= 0 and e.pointing_tolerance_px >= 0 and e.n_overlays >= 0,
              "eval.bootstrap, eval.pointing_tolerance_px and eval.n_overlays must be 0 or more")
-    _require(cfg.logging.log_every_steps >= 1, f"logging.log_every_steps must be at least 1, got {cfg.logging.log_every_steps}")
 
 
 def _check_per_source(d: Any, t: Any) -> None:

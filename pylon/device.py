@@ -25,7 +25,7 @@ from typing import Any, Optional, TypeVar
 import numpy as np
 import torch
 
-from pylon.config import ConfigError
+from pylon import ConfigError
 
 T = TypeVar("T", torch.Tensor, torch.nn.Module)
 

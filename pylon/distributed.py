@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from pylon.config import ConfigError
+from pylon import ConfigError
 from pylon.device import resolve_device
 
 T = TypeVar("T")

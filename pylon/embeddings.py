@@ -27,10 +27,10 @@ from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from pylon import plots
-from pylon.config import ConfigError
+from pylon import ConfigError, plots
 from pylon.data.pipeline import PreparedData
-from pylon.evaluation import SplitPredictions, group_block
+from pylon.inference import SplitPredictions
+from pylon.metrics import group_block
 from pylon.tables import shortcut_table
 
 PROJECTIONS = {"tsne": "t-SNE", "umap": "UMAP"}  # file name: title

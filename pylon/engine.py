@@ -10,6 +10,8 @@ step; validation shards the rows without padding and gathers predictions; rank 0
 from __future__ import annotations
 
 import contextlib
+import functools
+import itertools
 import math
 import shlex
 import shutil
@@ -26,9 +28,9 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from pylon import PylonError
+from pylon import ConfigError, PylonError
 from pylon.checkpoint import CheckpointError, load_checkpoint, load_weights, save_checkpoint
-from pylon.config import ConfigError, to_dict, to_yaml
+from pylon.config import to_dict, to_yaml
 from pylon.data.pipeline import SPLITS, PreparedData, describe_draws, prepare_data, set_loader_epoch, split_loader
 from pylon.heatmaps import box_prior
 from pylon.device import bar_disabled, choose_precision, describe_precision, seed_everything
@@ -68,35 +70,36 @@ class LoopState:
 MAX_LOSS = 1e4  # a mean BCE this large means logits in the thousands: the weights have blown up
 
 
-def _finite(value: float, where: str, last_good: str) -> float:
+def check_loss(value: float, where: str, last_good: str) -> float:
+    """``value``, unless it is NaN, infinite or beyond ``MAX_LOSS``: then the run stops."""
     if not value <= MAX_LOSS:  # also catches NaN
         raise TrainingDiverged(f"the {where} loss became {value:.4g}; training stopped. The last good checkpoint "
                                f"is {last_good}. Try a lower train.lr, train.grad_clip=1.0, or check data.mean/std.")
     return value
 
 
-def _agreed_loss(loss: torch.Tensor, d: Dist) -> float:
+def _agreed_loss(loss: torch.Tensor, d: Dist) -> torch.Tensor:
     """The batch loss, averaged over processes: all must agree on stopping, or some would wait forever."""
     value = loss.detach()
     if d.world_size > 1:
         value = value.clone()
         dist.all_reduce(value)
         value /= d.world_size
-    return float(value)
+    return value
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-               scaler: torch.amp.GradScaler, d: Dist, cfg_train: Any, where: str = "training",
-               last_good: str = "none") -> float:
+               scaler: torch.amp.GradScaler, d: Dist, cfg_train: Any) -> torch.Tensor:
     """One optimizer step (precision and layout as ``choose_precision`` says, clipping as
-    configured); returns the loss."""
+    configured); the loss, averaged over processes and left on the device: reading it would
+    make every step wait for the device."""
     precision = choose_precision(d.device, cfg_train)
     images = precision.layout(batch["image"].to(d.device, non_blocking=True))
     labels = batch["label"].to(d.device, non_blocking=True)
     with precision.autocast():
         logits = model(images).logits
     loss = loss_fn(logits.float(), labels)
-    value = _finite(_agreed_loss(loss, d), where, last_good)  # before the step: weights that gave a NaN are never saved
+    value = _agreed_loss(loss, d)
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg_train.grad_clip:
@@ -107,30 +110,36 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
     return value
 
 
-def train_epoch(model, loader, optimizer, loss_fn, scaler, d: Dist, cfg: Any, state: LoopState,
-                tracker: Tracker, last_good: str) -> float:
-    model.train()
-    total, count = 0.0, 0
-    steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
-    if steps == 0:
-        raise ConfigError(f"no training batch: train.batch_size={cfg.train.batch_size} is larger than "
-                          f"the training split ({len(loader.dataset)} images per process)")
-    with tqdm(total=steps, desc=f"epoch {state.epoch + 1} train", leave=False,
-              disable=bar_disabled(d.is_main)) as bar:
-        for step, batch in enumerate(loader):
-            if step >= steps:
-                break
-            value = train_step(model, batch, optimizer, loss_fn, scaler, d, cfg.train,
-                               f"training (epoch {state.epoch + 1}, step {step + 1})", last_good)
-            state.global_step += 1
-            total += value * len(batch["label"])
-            count += len(batch["label"])
-            lr = optimizer.param_groups[0]["lr"]
-            if d.is_main and state.global_step % cfg.logging.log_every_steps == 0:
-                tracker.log({"train/loss": value, "train/lr": lr}, state.global_step)
-            bar.set_postfix(loss=f"{value:.4f}", lr=f"{lr:.2e}")
-            bar.update()
-    return total / count
+class EpochLosses:
+    """One epoch's training losses. They stay on the device until they are logged or the epoch
+    ends; then every loss since the last read crosses in one transfer and is checked, so a
+    diverged loss still names its step, and stops the run before the epoch's checkpoints."""
+
+    def __init__(self, epoch: int, last_good: str) -> None:
+        self.epoch, self.last_good = epoch, last_good
+        self.pending: list[tuple[torch.Tensor, int]] = []  # (loss, images) of the steps not read yet
+        self.steps_read, self.total, self.images, self.latest = 0, 0.0, 0, math.nan
+
+    def add(self, loss: torch.Tensor, images: int) -> None:
+        self.pending.append((loss, images))
+
+    def read(self) -> float:
+        """The latest step's loss, once every loss since the last read passed ``check_loss``."""
+        if self.pending:
+            values = torch.stack([loss for loss, _ in self.pending]).tolist()
+            for value, (_, images) in zip(values, self.pending):
+                self.steps_read += 1
+                check_loss(value, f"training (epoch {self.epoch + 1}, step {self.steps_read})", self.last_good)
+                self.total += value * images
+                self.images += images
+                self.latest = value
+            self.pending = []
+        return self.latest
+
+    def mean(self) -> float:
+        """The epoch's loss per image."""
+        self.read()
+        return self.total / self.images
 
 
 def validate(model: nn.Module, loader: Any, d: Dist, cfg_train: Any, loss_fn: nn.Module, desc: str) -> dict[str, Any]:
@@ -229,8 +238,39 @@ def start_epoch(loader: Any, cfg_train: Any, epoch: int, rank: int = 0) -> None:
     set_loader_epoch(loader, cfg_train.seed, epoch, rank)
 
 
-def fit(cfg: Any, run: Optional[RunPaths] = None,
-        on_epoch: Optional[Callable[[int, dict], bool]] = None) -> dict[str, Any]:
+OnEpoch = Callable[[int, dict], bool]
+
+
+@dataclass
+class Fitting:
+    """What ``fit`` builds once and its epoch loop threads through."""
+
+    cfg: Any
+    d: Dist
+    run: RunPaths
+    model: nn.Module  # plain: checkpoints and validation use it; training uses a stage's wrapper of it
+    data: PreparedData
+    optimizer: torch.optim.Optimizer
+    scheduler: Optional[Any]
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    tracker: Tracker
+    state: LoopState
+    recorded: dict[str, Any]  # how the run computed and where its weights started: in checkpoints and W&B
+
+    @property
+    def last_good(self) -> str:
+        """The checkpoint a diverged epoch leaves behind, for its message."""
+        return f"{self.run.last} (epoch {self.state.epoch})" if self.state.epoch else "none yet (no epoch finished)"
+
+    @functools.cached_property
+    def prior(self) -> Optional[torch.Tensor]:
+        """The image-blind localization floor, from the training split only; it travels with the weights."""
+        data = self.data
+        return box_prior([data.cache.boxes_in_cache_frame(int(r)) for r in data.rows["train"]], data.cache.image_size)
+
+
+def fit(cfg: Any, run: Optional[RunPaths] = None, on_epoch: Optional[OnEpoch] = None) -> dict[str, Any]:
     """Train ``cfg`` into a new run folder, or continue ``run`` from its last.pt; the summary.
     ``on_epoch(epoch, history_row)`` is asked on rank 0 after each validation: True ends the run
     after that epoch like an early stop (a sweep's pruner), so the folder stays a complete run.
@@ -239,19 +279,10 @@ def fit(cfg: Any, run: Optional[RunPaths] = None,
         return _fit(cfg, run, on_epoch, held)
 
 
-def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, dict], bool]],
-         held: contextlib.ExitStack) -> dict[str, Any]:
+def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[OnEpoch], held: contextlib.ExitStack) -> dict[str, Any]:
     started = time.time()
     d = init_distributed(cfg.train.device)
-    if cfg.train.batch_size % d.world_size:
-        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {d.world_size} processes")
-    if (cfg.data.balanced_sampler or cfg.data.source_shares) and d.world_size > 1:  # weighted draws are one process's
-        raise ConfigError("data.balanced_sampler and data.source_shares are not supported with several processes")
-    if d.is_main and run is None:
-        check_writable(cfg.logging.runs_dir)  # before minutes of caching, not after
-    if d.is_main:
-        check_writable(cfg.data.cache_dir, "data.cache_dir")
-    absolute_roots(cfg.data)  # the run's config must find its data from any working directory
+    _check_launch(cfg, d, new=run is None)
     saved = None
     if run is not None:
         if not run.last.is_file():
@@ -263,23 +294,12 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
     if run is not None and run.splits.is_file():
         check_splits(run.splits, data, SPLITS, cfg.data.sources)  # resuming on other data would silently train something else
     scheduler = build_scheduler(optimizer, cfg.train)
-
     state = LoopState()
     if saved is not None:
-        try:
-            load_weights(model, saved["model"], str(run.last))
-            for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
-                if target is not None and saved[name]:  # {}: a run without an fp16 scaler resumed with one
-                    target.load_state_dict(saved[name])
-            if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
-                scheduler.T_max = cfg.train.epochs  # raised for this resume: anneal to the new end, never back up
-            state = LoopState(**saved["loop"])
-        except (KeyError, TypeError, ValueError) as err:
-            raise CheckpointError(f"{run.last}: not a training checkpoint of this config ({err})") from None
+        state = _restore(saved, run.last, cfg, model, optimizer, scheduler, scaler)
         why_not = _finished_already(state, cfg)
         if why_not is not None:
-            note = f"nothing to resume in {run.root}: {why_not}"
-            return _summary(run, state, None, started, note)
+            return _summary(run, state, None, started, f"nothing to resume in {run.root}: {why_not}")
         state.stop_reason = None  # a finished run whose train.epochs was raised goes on
 
     if d.is_main and run is None:
@@ -289,16 +309,12 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
     if d.is_main:
         run.config.write_text(to_yaml(cfg))  # written once the resume state was accepted
         write_splits(run.splits, data)
-    batch = cfg.train.batch_size // d.world_size
-    train_loader = split_loader(data, "train", cfg.data, batch, train=True, seed=cfg.train.seed,
-                                rank=d.rank, world_size=d.world_size)
-    val_loader = split_loader(data, "val", cfg.data, cfg.eval.batch_size, train=False, rank=d.rank, world_size=d.world_size)
     recorded = {"precision": choose_precision(d.device, cfg.train).name, "init_from": init_from(cfg.model, model)}
     tracker = Tracker(run.root, cfg.logging, config={**to_dict(cfg), **recorded}, enabled=d.is_main,
                       run_id=None if saved is None else saved.get("wandb_run_id"))
     try:
-        _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
-                train_loader, val_loader, on_epoch)
+        _epochs(Fitting(cfg, d, run, model, data, optimizer, scheduler, scaler, loss_fn, tracker, state, recorded),
+                on_epoch)
     except BaseException:
         tracker.finish(exit_code=1)
         if d.is_main and not run.last.is_file():  # no epoch finished: nothing to resume or evaluate
@@ -310,6 +326,34 @@ def _fit(cfg: Any, run: Optional[RunPaths], on_epoch: Optional[Callable[[int, di
         tracker.log_artifact(run.best, f"{run.root.name}-best")
     tracker.finish()
     return summary
+
+
+def _check_launch(cfg: Any, d: Dist, new: bool) -> None:
+    """What the launch and the folders must allow, checked before minutes of caching."""
+    if cfg.train.batch_size % d.world_size:
+        raise ConfigError(f"train.batch_size={cfg.train.batch_size} must be divisible by the {d.world_size} processes")
+    if (cfg.data.balanced_sampler or cfg.data.source_shares) and d.world_size > 1:  # weighted draws are one process's
+        raise ConfigError("data.balanced_sampler and data.source_shares are not supported with several processes")
+    if d.is_main and new:
+        check_writable(cfg.logging.runs_dir)
+    if d.is_main:
+        check_writable(cfg.data.cache_dir, "data.cache_dir")
+    absolute_roots(cfg.data)  # the run's config must find its data from any working directory
+
+
+def _restore(saved: dict, path: Path, cfg: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
+             scheduler: Optional[Any], scaler: torch.amp.GradScaler) -> LoopState:
+    """Load last.pt's weights and optimizer, scheduler and scaler states; its loop state."""
+    try:
+        load_weights(model, saved["model"], str(path))
+        for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
+            if target is not None and saved[name]:  # {}: a run without an fp16 scaler resumed with one
+                target.load_state_dict(saved[name])
+        if isinstance(scheduler, torch.optim.lr_scheduler.CosineAnnealingLR):
+            scheduler.T_max = cfg.train.epochs  # raised for this resume: anneal to the new end, never back up
+        return LoopState(**saved["loop"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{path}: not a training checkpoint of this config ({err})") from None
 
 
 def build_loss(cfg_train: Any, data: PreparedData, device: torch.device) -> nn.Module:
@@ -365,97 +409,144 @@ def _summary(run: RunPaths, state: LoopState, tracker: Optional[Tracker], starte
     return summary
 
 
-def _epochs(cfg, run, d, model, data, optimizer, scheduler, scaler, loss_fn, state, tracker,
-            train_loader, val_loader, on_epoch=None) -> None:
-    """The epoch loop of ``fit``; updates ``state`` and writes checkpoints and history."""
-    freeze_epochs = cfg.train.freeze_encoder_epochs
+# --------------------------------------------------------------------------- the epoch loop
 
-    def stage(epoch: int) -> nn.Module:
-        if freeze_epochs:
-            model.freeze_encoder(epoch < freeze_epochs)
-        m = torch.compile(model) if cfg.train.compile else model
-        if d.world_size > 1:  # rebuilt per stage: DDP records which parameters get gradients
-            m = DistributedDataParallel(m, device_ids=[d.device.index] if d.device.type == "cuda" else None)
-        return m
 
-    train_model = stage(state.epoch)
-    config_dict = to_dict(cfg)
-    # How the run computed and where its weights started, in both checkpoints.
-    recorded = {"precision": choose_precision(d.device, cfg.train).name, "init_from": init_from(cfg.model, model)}
-    prevalence = data.prevalence("train")
-    # The image-blind localization floor, from the training split only; it travels with the weights.
-    prior = box_prior([data.cache.boxes_in_cache_frame(int(r)) for r in data.rows["train"]], data.cache.image_size)
+def _epochs(f: Fitting, on_epoch: Optional[OnEpoch]) -> None:
+    """The epoch loop of ``fit``: train, validate, keep score, write checkpoints and history."""
+    cfg, d, state = f.cfg, f.d, f.state
+    batch = cfg.train.batch_size // d.world_size
+    train_loader = split_loader(f.data, "train", cfg.data, batch, train=True, seed=cfg.train.seed,
+                                rank=d.rank, world_size=d.world_size)
+    val_loader = split_loader(f.data, "val", cfg.data, cfg.eval.batch_size, train=False, rank=d.rank,
+                              world_size=d.world_size)
+    train_model = _stage(f, state.epoch)
     bar = tqdm(desc="epochs", initial=state.epoch, total=cfg.train.epochs, disable=bar_disabled(d.is_main))
     try:
         for epoch in range(state.epoch, cfg.train.epochs):
-            if freeze_epochs and epoch == freeze_epochs:  # stage two: the encoder joins at a lower rate
-                train_model = stage(epoch)
-                for group in optimizer.param_groups:
+            if cfg.train.freeze_encoder_epochs and epoch == cfg.train.freeze_encoder_epochs:
+                train_model = _stage(f, epoch)  # stage two: the encoder joins at a lower rate
+                for group in f.optimizer.param_groups:
                     group["lr"] *= cfg.train.finetune_lr_factor
             start_epoch(train_loader, cfg.train, epoch, d.rank)
-            t0 = time.time()
-            last_good = f"{run.last} (epoch {state.epoch})" if state.epoch else "none yet (no epoch finished)"
-            train_loss = train_epoch(train_model, train_loader, optimizer, loss_fn, scaler, d, cfg, state,
-                                     tracker, last_good)
-            if d.world_size > 1:  # rank 0's BatchNorm statistics are the ones saved, so validate with them
-                for buffer in unwrap(model).buffers():
-                    dist.broadcast(buffer, src=0)
-            val = validate(model, val_loader, d, cfg.train, loss_fn, f"epoch {epoch + 1} val")
-            _finite(val["loss"], f"validation (epoch {epoch + 1})", last_good)  # the same on every rank
-            metrics = classification_metrics(val["labels"], val["probs"])
-            lr = optimizer.param_groups[0]["lr"]
-            select = selection_loss(val, cfg.train.select_on)
-            row = {"train_loss": train_loss, "val_loss": val["loss"], "val_auroc": metrics["auroc"],
-                   "val_accuracy": metrics["accuracy"], "val_sensitivity": metrics["sensitivity"],
-                   "val_specificity": metrics["specificity"], "lr": lr, "epoch_seconds": time.time() - t0,
-                   "train_prevalence": prevalence, **{f"val_loss_{k}": v for k, v in val["source_losses"].items()},
-                   "val_select_loss": select}
-            if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-                scheduler.step(select)
-            elif scheduler is not None:
-                scheduler.step()
-            improved = _record_epoch(state, epoch, select, metrics, cfg.train, optimizer.param_groups[0]["lr"])
+            started = time.time()
+            train_loss = train_one_epoch(f, train_model, train_loader)
+            val, metrics, row = _validate_epoch(f, val_loader, epoch, train_loss, started)
+            _step_scheduler(f.scheduler, row["val_select_loss"])
+            improved = _record_epoch(state, epoch, row["val_select_loss"], metrics, cfg.train,
+                                     f.optimizer.param_groups[0]["lr"])
             # Asked even when a stop rule fired, so the caller sees every epoch; all ranks follow rank 0.
             if on_epoch is not None and gather(d.is_main and bool(on_epoch(epoch + 1, row)), d)[0]:
                 state.stop_reason = state.stop_reason or PRUNED
-
             if d.is_main:
-                weights = unwrap(model).state_dict()
-                if improved:
-                    # What evaluating or predicting needs without the training data: the input
-                    # normalisation, the operating point chosen on val, the box prior and the
-                    # loss's class weight (the val loss that chose this checkpoint used it).
-                    both = 0 < int(val["labels"].sum()) < len(val["labels"])
-                    save_checkpoint(run.best, {
-                        "model": weights, "config": config_dict, "epoch": epoch + 1, "val_loss": val["loss"],
-                        "select_on": cfg.train.select_on, "val_select_loss": select,
-                        "val_metrics": metrics, "normalization": {"mean": float(data.mean), "std": float(data.std)},
-                        "threshold_youden": youden_threshold(val["labels"], val["probs"]) if both else None,
-                        "prior": prior, "wandb_run_id": tracker.id, **recorded,
-                        "pos_weight": None if loss_fn.pos_weight is None else float(loss_fn.pos_weight)})
-                save_checkpoint(run.last, {
-                    "model": weights, "optimizer": optimizer.state_dict(),
-                    "scheduler": None if scheduler is None else scheduler.state_dict(),
-                    "scaler": scaler.state_dict(), "loop": asdict(state), "config": config_dict,
-                    "wandb_run_id": tracker.id, **recorded})
-                tracker.log_epoch(epoch + 1, row, state.global_step)
-                if tracker.run is not None and cfg.logging.n_val_images > 0:
-                    tracker.log_images("val/heatmaps", validation_images(model, data, cfg.logging.n_val_images, cfg.train),
-                                       state.global_step)
-                bar.set_postfix(val_loss=f"{val['loss']:.4f}", auroc=f"{metrics['auroc']:.3f}", lr=f"{lr:.1e}")
-                bar.update()
-                chosen = "" if cfg.train.select_on == "pooled" else f" ({cfg.train.select_on} {select:.4f})"
-                print(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {train_loss:.4f}, val loss "
-                      f"{val['loss']:.4f}{chosen}, val AUROC {metrics['auroc']:.4f}, lr {lr:.1e}"
-                      f"{' *' if improved else ''}", flush=True)
+                _save_epoch(f, epoch, val, metrics, row["val_select_loss"], improved)
+                _report_epoch(f, epoch, row, improved, bar)
             if d.world_size > 1:
                 dist.barrier()  # nobody starts the next epoch before rank 0 has saved this one
             if state.stop_reason:
                 break
     except KeyboardInterrupt:
         if d.is_main and state.epoch:
-            print(f"\ninterrupted in epoch {state.epoch + 1}; {run.last} holds epoch {state.epoch}; "
-                  f"resume with: python train.py --resume {shlex.quote(str(run.root))}", file=sys.stderr)
+            print(f"\ninterrupted in epoch {state.epoch + 1}; {f.run.last} holds epoch {state.epoch}; "
+                  f"resume with: python train.py --resume {shlex.quote(str(f.run.root))}", file=sys.stderr)
         raise
     finally:
         bar.close()
+
+
+def _stage(f: Fitting, epoch: int) -> nn.Module:
+    """The module that trains in ``epoch``: the model with its encoder frozen or not, compiled and
+    wrapped for DDP as configured. Rebuilt per stage: DDP records which parameters get gradients."""
+    if f.cfg.train.freeze_encoder_epochs:
+        f.model.freeze_encoder(epoch < f.cfg.train.freeze_encoder_epochs)
+    m = torch.compile(f.model) if f.cfg.train.compile else f.model
+    if f.d.world_size > 1:
+        m = DistributedDataParallel(m, device_ids=[f.d.device.index] if f.d.device.type == "cuda" else None)
+    return m
+
+
+def train_one_epoch(f: Fitting, model: nn.Module, loader: Any) -> float:
+    """The optimizer steps of epoch ``f.state.epoch`` (at most train.max_steps_per_epoch) through
+    ``model``, a stage's wrapper of ``f.model``; the epoch's mean training loss."""
+    cfg, state = f.cfg, f.state
+    model.train()
+    steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
+    if steps == 0:
+        raise ConfigError(f"no training batch: train.batch_size={cfg.train.batch_size} is larger than "
+                          f"the training split ({len(loader.dataset)} images per process)")
+    losses = EpochLosses(state.epoch, f.last_good)
+    with tqdm(total=steps, desc=f"epoch {state.epoch + 1} train", leave=False,
+              disable=bar_disabled(f.d.is_main)) as bar:
+        for batch in itertools.islice(loader, steps):
+            losses.add(train_step(model, batch, f.optimizer, f.loss_fn, f.scaler, f.d, cfg.train), len(batch["label"]))
+            state.global_step += 1
+            bar.update()
+            if state.global_step % cfg.logging.log_every_steps == 0:  # every rank reads, so all stop together
+                loss, lr = losses.read(), f.optimizer.param_groups[0]["lr"]
+                if f.d.is_main:
+                    f.tracker.log({"train/loss": loss, "train/lr": lr}, state.global_step)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}")
+    return losses.mean()
+
+
+def _validate_epoch(f: Fitting, loader: Any, epoch: int, train_loss: float,
+                    started: float) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """Validation after epoch ``epoch`` (from 0): the gathered predictions, their metrics and the history row."""
+    if f.d.world_size > 1:  # rank 0's BatchNorm statistics are the ones saved, so validate with them
+        for buffer in unwrap(f.model).buffers():
+            dist.broadcast(buffer, src=0)
+    val = validate(f.model, loader, f.d, f.cfg.train, f.loss_fn, f"epoch {epoch + 1} val")
+    check_loss(val["loss"], f"validation (epoch {epoch + 1})", f.last_good)  # the same on every rank
+    metrics = classification_metrics(val["labels"], val["probs"])
+    row = {"train_loss": train_loss, "val_loss": val["loss"], "val_auroc": metrics["auroc"],
+           "val_accuracy": metrics["accuracy"], "val_sensitivity": metrics["sensitivity"],
+           "val_specificity": metrics["specificity"], "lr": f.optimizer.param_groups[0]["lr"],
+           "epoch_seconds": time.time() - started, "train_prevalence": f.data.prevalence("train"),
+           **{f"val_loss_{k}": v for k, v in val["source_losses"].items()},
+           "val_select_loss": selection_loss(val, f.cfg.train.select_on)}
+    return val, metrics, row
+
+
+def _step_scheduler(scheduler: Optional[Any], select: float) -> None:
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(select)
+    elif scheduler is not None:
+        scheduler.step()
+
+
+def _save_epoch(f: Fitting, epoch: int, val: dict[str, Any], metrics: dict[str, Any], select: float,
+                improved: bool) -> None:
+    """last.pt after every epoch; best.pt when the epoch improved train.select_on's val loss."""
+    weights, config = unwrap(f.model).state_dict(), to_dict(f.cfg)
+    if improved:
+        # What evaluating or predicting needs without the training data: the input
+        # normalisation, the operating point chosen on val, the box prior and the
+        # loss's class weight (the val loss that chose this checkpoint used it).
+        both = 0 < int(val["labels"].sum()) < len(val["labels"])
+        save_checkpoint(f.run.best, {
+            "model": weights, "config": config, "epoch": epoch + 1, "val_loss": val["loss"],
+            "select_on": f.cfg.train.select_on, "val_select_loss": select,
+            "val_metrics": metrics, "normalization": {"mean": float(f.data.mean), "std": float(f.data.std)},
+            "threshold_youden": youden_threshold(val["labels"], val["probs"]) if both else None,
+            "prior": f.prior, "wandb_run_id": f.tracker.id, **f.recorded,
+            "pos_weight": None if f.loss_fn.pos_weight is None else float(f.loss_fn.pos_weight)})
+    save_checkpoint(f.run.last, {
+        "model": weights, "optimizer": f.optimizer.state_dict(),
+        "scheduler": None if f.scheduler is None else f.scheduler.state_dict(),
+        "scaler": f.scaler.state_dict(), "loop": asdict(f.state), "config": config,
+        "wandb_run_id": f.tracker.id, **f.recorded})
+
+
+def _report_epoch(f: Fitting, epoch: int, row: dict[str, Any], improved: bool, bar: tqdm) -> None:
+    """The epoch's history row (history.csv, W&B), val heatmaps, progress bar and printed line."""
+    cfg = f.cfg
+    f.tracker.log_epoch(epoch + 1, row, f.state.global_step)
+    if f.tracker.run is not None and cfg.logging.n_val_images > 0:
+        f.tracker.log_images("val/heatmaps", validation_images(f.model, f.data, cfg.logging.n_val_images, cfg.train),
+                             f.state.global_step)
+    val_loss, auroc, lr = row["val_loss"], row["val_auroc"], row["lr"]
+    bar.set_postfix(val_loss=f"{val_loss:.4f}", auroc=f"{auroc:.3f}", lr=f"{lr:.1e}")
+    bar.update()
+    chosen = "" if cfg.train.select_on == "pooled" else f" ({cfg.train.select_on} {row['val_select_loss']:.4f})"
+    print(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {row['train_loss']:.4f}, val loss "
+          f"{val_loss:.4f}{chosen}, val AUROC {auroc:.4f}, lr {lr:.1e}{' *' if improved else ''}", flush=True)

@@ -17,7 +17,6 @@ import math
 import os
 import shutil
 from dataclasses import dataclass, replace
-from functools import partial
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
@@ -29,39 +28,19 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from pylon import plots
-from pylon.config import ConfigError
+from pylon import ConfigError, plots
 from pylon.data.pipeline import ALL, PreparedData, prepare_data, split_loader
 from pylon.data.sources import source_root
 from pylon.heatmaps import heatmaps, methods_for
 from pylon.device import bar_disabled
-from pylon.inference import TrainedRun, image_heatmaps, load_run, predict_loader
+from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, predict_loader
 from pylon.metrics import (LOCALIZATION_METRICS, POINTING_KEY, argmax_points, bootstrap_ci, by_group,
-                           classification_metrics, classification_rows, energy_in_box, expected_calibration_error,
-                           jsonable, laterality_hits, pointing_game)
+                           energy_in_box, group_block, jsonable, laterality_hits, pointing_game)
 from pylon.runs import RunPaths, check_splits
 from pylon.tables import classification_table, localization_table
 from pylon.tracking import Tracker
 
 N_FAILURES = 16  # images per failure gallery
-
-
-@dataclass
-class SplitPredictions:
-    split: str
-    rows: np.ndarray  # cache rows
-    labels: np.ndarray
-    probs: np.ndarray
-    loss: float
-    sources: np.ndarray
-    views: np.ndarray  # "" where unknown
-    patients: np.ndarray  # bootstrap intervals resample people, not images
-    embeddings: Optional[np.ndarray] = None  # (n, channels) pooled encoder features, when asked for
-
-    def frame(self, data: PreparedData) -> pd.DataFrame:
-        return pd.DataFrame({"id": [data.cache.records[r].id for r in self.rows], "source": self.sources,
-                             "view": [v or None for v in self.views], "label": self.labels, "prob": self.probs,
-                             "split": self.split, "patient_id": self.patients})
 
 
 def rsna_view(record: Any) -> str:
@@ -86,29 +65,6 @@ def predict_split(trained: TrainedRun, data: PreparedData, split: str, embedding
 
 
 # --------------------------------------------------------------------------- classification
-
-
-def _with_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int, seed: int,
-             with_auroc: bool = True, patients: Optional[np.ndarray] = None) -> dict:
-    """``classification_metrics`` with percentile-bootstrap 95% intervals (the same resamples for
-    all), resampling ``patients`` whole when given."""
-    result = classification_metrics(labels, probs, threshold)
-    if not with_auroc:
-        result.pop("auroc")
-    if n_boot >= 1:
-        statistic = partial(classification_rows, threshold=threshold, auroc=with_auroc)
-        result["ci"] = bootstrap_ci(statistic, labels, probs, n_boot=n_boot, seed=seed, groups=patients)
-    return result
-
-
-def group_block(labels: np.ndarray, probs: np.ndarray, patients: Optional[np.ndarray], youden: Optional[float],
-                n_boot: int, seed: int) -> dict:
-    """One group's metrics at 0.5 and at the val-chosen Youden threshold, with ECE."""
-    block = {**_with_ci(labels, probs, 0.5, n_boot, seed, patients=patients),
-             "ece": expected_calibration_error(labels, probs)}
-    if youden is not None:
-        block["threshold_youden"] = _with_ci(labels, probs, youden, n_boot, seed, with_auroc=False, patients=patients)
-    return block
 
 
 def classification_report(evaluated: SplitPredictions, youden: Optional[float],
@@ -268,11 +224,12 @@ def misclassified_gallery(trained: TrainedRun, data: PreparedData, evaluated: Sp
     rows = [int(r) for r in evaluated.rows[chosen]]
     images = [data.cache.image(r) for r in rows]
     maps = _heatmaps(trained, data, images, methods_for(trained.model)[0])
+    shown = [plots.GalleryImage(image, m, data.cache.boxes_in_cache_frame(r).tolist(),
+                                argmax_points(m[None], (data.cache.image_size,) * 2)[0], _caption(data, r, evaluated.probs[i]))
+             for image, m, r, i in zip(images, maps, rows, chosen)]
     return plots.plot_failure_gallery(
-        images, list(maps), [data.cache.boxes_in_cache_frame(r).tolist() for r in rows],
-        [argmax_points(m[None], (data.cache.image_size,) * 2)[0] for m in maps], out,
-        captions=[_caption(data, r, evaluated.probs[i]) for r, i in zip(rows, chosen)], n_failures=len(wrong),
-        n_images=len(evaluated.probs), title=f"Misclassified at threshold {threshold:.3f} ({evaluated.split}, most confident first)")
+        shown, out, n_failures=len(wrong), n_images=len(evaluated.probs),
+        title=f"Misclassified at threshold {threshold:.3f} ({evaluated.split}, most confident first)")
 
 
 def localization_figures(trained: TrainedRun, data: PreparedData, outcome: Localization,
@@ -298,11 +255,11 @@ def localization_figures(trained: TrainedRun, data: PreparedData, outcome: Local
     chosen = misses[:N_FAILURES].tolist()
     rows = outcome.rows[chosen].tolist()
     images = [cache.image(r) for r in rows]
+    shown = [plots.GalleryImage(image, m, cache.boxes_in_cache_frame(r).tolist(), outcome.points[primary][i], caption(i))
+             for image, m, r, i in zip(images, _heatmaps(trained, data, images, primary), rows, chosen)]
     figures.append(plots.plot_failure_gallery(
-        images, list(_heatmaps(trained, data, images, primary)),
-        [cache.boxes_in_cache_frame(r).tolist() for r in rows], [outcome.points[primary][i] for i in chosen],
-        out / "failures_localization.png", captions=[caption(i) for i in chosen], n_failures=len(misses),
-        n_images=len(outcome.rows), title=f"Missed localizations ({primary}, point_acc)"))
+        shown, out / "failures_localization.png", n_failures=len(misses), n_images=len(outcome.rows),
+        title=f"Missed localizations ({primary}, point_acc)"))
     return figures
 
 

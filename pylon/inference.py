@@ -11,17 +11,19 @@ from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 from torch import nn
 from tqdm.auto import tqdm
 
-from pylon import plots
+from pylon import ConfigError, plots
 from pylon.checkpoint import load_checkpoint, load_weights
-from pylon.config import ConfigError, load_config, restrict_overrides
+from pylon.config import load_config, restrict_overrides
 from pylon.data.cache import Geometry, resize_image
 from pylon.data.dataset import eval_transform
+from pylon.data.pipeline import PreparedData
 from pylon.data.readers import ImageReadError, read_image
 from pylon.device import Precision, bar_disabled, choose_precision, resolve_device
 from pylon.heatmaps import heatmaps, methods_for
@@ -68,6 +70,27 @@ def predict_loader(model: nn.Module, loader: Any, precision: Precision,
     return {"loss_sum": float(losses.sum()), "losses": losses, "labels": join(labels).astype(np.int64),
             "probs": join(probs), "rows": join(rows).astype(np.int64),
             **({"embeddings": join(pooled).astype(np.float64)} if embeddings else {})}
+
+
+@dataclass
+class SplitPredictions:
+    """``predict_loader`` over one split, with what each image is; evaluation and the embedding
+    maps both read it, so it lives beneath them."""
+
+    split: str
+    rows: np.ndarray  # cache rows
+    labels: np.ndarray
+    probs: np.ndarray
+    loss: float
+    sources: np.ndarray
+    views: np.ndarray  # "" where unknown
+    patients: np.ndarray  # bootstrap intervals resample people, not images
+    embeddings: Optional[np.ndarray] = None  # (n, channels) pooled encoder features, when asked for
+
+    def frame(self, data: PreparedData) -> pd.DataFrame:
+        return pd.DataFrame({"id": [data.cache.records[r].id for r in self.rows], "source": self.sources,
+                             "view": [v or None for v in self.views], "label": self.labels, "prob": self.probs,
+                             "split": self.split, "patient_id": self.patients})
 
 
 @dataclass

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, Hashable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -230,6 +231,29 @@ def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 10) -> flo
     filled = bins.count > 0
     weights = bins.count[filled] / bins.count.sum()
     return float(np.sum(weights * np.abs(bins.frac_pos[filled] - bins.mean_prob[filled])))
+
+
+def _with_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int, seed: int,
+             with_auroc: bool = True, patients: Optional[np.ndarray] = None) -> dict:
+    """``classification_metrics`` with percentile-bootstrap 95% intervals (the same resamples for
+    all), resampling ``patients`` whole when given."""
+    result = classification_metrics(labels, probs, threshold)
+    if not with_auroc:
+        result.pop("auroc")
+    if n_boot >= 1:
+        statistic = partial(classification_rows, threshold=threshold, auroc=with_auroc)
+        result["ci"] = bootstrap_ci(statistic, labels, probs, n_boot=n_boot, seed=seed, groups=patients)
+    return result
+
+
+def group_block(labels: np.ndarray, probs: np.ndarray, patients: Optional[np.ndarray], youden: Optional[float],
+                n_boot: int, seed: int) -> dict:
+    """One group's metrics at 0.5 and at the val-chosen Youden threshold, with ECE."""
+    block = {**_with_ci(labels, probs, 0.5, n_boot, seed, patients=patients),
+             "ece": expected_calibration_error(labels, probs)}
+    if youden is not None:
+        block["threshold_youden"] = _with_ci(labels, probs, youden, n_boot, seed, with_auroc=False, patients=patients)
+    return block
 
 
 # ============================================================================ localization

@@ -264,23 +264,34 @@ def plot_overlay_grid(rows: Sequence[OverlayRow], path: PathLike, title: str = "
     return _save(fig, path)
 
 
-def plot_failure_gallery(images: Sequence[Any], heatmaps: Sequence[Any], boxes: Sequence[Sequence[Sequence[float]]],
-                         points: Sequence[Optional[Sequence[float]]], path: PathLike, *, captions: Sequence[str],
-                         n_failures: int, n_images: int, title: str = "") -> Path:
-    """Overlays of the failures shown (image, heatmap, boxes and point each), four to a row, titled
-    with how many of the ``n_failures`` among ``n_images`` images they are; one line when none."""
+@dataclass
+class GalleryImage:
+    """One image of a failure gallery: its heatmap, boxes and point (None: no point drawn)."""
+
+    image: Any
+    heatmap: Any
+    boxes: Sequence[Sequence[float]]
+    point: Optional[Sequence[float]]
+    caption: str = ""
+
+
+def plot_failure_gallery(shown: Sequence[GalleryImage], path: PathLike, *, n_failures: int, n_images: int,
+                         title: str = "") -> Path:
+    """Overlays of the failures shown, four to a row, titled with how many of the ``n_failures``
+    among ``n_images`` images they are; one line when none."""
     prefix = f"{title}: " if title else ""
-    if not images:
+    if not shown:
         fig = _figure(4.0, 1.5)
         fig.text(0.5, 0.5, f"{prefix}none of {n_images} images", ha="center", va="center")
         return _save(fig, path)
-    n_cols = min(4, len(images))
-    n_rows = math.ceil(len(images) / n_cols)
+    n_cols = min(4, len(shown))
+    n_rows = math.ceil(len(shown) / n_cols)
     fig = _figure(2.8 * n_cols, 2.9 * n_rows + 0.4)
     for k, ax in enumerate(fig.subplots(n_rows, n_cols, squeeze=False).flat):
-        if k < len(images):
-            _show(ax, overlay(images[k], heatmaps[k], boxes[k], points[k]), captions[k])
+        if k < len(shown):
+            one = shown[k]
+            _show(ax, overlay(one.image, one.heatmap, one.boxes, one.point), one.caption)
         else:
             ax.axis("off")
-    fig.suptitle(f"{prefix}{len(images)} of {n_failures} shown, out of {n_images} images")
+    fig.suptitle(f"{prefix}{len(shown)} of {n_failures} shown, out of {n_images} images")
     return _save(fig, path)

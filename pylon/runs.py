@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
-from pylon.config import ConfigError
+from pylon import ConfigError
 
 
 class RunPaths:

@@ -11,6 +11,7 @@ from PIL import Image
 
 from pylon.plots import (
     BOX_COLOUR,
+    GalleryImage,
     OverlayRow,
     overlay,
     plot_calibration,
@@ -113,12 +114,12 @@ def test_overlay_grid_and_failure_gallery(tmp_path, phantom):
     ]
     assert_png(plot_overlay_grid(rows, tmp_path / "grid.png", title="methods"), (1248, 672))  # 4 x 2 cells
 
-    gallery = plot_failure_gallery([image] * 3, [hot_corner_map(8)] * 3, [[(40, 40, 10, 10)]] * 3, [(4.5, 4.5)] * 3,
-                                   tmp_path / "failures.png", captions=["a", "b", "c"], n_failures=3, n_images=6)
+    gallery = plot_failure_gallery([GalleryImage(image, hot_corner_map(8), [(40, 40, 10, 10)], (4.5, 4.5), c) for c in "abc"],
+                                   tmp_path / "failures.png", n_failures=3, n_images=6)
     assert_png(gallery, (1008, 396))  # three misses in one row
-    many = plot_failure_gallery([image] * 5, [hot_corner_map(8)] * 5, [[]] * 5, [None] * 5, tmp_path / "many.png",
-                                captions=[""] * 5, n_failures=20, n_images=30, title="misses")
+    many = plot_failure_gallery([GalleryImage(image, hot_corner_map(8), [], None)] * 5, tmp_path / "many.png",
+                                n_failures=20, n_images=30, title="misses")
     assert_png(many, (1344, 744))  # 5 of 20, in rows of 4
-    none = plot_failure_gallery([], [], [], [], tmp_path / "none.png", captions=[], n_failures=0, n_images=4)
+    none = plot_failure_gallery([], tmp_path / "none.png", n_failures=0, n_images=4)
     with Image.open(none) as img:
         assert img.size == (480, 180)

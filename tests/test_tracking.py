@@ -31,7 +31,7 @@ def wandb_home(tmp_path, monkeypatch):
 
 
 def logging_cfg(mode: str = "offline") -> SimpleNamespace:
-    return SimpleNamespace(wandb_mode=mode, project="pylon-test", entity=None)
+    return SimpleNamespace(wandb_mode=mode, project="pylon-test", entity=None, group=None)
 
 
 def history_rows(records: list[dict]) -> list[dict]:

@@ -69,7 +69,7 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     from pylon.config import ConfigError, to_yaml
     from pylon.data.pipeline import split_loader
     from pylon.distributed import Dist
-    from pylon.engine import TrainingDiverged, setup, train_step
+    from pylon.engine import MAX_LOSS, setup, train_step
     from pylon.device import bar_disabled, resolve_device
     from pylon.runs import absolute_roots, check_writable, new_run
 
@@ -98,9 +98,8 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     for step, (lr, batch) in enumerate(zip(lrs.tolist(), epochs_of(loader, cfg.train, per_epoch))):
         for group in optimizer.param_groups:
             group["lr"] = lr
-        try:
-            loss = train_step(train_model, batch, optimizer, loss_fn, scaler, d, cfg.train)
-        except TrainingDiverged:  # NaN or a blown-up loss: the end of the test, not an error
+        loss = float(train_step(train_model, batch, optimizer, loss_fn, scaler, d, cfg.train))
+        if not loss <= MAX_LOSS:  # NaN or a blown-up loss: the end of the test, not an error
             diverged = True
             break
         average = BETA * average + (1 - BETA) * loss

@@ -16,8 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-from pylon import demo
-from pylon.config import ConfigError
+from pylon import ConfigError, demo
 from pylon.data.cache import ImageCache, build_cache, pixel_mean_std
 from pylon.data.dataset import CxrDataset, collate, eval_transform, reseed, seed_worker, train_transform
 from pylon.data.records import Record, with_patient_map
