@@ -109,11 +109,15 @@ def run_fold(folder: Path, plan: dict, fold: int) -> None:
 
 
 def _fold_frames(runs: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Every fold's test predictions and localization rows, with the fold, patient and view of each."""
+    """Every fold's test predictions and localization rows, with the fold, patient and view of
+    each; only the cross-validated sources' images: an official test split is the same in every
+    fold, and pooling would count it k times (its numbers are under ``per_fold``)."""
+    from pylon.data.sources import SOURCES
+
     predictions, localization = [], []
     for fold, run in enumerate(runs):
         p = pd.read_csv(run / "eval" / "predictions.csv", dtype={"id": str, "patient_id": str}, keep_default_na=False)
-        p = p[p.split == "test"].assign(fold=fold)
+        p = p[(p.split == "test") & ~p.source.map(lambda s: SOURCES[s].OFFICIAL_TEST)].assign(fold=fold)
         predictions.append(p)
         lo = pd.read_csv(run / "eval" / "localization.csv", dtype={"id": str})
         localization.append(lo.assign(fold=fold).merge(p[["id", "patient_id", "view"]], on="id", how="left"))
@@ -135,7 +139,8 @@ def pool(folder: Path, runs: Sequence[Path], n_boot: int, seed: int) -> dict:
     y, p = predictions.label.to_numpy(), predictions.prob.to_numpy(np.float64)
     g = predictions.patient_id.to_numpy(str)
     block = lambda yy, pp, gg: group_block(yy, pp, gg, None, n_boot, seed)  # noqa: E731
-    classification = {"split": f"test of each of {len(runs)} folds, pooled", **block(y, p, g),
+    pooled_sources = ", ".join(sorted(set(predictions.source)))
+    classification = {"split": f"test of each of {len(runs)} folds, pooled ({pooled_sources})", **block(y, p, g),
                       "bootstrap_resamples": n_boot, "bootstrap_unit": "patient",
                       "by_source": by_group(block, predictions.source.to_numpy(str), y, p, g),
                       "by_view": by_group(block, predictions.view.to_numpy(str), y, p, g)}
@@ -146,7 +151,10 @@ def pool(folder: Path, runs: Sequence[Path], n_boot: int, seed: int) -> dict:
         values[method] = {k: rows[columns[k]].astype(np.float64).tolist() for k in LOCALIZATION_METRICS}
         views, patients = rows.view.fillna("").tolist(), rows.patient_id.tolist()  # the same images for every method
     fold_metrics = [json.loads((run / "eval" / "metrics.json").read_text()) for run in runs]
+    sources = sorted(fold_metrics[0]["classification"]["by_source"])
     per_fold = {"auroc": _spread([m["classification"]["auroc"] for m in fold_metrics]),
+                "auroc_by_source": {s: _spread([m["classification"]["by_source"][s]["auroc"] for m in fold_metrics])
+                                    for s in sources},
                 "point_acc": {method: _spread([m["localization"][method]["point_acc"] for m in fold_metrics])
                               for method in values},
                 "energy_in_box": {method: _spread([m["localization"][method]["energy_in_box"] for m in fold_metrics])
@@ -169,9 +177,11 @@ def pooled_tables(metrics: dict[str, Any]) -> str:
     from pylon.tables import localization_table
 
     c = metrics["classification"]
-    lines = [f"pooled over {metrics['crossval']['folds']} folds: n={c['n']} ({c['n_pos']} positive), AUROC "
+    lines = [f"{c['split']}: n={c['n']} ({c['n_pos']} positive), AUROC "
              f"{c['auroc']:.3f} [{c['ci']['auroc'][0]:.3f}, {c['ci']['auroc'][1]:.3f}] (95% CI over patients); "
              f"per fold {_fmt_spread(metrics['per_fold']['auroc'])}"]
+    lines += [f"  {source} per fold: AUROC {_fmt_spread(spread)}"
+              for source, spread in metrics["per_fold"]["auroc_by_source"].items()]
     for view, b in c["by_view"].items():
         lines.append(f"  {view}: n={b['n']} AUROC {b['auroc']:.3f} [{b['ci']['auroc'][0]:.3f}, {b['ci']['auroc'][1]:.3f}]")
     if metrics["localization"]:
