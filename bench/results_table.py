@@ -2,7 +2,8 @@
 
     python bench/results_table.py RUN [RUN ...] [--eval-dir eval]
 
-Reads each RUN/<eval-dir>/metrics.json (evaluate.py --localization) and predictions.csv.
+Reads each RUN/<eval-dir>/metrics.json (evaluate.py --localization, or the pooled report of a
+tools/crossval.py folder) and predictions.csv.
 Localization: every method the run scored (its own maps, then the image-blind ``prior`` and
 ``center``), overall and per view, with 95% intervals. Classification: AUROC overall, per
 source and per RSNA view, and, on merged data, the AUROC that the source alone reaches
@@ -56,7 +57,7 @@ def classification_row(name: str, metrics: Mapping[str, Any], predictions: pd.Da
     groups = [c, c["by_source"].get("kaggle", {}), c["by_source"].get("rsna", {}),
               c["by_view"].get("AP", {}), c["by_view"].get("PA", {})]
     source_only = source_only_auroc(predictions, metrics["split"])
-    at_youden = c["threshold_youden"]
+    at_youden = c.get("threshold_youden", {})  # a cross-validation's pooled report has none
     return (f"| {name} | {c['n']} | " + " | ".join(fmt(g, "auroc") for g in groups)
             + f" | {'-' if source_only is None else f'{source_only:.3f}'}"
             + f" | {fmt(at_youden, 'sensitivity')} | {fmt(at_youden, 'specificity')} |")

@@ -159,7 +159,7 @@ def pool(folder: Path, runs: Sequence[Path], n_boot: int, seed: int) -> dict:
                               for method in values},
                 "energy_in_box": {method: _spread([m["localization"][method]["energy_in_box"] for m in fold_metrics])
                                   for method in values}}
-    metrics = jsonable({"crossval": {"folds": len(runs), "runs": [str(r) for r in runs]},
+    metrics = jsonable({"run": str(folder), "split": "test", "crossval": {"folds": len(runs), "runs": [str(r) for r in runs]},
                         "classification": classification,
                         "localization": localization_report(values, views, patients, n_boot, seed) if values else {},
                         "per_fold": per_fold})
