@@ -72,10 +72,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _write_json(path: Path, content: Any) -> None:
+    """``content`` as JSON at ``path``, written beside it and renamed: never read half-written."""
+    partial = path.with_name(f".{path.name}.tmp")
+    partial.write_text(json.dumps(content, indent=2) + "\n")
+    os.replace(partial, path)
+
+
 def _save(folder: Path, plan: dict) -> None:
-    partial = folder / f".{MANIFEST}.tmp"
-    partial.write_text(json.dumps(plan, indent=2) + "\n")
-    os.replace(partial, folder / MANIFEST)
+    _write_json(folder / MANIFEST, plan)
 
 
 def _script(name: str, *args: str) -> str:
@@ -167,9 +172,7 @@ def pool(folder: Path, runs: Sequence[Path], n_boot: int, seed: int) -> dict:
     out.mkdir(exist_ok=True)
     predictions.to_csv(out / "predictions.csv", index=False)
     localization.to_csv(out / "localization.csv", index=False)
-    partial = out / ".metrics.json.tmp"
-    partial.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(partial, out / "metrics.json")
+    _write_json(out / "metrics.json", metrics)
     return metrics
 
 
