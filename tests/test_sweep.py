@@ -1,18 +1,15 @@
-"""Sweeps: the shipped W&B sweep files drive train.py the way W&B's agent calls it, and
-tools/sweep.py runs the same files offline on the tiny generated data set (each trial a complete
-run folder, pruning through the engine's on_epoch hook, failed trials recorded, continuation,
-best.yaml); mistakes in a sweep file are one line, before anything trains."""
+"""Sweeps: tools/sweep.py runs the shipped Optuna sweep files on the tiny generated data set (each
+trial a complete run folder, pruning through the engine's on_epoch hook, failed trials recorded,
+continuation, best.yaml); mistakes in a sweep file are one line, before anything trains."""
 from __future__ import annotations
 
 import math
-import random
 from pathlib import Path
 
 import optuna
 import pandas as pd
 import pytest
 import yaml
-from omegaconf import OmegaConf
 
 from conftest import REPO_ROOT, load_script, tiny_overrides
 from pylon import engine
@@ -59,62 +56,18 @@ def config_train_py_would_train(monkeypatch, argv: list[str]):
 
 
 # ---------------------------------------------------------------------------------------------
-# The W&B side: the agent's command line for sampled parameters, through train.py
-
-
-def agent_command(sweep_config: dict, params: dict) -> list[str]:
-    """The command W&B's agent runs for ``params``: wandb's own helpers build the macro values
-    (create_sweep_command, create_sweep_command_args); the loop that splices them into
-    ``command`` is the one of wandb_agent.Agent._command_run, which is not a function of its own."""
-    from wandb.sdk.launch.sweeps.utils import create_sweep_command, create_sweep_command_args
-
-    command = create_sweep_command(list(sweep_config["command"]))
-    macros = create_sweep_command_args({"args": {k: {"value": v} for k, v in params.items()}})
-    macros.update(interpreter=["python"], program=[sweep_config["program"]], env=["/usr/bin/env"])
-    line: list[str] = []
-    for chunk in map(str, command):
-        line += (macros.get(chunk[2:-1]) or []) if chunk.startswith("${") and chunk.endswith("}") else [chunk]
-    return line
-
-
-def sample_like_wandb(parameters: dict, rng: random.Random) -> dict:
-    """A draw from each W&B distribution the shipped files use (W&B samples on its server)."""
-    drawn = {}
-    for key, spec in parameters.items():
-        kind = spec.get("distribution")
-        if "value" in spec:
-            drawn[key] = spec["value"]
-        elif "values" in spec:
-            drawn[key] = rng.choice(spec["values"])
-        elif kind == "log_uniform_values":
-            drawn[key] = math.exp(rng.uniform(math.log(spec["min"]), math.log(spec["max"])))
-        elif kind == "uniform":
-            drawn[key] = rng.uniform(spec["min"], spec["max"])
-        elif kind == "int_uniform":
-            drawn[key] = rng.randint(spec["min"], spec["max"])
-        else:
-            raise AssertionError(f"{key}: distribution {kind} not covered here")
-    return drawn
+# The shipped sweep files
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=[p.name for p in SHIPPED])
-def test_wandb_agent_command_of_shipped_sweeps_is_accepted_by_train_py(path, monkeypatch):
-    sweep_config = yaml.safe_load(path.read_text())
-    assert (REPO_ROOT / sweep_config["program"]).is_file()
-    rng = random.Random(0)
-    for _ in range(3):
-        params = sample_like_wandb(sweep_config["parameters"], rng)
-        line = agent_command(sweep_config, params)
-        assert line[:3] == ["/usr/bin/env", "python", "train.py"]
-        assert all(f"{key}={value}" in line for key, value in params.items())
-        cfg = config_train_py_would_train(monkeypatch, line[3:])
-        for key, value in params.items():
-            loaded = OmegaConf.select(cfg, key)
-            assert loaded == (pytest.approx(value, rel=1e-12) if isinstance(value, float) else value), key
-    # The offline runner reads the same file: same config, every key and range accepted.
-    space = sweep.read_space(str(path))
-    assert space.config == sweep_config["command"][sweep_config["command"].index("--config") + 1]
-    sweep.check_parameters(space, space.config, space.command_overrides)
+def test_shipped_sweeps_are_accepted_by_optuna_and_the_config_loader(path):
+    _, space = sweep.read_space(str(path))
+    assert (REPO_ROOT / "configs" / space.config).is_file()
+    params = sweep.distributions(path, space, space.config, space.set)  # every key at the ends of its range
+    assert set(params) == set(space.parameters) and "train.lr" in params
+    sampler_kwargs, pruner = sweep.search_policy(path, space, params, 8)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    assert isinstance(sweep.optuna_object(optuna.samplers, space.sampler, sampler_kwargs), optuna.samplers.TPESampler)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,18 +109,18 @@ def test_sweep_runs_complete_trial_folders_prunes_continues_and_writes_best(tiny
         "optuna_journal.log", "sweep.csv", "best.yaml"}
 
     table = pd.read_csv(sweep_dir / "sweep.csv")
-    assert list(table.columns) == ["number", "state", "train.lr", "train.weight_decay", "train.epochs",
+    assert list(table.columns) == ["number", "state", "train.lr", "train.weight_decay",
                                    "best_val_loss", "epochs", "run", "error"]
     assert table["state"].tolist() == ["COMPLETE", "PRUNED", "COMPLETE"]
-    assert table["epochs"].tolist() == [2, 1, 2]
-    assert (table["train.epochs"] == 2).all()  # --set wins over the file's fixed value (8)
-    study = optuna.load_study(study_name=sweep.STUDY, storage=optuna.storages.JournalStorage(
+    assert table["epochs"].tolist() == [2, 1, 2]  # --set wins over the file's set (train.epochs=8)
+    study = optuna.load_study(study_name="sweep", storage=optuna.storages.JournalStorage(
         optuna.storages.journal.JournalFileBackend(str(sweep_dir / "optuna_journal.log"))))
     for (_, row), trial in zip(table.iterrows(), study.trials):
         run = RunPaths(row["run"])
         assert run.root.parent == sweep_dir and run.best.is_file() and run.last.is_file()
         cfg = load_config(run.config)
         assert cfg.name == f"demo-trial{row['number']:03d}" and cfg.logging.runs_dir == str(sweep_dir)
+        assert cfg.logging.group == sweep_dir.name and cfg.train.epochs == 2  # one W&B group per sweep
         assert cfg.train.lr == pytest.approx(row["train.lr"], rel=1e-12)
         assert cfg.train.weight_decay == pytest.approx(row["train.weight_decay"], rel=1e-12)
         history = pd.read_csv(run.history)
@@ -186,6 +139,7 @@ def test_sweep_runs_complete_trial_folders_prunes_continues_and_writes_best(tiny
     best = to_dict(load_config(sweep_dir / "best.yaml"))
     expected = to_dict(load_config(Path(best_row["run"]) / "config.yaml"))
     expected["name"], expected["logging"]["runs_dir"] = "demo", str(runs)  # trains a normal run, not a trial
+    expected["logging"]["group"] = None
     assert best == expected
     out = capsys.readouterr().out
     assert "trial 1 PRUNED: val_loss" in out and "after 1 epoch (train.lr=" in out
@@ -214,9 +168,8 @@ def test_sweep_runs_complete_trial_folders_prunes_continues_and_writes_best(tiny
 def test_a_diverging_trial_is_recorded_failed_and_the_sweep_goes_on(tiny_data, tmp_path, capsys):
     space = tmp_path / "grid.yaml"
     space.write_text(yaml.safe_dump({
-        "program": "train.py", "method": "grid", "metric": {"name": "val_auroc", "goal": "maximize"},
-        "parameters": {"train.lr": {"values": [1.0e-3, 1.0e13]}},
-        "command": ["${env}", "${interpreter}", "${program}", "--config", "demo.yaml", "--set", "${args_no_hyphens}"]}))
+        "config": "demo.yaml", "metric": "val_auroc", "sampler": "GridSampler",
+        "parameters": {"train.lr": {"type": "categorical", "choices": [1.0e-3, 1.0e13]}}}))
     runs = tmp_path / "runs"
     assert sweep.main(["--space", str(space), "--trials", "5", *sweep_args(tiny_data, runs, "train.epochs=1")]) == 0
     table = pd.read_csv(only_sweep(runs) / "sweep.csv").set_index("train.lr")
@@ -245,64 +198,60 @@ def write_space(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def test_wandb_distributions_become_optuna_suggestions(tmp_path):
-    path = write_space(tmp_path, method="random", early_terminate={"type": "hyperband", "min_iter": 1, "eta": 2},
+def test_the_file_names_optuna_distributions_samplers_and_pruners(tmp_path):
+    path = write_space(tmp_path, sampler="RandomSampler", pruner_kwargs={"min_resource": 1, "reduction_factor": 2},
                        parameters={
-                           "train.lr": {"distribution": "log_uniform_values", "min": 1.0e-5, "max": 1.0e-2},
-                           "train.grad_clip": {"distribution": "uniform", "min": 0.5, "max": 2.0},
-                           "data.augment.hflip": {"distribution": "q_uniform", "min": 0.0, "max": 1.0, "q": 0.25},
-                           "train.plateau_patience": {"min": 0, "max": 3},  # ints: W&B's int_uniform
-                           "train.optimizer": {"values": ["adam", "adamw"]},
-                           "train.seed": {"distribution": "constant", "value": 3}})
-    space = sweep.read_space(str(path))
+                           "train.lr": {"type": "float", "low": 1.0e-5, "high": 1.0e-2, "log": True},
+                           "train.grad_clip": {"type": "float", "low": 0.5, "high": 2.0},
+                           "data.augment.hflip": {"type": "float", "low": 0.0, "high": 1.0, "step": 0.25},
+                           "train.plateau_patience": {"type": "int", "low": 0, "high": 3},
+                           "train.optimizer": {"type": "categorical", "choices": ["adam", "adamw"]}})
+    _, space = sweep.read_space(str(path))
+    params = sweep.distributions(path, space, space.config, space.set)
     trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
-    values = {key: p.suggest(trial) for key, p in space.parameters.items()}
-    dists = trial.distributions
-    assert dists["train.lr"] == optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True)
-    assert dists["train.grad_clip"] == optuna.distributions.FloatDistribution(0.5, 2.0)
-    assert dists["data.augment.hflip"] == optuna.distributions.FloatDistribution(0.0, 1.0, step=0.25)
-    assert dists["train.plateau_patience"] == optuna.distributions.IntDistribution(0, 3)
-    assert dists["train.optimizer"] == optuna.distributions.CategoricalDistribution(["adam", "adamw"])
-    assert "train.seed" not in dists and values["train.seed"] == 3
-    sweep.check_parameters(space, space.config, space.command_overrides)
+    values = {key: sweep.suggest(trial, key, dist) for key, dist in params.items()}
+    assert trial.distributions == params == {
+        "train.lr": optuna.distributions.FloatDistribution(1e-5, 1e-2, log=True),
+        "train.grad_clip": optuna.distributions.FloatDistribution(0.5, 2.0),
+        "data.augment.hflip": optuna.distributions.FloatDistribution(0.0, 1.0, step=0.25),
+        "train.plateau_patience": optuna.distributions.IntDistribution(0, 3),
+        "train.optimizer": optuna.distributions.CategoricalDistribution(["adam", "adamw"])}
+    assert isinstance(values["train.plateau_patience"], int) and values["train.optimizer"] in ("adam", "adamw")
 
-    base = load_config("demo.yaml", ["train.epochs=9"])
-    assert isinstance(sweep.make_sampler(space, 0), optuna.samplers.RandomSampler)
-    pruner = sweep.make_pruner(space, base)
-    assert isinstance(pruner, optuna.pruners.HyperbandPruner)
+    sampler_kwargs, pruner = sweep.search_policy(path, space, params, epochs=9)
+    assert isinstance(sweep.optuna_object(optuna.samplers, space.sampler, sampler_kwargs), optuna.samplers.RandomSampler)
+    assert isinstance(pruner, optuna.pruners.HyperbandPruner)  # over epochs, up to train.epochs by default
     assert (pruner._min_resource, pruner._max_resource, pruner._reduction_factor) == (1, 9, 2)
-    space.method, space.hyperband = "bayes", None
-    assert isinstance(sweep.make_sampler(space, 0), optuna.samplers.TPESampler)
-    assert isinstance(sweep.make_pruner(space, base), optuna.pruners.MedianPruner)
-    grid = sweep.read_space(str(write_space(tmp_path, method="grid", parameters={
-        "train.optimizer": {"values": ["adam", "adamw"]}, "train.seed": {"value": 1}})))
-    assert isinstance(sweep.make_sampler(grid, 0), optuna.samplers.GridSampler)
+    space.pruner, space.pruner_kwargs = "MedianPruner", {}
+    assert isinstance(sweep.search_policy(path, space, params, epochs=9)[1], optuna.pruners.MedianPruner)
+    space.sampler, grid = "GridSampler", {"train.optimizer": params["train.optimizer"]}
+    assert sweep.search_policy(path, space, grid, epochs=9)[0] == {"search_space": {"train.optimizer": ["adam", "adamw"]}}
 
 
 def test_ranges_are_checked_with_what_every_trial_sets_besides(tmp_path):
-    space = sweep.read_space(str(write_space(tmp_path, parameters={
-        "train.lr": {"distribution": "log_uniform_values", "min": 1.0e-6, "max": 1.0e-2}})))
-    sweep.check_parameters(space, space.config, [*space.command_overrides, "train.min_lr=1.0e-7"])  # --set allows it
+    path = write_space(tmp_path, parameters={"train.lr": {"type": "float", "low": 1.0e-6, "high": 1.0e-2, "log": True}})
+    _, space = sweep.read_space(str(path))
+    sweep.distributions(path, space, space.config, [*space.set, "train.min_lr=1.0e-7"])  # --set allows it
+
+
+LR_TOO_LOW = {"train.lr": {"type": "float", "low": 1.0e-6, "high": 1.0e-2, "log": True}}
 
 
 @pytest.mark.parametrize("changes, args, message", [
-    ({"parameters": {"train.lrr": {"values": [0.1]}}}, [], "space.yaml: unknown key 'train.lrr'"),
-    ({"metric": {"name": "test_auroc", "goal": "maximize"}}, [], "metric 'test_auroc' is not a validation metric"),
-    ({"metric": {"name": "train_loss", "goal": "minimize"}}, [], "a sweep never selects on the test split"),
-    ({"metric": {"name": "val_loss", "goal": "maximize"}}, [], "metric val_loss needs goal: minimize"),
-    ({"parameters": {"train.lr": {"distribution": "normal", "mu": 0, "sigma": 1}}}, [],
-     "unsupported distribution 'normal'"),
-    ({"parameters": {"train.lr": {"distribution": "log_uniform_values", "min": "1e-4", "max": 1.0}}}, [], "write 1.0e-4"),
-    ({"parameters": {"train.grad_clip": {"values": [None, 1.0]}}}, [], "values must be numbers, text or booleans"),
-    ({"parameters": {"train": {"parameters": {"lr": {"value": 0.1}}}}}, [], "nested parameters are not supported"),
-    ({"parameters": {"train.optimizer": {"values": ["adam", "sgd"]}}}, [], "bad value for 'train.optimizer'"),
-    ({"early_terminate": {"type": "hyperband", "max_iter": 27, "s": 2}}, [],
-     "unsupported early_terminate keys: max_iter, s"),
-    ({"controller": {"type": "local"}}, [], "unsupported sweep keys: controller"),
-    ({"command": ["${env}", "${interpreter}", "${program}", "--config", "demo.yaml", "${args_no_hyphens}"]}, [],
-     "command must run train.py with the parameters as --set values"),
-    ({"parameters": {"train.lr": {"distribution": "log_uniform_values", "min": 1.0e-6, "max": 1.0e-2}}}, [],
-     "train.lr=1e-06 is below train.min_lr=1e-05"),
+    ({"parameters": {"train.lrr": {"type": "categorical", "choices": [0.1]}}}, [], "space.yaml: unknown key 'train.lrr'"),
+    ({"metric": "test_auroc"}, [], "metric 'test_auroc' is not a validation column"),
+    ({"metric": "train_loss"}, [], "a sweep never selects on the test split"),
+    ({"parameters": {"train.lr": {"type": "normal", "mu": 0, "sigma": 1}}}, [], "Unknown distribution type: normal"),
+    ({"parameters": {"train.lr": {"type": "float", "low": "1e-4", "high": 1.0, "log": True}}}, [], "write 1.0e-4"),
+    ({"parameters": {"train.lr": {"type": "float", "low": 1.0e-2, "high": 1.0e-4}}}, [], "`low <= high` must hold"),
+    ({"parameters": {"train.optimizer": {"type": "categorical", "choices": ["adam", "sgd"]}}}, [],
+     "bad value for 'train.optimizer'"),
+    ({"pruner_kwargs": {"min_resource": 2, "max_iter": 27}}, [], "unexpected keyword argument 'max_iter'"),
+    ({"sampler": "BayesSampler"}, [], "module 'optuna.samplers' has no attribute 'BayesSampler'"),
+    ({"sampler": "GridSampler"}, [], "a GridSampler needs every parameter categorical"),
+    ({"controller": {"type": "local"}}, [], "space.yaml: Key 'controller' not in 'Space'"),
+    ({"config": None}, [], "missing mandatory value: config"),
+    ({"parameters": LR_TOO_LOW}, [], "train.lr=1e-06 is below train.min_lr=1e-05"),
     ({}, ["--set", "train.lr=0.1"], "--set train.lr is swept by"),
     ({}, ["--trials", "0"], "--trials must be at least 1, got 0"),
     ({}, ["--space", "no_such_sweep"], "sweep file not found: no_such_sweep (configs/sweeps/ has: demo.yaml"),
