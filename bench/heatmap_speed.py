@@ -1,64 +1,31 @@
 """Heatmap throughput: PYLON's forward pass vs Grad-CAM on the ResNet-50 baseline.
 
-All maps come from ``pylon.heatmaps.heatmaps`` (what evaluation runs), on the same batch
-(--batch x 1 x --size x --size, random weights) and the same CPU threads:
+All maps come from ``pylon.heatmaps.heatmaps`` (what evaluation runs) on the same batch, from models
+built from pylon_r50.yaml with random weights, on the same CPU threads:
 
   pylon      PYLON-R50: one forward pass, sigmoid of the decoder's map (64x64 at 256 px)
-  gradcam    ResNet-50 baseline + pytorch-grad-cam GradCAM: forward + full backward
-             (native map 8x8 at 256 px; the library upsamples it to the input size)
-  cam        the same baseline's CAM: one forward pass. Any Grad-CAM needs at least this,
-             so it bounds from below what a Grad-CAM that stopped its backward pass at the
-             target layer could cost.
+  gradcam    ResNet-50 baseline + pytorch-grad-cam GradCAM: forward + full backward (native map 8x8
+             at 256 px, upsampled by the library to the input size)
+  cam        the same baseline's CAM: one forward pass, the least any Grad-CAM costs
   gradcam++  (with --plusplus) pytorch-grad-cam GradCAMPlusPlus
 
-Also timed: scoring --score-maps PYLON-sized maps (64x64 at 256 px, one to three boxes each)
-with ``pylon.metrics.point_accuracy``, the localization metric of evaluate.py (target: 6,000
-maps in under 10 s on a CPU).
+Also timed: scoring --score-maps PYLON-sized maps (one to three boxes each) with
+``pylon.metrics.point_accuracy``, evaluate.py's localization metric (target: 6,000 in under 10 s).
+Prints median maps/s per method and PYLON's over Grad-CAM's; the last line is one JSON object.
 
-After --warmup rounds, each of --repeats rounds times every method once, in an order that
-rotates from round to round so drifting machine load hits all alike. The headline
-figures are medians; the fastest round of each method is shown too (on a machine shared
-with other work the minimum is the steadier estimate of the undisturbed cost). Prints
-maps/s per method and PYLON's throughput over Grad-CAM's; the last line is one JSON object.
-
-    python bench/heatmap_speed.py --threads 2 --repeats 5
+    python bench/heatmap_speed.py --threads 2 --rounds 5
 """
 from __future__ import annotations
 
-import argparse
 import json
-import platform
-import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from pylon.heatmaps import heatmaps  # noqa: E402
-from pylon.metrics import point_accuracy  # noqa: E402
-from pylon.models import BaselineConfig, PylonConfig  # noqa: E402
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
-    parser.add_argument("--size", type=int, default=256, help="input height = width (default 256)")
-    parser.add_argument("--plusplus", action="store_true", help="also time Grad-CAM++")
-    parser.add_argument("--score-maps", type=int, default=6000, help="maps scored by point_accuracy (default 6000)")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    if args.threads < 1 or args.repeats < 1 or args.warmup < 0 or args.batch < 1:
-        parser.error("--threads, --repeats and --batch must be >= 1, --warmup >= 0")
-    if args.size % 32 or args.size < 64:
-        parser.error("--size must be a multiple of 32, at least 64")
-    return args
+from common import interleaved, medians, model_config, parser, timed
+from pylon.heatmaps import heatmaps
+from pylon.metrics import point_accuracy
+from pylon.models import build_model
 
 
 def time_point_accuracy(n: int, size: int, seed: int) -> float:
@@ -74,75 +41,41 @@ def time_point_accuracy(n: int, size: int, seed: int) -> float:
 
 
 def main() -> None:
-    args = parse_args()
+    ap = parser(__doc__)
+    ap.add_argument("--batch", type=int, default=8, help="images per batch (default 8)")
+    ap.add_argument("--size", type=int, default=256, help="input height = width, a multiple of 32 (default 256)")
+    ap.add_argument("--plusplus", action="store_true", help="also time Grad-CAM++")
+    ap.add_argument("--score-maps", type=int, default=6000, help="maps scored by point_accuracy (default 6000)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    pylon = PylonConfig(n_in=1, n_out=1, backbone="resnet50", weights=None).make_model().eval()
-    baseline = BaselineConfig(n_in=1, n_out=1, backbone="resnet50", weights=None).make_model().eval()
+    pylon = build_model(model_config("cpu").model).eval()
+    baseline = build_model(model_config("cpu", "model.arch=baseline").model).eval()
     x = torch.randn(args.batch, 1, args.size, args.size, generator=torch.Generator().manual_seed(args.seed))
-
-    jobs = {"pylon": (pylon, "pylon"), "gradcam": (baseline, "gradcam"), "cam": (baseline, "cam")}
-    if args.plusplus:
-        jobs["gradcam++"] = (baseline, "gradcam++")
-    names = list(jobs)
-
-    with torch.no_grad():
-        native = {
-            "pylon": tuple(pylon(x[:1]).heatmap.shape[-2:]),
-            "gradcam": tuple(baseline(x[:1]).heatmap.shape[-2:]),  # target layer = CAM grid
-        }
-    returned = {}
-    times = {name: [] for name in names}
-    for round_ in range(args.warmup + args.repeats):
-        shift = round_ % len(names)
-        for name in names[shift:] + names[:shift]:
-            model, method = jobs[name]
-            start = time.perf_counter()
-            maps = heatmaps(model, x, method)
-            elapsed = time.perf_counter() - start
-            returned[name] = tuple(maps.shape[-2:])
-            if round_ >= args.warmup:
-                times[name].append(elapsed)
-
-    median = {name: statistics.median(times[name]) for name in names}
-    maps_per_s = {name: args.batch / median[name] for name in names}
+    methods = {"pylon": pylon, "gradcam": baseline, "cam": baseline, **({"gradcam++": baseline} if args.plusplus else {})}
+    jobs = {method: timed(lambda m=model, k=method: heatmaps(m, x, k), x.device) for method, model in methods.items()}
+    with torch.no_grad():  # the maps each model computes itself; Grad-CAM's come from the CAM grid
+        pixels = {name: model(x[:1]).heatmap[0, 0].numel() for name, model in (("pylon", pylon), ("gradcam", baseline))}
+    seconds = medians(interleaved(jobs, args.rounds, args.warmup))
+    maps_per_s = {method: args.batch / s for method, s in seconds.items()}
     ratio = maps_per_s["pylon"] / maps_per_s["gradcam"]
-    fastest = {name: min(times[name]) for name in names}
-    ratio_fastest = fastest["gradcam"] / fastest["pylon"]
-
-    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {args.threads} thread(s), "
-          f"batch {args.batch}x1x{args.size}x{args.size}, weights None, "
-          f"{args.warmup} warm-up + {args.repeats} interleaved rounds, medians")
-    for name in names:
-        spread = f"{min(times[name]):.3f}-{max(times[name]):.3f}"
-        print(f"  {name:10s} {median[name]:7.3f} s/batch ({spread})  {maps_per_s[name]:7.2f} maps/s  "
-              f"returned {returned[name][0]}x{returned[name][1]}")
-    (ph, pw), (gh, gw) = native["pylon"], native["gradcam"]
-    print(f"native map: PYLON {ph}x{pw} = {ph * pw} px, Grad-CAM {gh}x{gw} = {gh * gw} px "
-          f"({ph * pw / (gh * gw):.0f}x more)")
-    print(f"PYLON / Grad-CAM throughput: {ratio:.2f}x on medians, {ratio_fastest:.2f}x on fastest rounds "
-          f"(target >= 2x: {'met' if ratio >= 2 else 'NOT met'})")
-    print(f"PYLON / CAM (one baseline forward) throughput: {maps_per_s['pylon'] / maps_per_s['cam']:.2f}x")
+    print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}x1x{args.size}x{args.size}, "
+          f"random weights, median of {args.rounds} interleaved rounds")
+    for method, s in seconds.items():
+        print(f"  {method:10s} {s:7.3f} s/batch  {maps_per_s[method]:7.2f} maps/s")
+    print(f"native map: PYLON {pixels['pylon']} px, Grad-CAM {pixels['gradcam']} px "
+          f"({pixels['pylon'] / pixels['gradcam']:.0f}x more)")
+    print(f"PYLON / Grad-CAM throughput: {ratio:.2f}x (target >= 2x: {'met' if ratio >= 2 else 'NOT met'}); "
+          f"PYLON / CAM: {maps_per_s['pylon'] / maps_per_s['cam']:.2f}x")
     score_s = time_point_accuracy(args.score_maps, args.size, args.seed)
     print(f"point_accuracy: {args.score_maps} maps of {args.size // 4}x{args.size // 4} scored in {score_s:.2f} s "
-          f"(target for 6,000: < 10 s)")
-    print(json.dumps({
-        "bench": "heatmap_speed",
-        "threads": args.threads,
-        "batch": args.batch,
-        "size": args.size,
-        "repeats": args.repeats,
-        "seconds_per_batch": {k: round(v, 4) for k, v in median.items()},
-        "maps_per_s": {k: round(v, 3) for k, v in maps_per_s.items()},
-        "fastest_seconds_per_batch": {k: round(v, 4) for k, v in fastest.items()},
-        "pylon_over_gradcam": round(ratio, 3),
-        "pylon_over_gradcam_fastest": round(ratio_fastest, 3),
-        "pylon_over_cam": round(maps_per_s["pylon"] / maps_per_s["cam"], 3),
-        "native_pixels": {"pylon": ph * pw, "gradcam": gh * gw},
-        "target_met": ratio >= 2.0,
-        "point_accuracy_maps": args.score_maps,
-        "point_accuracy_seconds": round(score_s, 3),
-    }))
+          "(target for 6,000: < 10 s)")
+    print(json.dumps({"bench": "heatmap_speed", "threads": args.threads, "batch": args.batch, "size": args.size,
+                      "rounds": args.rounds, "seconds_per_batch": {k: round(v, 4) for k, v in seconds.items()},
+                      "maps_per_s": {k: round(v, 3) for k, v in maps_per_s.items()},
+                      "pylon_over_gradcam": round(ratio, 3), "native_pixels": pixels, "target_met": ratio >= 2.0,
+                      "point_accuracy_maps": args.score_maps, "point_accuracy_seconds": round(score_s, 3)}))
 
 
 if __name__ == "__main__":
