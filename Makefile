@@ -32,7 +32,6 @@ bench: $(INSTALLED)
 	$(PY) bench/model_speed.py
 	$(PY) bench/loader_speed.py
 	$(PY) bench/heatmap_speed.py
-	$(PY) bench/train_speed.py
 
 clean:
 	rm -rf $(VENV) runs datasets/demo datasets/cache

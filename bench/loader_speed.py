@@ -1,379 +1,135 @@
-"""Training-loader speed: the memory-mapped cache vs decoding original files vs the model.
+"""The training loader against the step it feeds: the cache vs decoding the files, a loader-fed vs a bare step.
 
-Three loaders feed the same training augmentation through a DataLoader with --workers:
-  cached         rows of the uint8 cache (pylon.data.cache + CxrDataset)
-  decode_kaggle  read_image + resize of the Kaggle files, then the same augmentation
-  decode_kaggle_fullsize  the same for generated 1300x1700 JPEGs (the real samples are
-                 224x224 re-saves, far cheaper to decode than the originals)
-  decode_rsna    the same for the RSNA DICOMs (1024x1024, JPEG-compressed)
-and a PYLON-R50 training step (bench/model_speed.py's step, CPU, --threads) gives the rate
-the loader has to keep up with. Rounds interleave all four so load drifts hit them alike.
-Per-core rates (one process, no DataLoader) and a breakdown of where an item's time goes
-are measured too.
+Data, model, step and loader are train.py's own: a config (default demo.yaml as PYLON-R50 at 256 px,
+batch 8; its data comes from `make demo`), set up by pylon.engine.setup, batches from
+pylon.data.pipeline.split_loader, steps by pylon.engine.train_step. Timed in interleaved rounds:
 
-    python bench/loader_speed.py --workers 2 --image-size 256
+  cached       the training loader (memory-mapped cache, augmentation, data.num_workers workers), no model
+  decode_<s>   the same loader reading source <s>'s original files (read_image + resize, what every epoch
+               would cost without the cache)
+  in_process   the cached loader without workers: the CPU work the workers take from training, per core
+  bare_step    train_step on one batch already on the device: the model's own rate
+  loader_step  train_step on the cached loader's batches; loader overhead = loader_step / bare_step - 1
 
-Data: --kaggle-root / --rsna-root, else the real samples in ../shared/realdata when present
-(override with PYLON_REALDATA), else generated files. The last line is one JSON object.
+Each loader job starts a fresh epoch and times --steps batches once the workers have started (their
+start-up is reported apart, as a real epoch pays it once). The last line is one JSON object.
+
+    python bench/loader_speed.py --steps 4 [--config NAME] [--set data.num_workers=2 train.amp=false ...]
 """
 from __future__ import annotations
 
-import argparse
+import itertools
 import json
-import os
-import shutil
-import statistics
-import sys
-import tempfile
 import time
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Iterator
 
-import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, RandomSampler
+from omegaconf import OmegaConf
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+from common import interleaved, medians, parser, timed
+from pylon.config import load_config
+from pylon.data.cache import ImageCache, resize_image
+from pylon.data.pipeline import PreparedData, split_loader
+from pylon.data.readers import read_image
+from pylon.device import choose_precision, resolve_device
+from pylon.distributed import Dist
+from pylon.engine import setup, start_epoch, train_step
 
-from pylon.config import AugmentConfig, DataConfig  # noqa: E402
-from pylon.data.cache import ImageCache, build_cache, resize_image  # noqa: E402
-from pylon.data.dataset import CxrDataset, collate, reseed, seed_worker  # noqa: E402
-from pylon.data.dataset import train_transform as _train_transform  # noqa: E402
-from pylon.data.readers import read_image  # noqa: E402
-from pylon.data.records import Box, Record  # noqa: E402
-
-
-def train_transform(image_size: int):
-    """The default training augmentation with the reference normalisation."""
-    return _train_transform(image_size, AugmentConfig(), mean=DataConfig.mean, std=DataConfig.std)
+TARGET_OVERHEAD_PCT = 10.0
+DEFAULTS = ["model.backbone=resnet50", "data.image_size=256", "train.batch_size=8"]
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--kaggle-root", type=Path, help="folder holding chest_xray/{train,test}/...")
-    parser.add_argument("--rsna-root", type=Path, help="folder holding stage_2_train_labels.csv and images")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--resize", default="stretch", choices=("stretch", "letterbox"))
-    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers (and cache-build processes)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--n-kaggle", type=int, default=1024, help="Kaggle images to use (random subset)")
-    parser.add_argument("--n-fullsize", type=int, default=16,
-                        help="generated 1300x1700 JPEGs for a full-size Kaggle decode rate (0: skip)")
-    parser.add_argument("--batches", type=int, default=12, help="timed batches per loader per round")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2, help="torch threads for the model step")
-    parser.add_argument("--model-batch", type=int, default=8)
-    parser.add_argument("--no-model", action="store_true", help="skip the PYLON-R50 train step")
-    parser.add_argument("--cache-dir", type=Path, help="default: a fresh temporary folder (so the build is timed)")
-    return parser.parse_args()
+class FileImages(ImageCache):
+    """A built cache's rows decoded from their original files at every read, as without a cache."""
+
+    def __init__(self, cache: ImageCache, resize: str):
+        super().__init__(cache.path, cache.records, cache.geometry, cache.image_size, cache.unreadable)
+        self.resize = resize
+
+    def image(self, i: int) -> np.ndarray:
+        return resize_image(read_image(self.records[i].path), self.image_size, self.resize)[0]
 
 
-# ---------------------------------------------------------------- data
+def loaders(cfg, data: PreparedData, n_items: int) -> dict[str, torch.utils.data.DataLoader]:
+    """The training loader over the cache and over each source's files, and the cached one without workers;
+    each epoch holds ``n_items`` (the training rows repeated), drawn uniformly."""
+    plain = OmegaConf.merge(cfg.data, {"source_shares": {}, "balanced_sampler": False})
+    rows = data.rows["train"]
+    sources = np.array([data.cache.records[r].source for r in rows])
+    kinds = {"cached": (data.cache, rows, plain), "in_process": (data.cache, rows, OmegaConf.merge(plain, {"num_workers": 0}))}
+    for source in sorted(set(sources)):
+        kinds[f"decode_{source}"] = (FileImages(data.cache, cfg.data.resize), rows[sources == source], plain)
+    return {name: split_loader(PreparedData(cache, {"train": np.resize(r, n_items)}, data.mean, data.std), "train",
+                               data_cfg, cfg.train.batch_size, train=True, seed=cfg.train.seed)
+            for name, (cache, r, data_cfg) in kinds.items()}
 
 
-def realdata_root() -> Path:
-    override = os.environ.get("PYLON_REALDATA")
-    return Path(override) if override else ROOT.parent / "shared" / "realdata"
-
-
-def _texture(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
-    coarse = rng.integers(30, 220, size=(h // 32 + 1, w // 32 + 1)).astype(np.uint8)
-    image = cv2.resize(coarse, (w, h), interpolation=cv2.INTER_CUBIC)
-    return cv2.add(image, rng.integers(0, 12, size=(h, w), dtype=np.uint8))
-
-
-def fullsize_kaggle_files(folder: Path, n: int) -> list[Record]:
-    """JPEGs of 1300x1700 pixels, standing in for the full-size Kaggle originals (the real
-    samples were re-saved at 224x224, which makes decoding them unrealistically cheap)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(0)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(n):
-        path = folder / f"kaggle_{i}.jpeg"
-        Image.fromarray(_texture(rng, 1300, 1700)).save(path, quality=90)
-        records.append(Record(f"k{i}", f"kp{i}", "kaggle", str(path), i % 2))
-    return records
-
-
-def generated_rsna_files(folder: Path, n: int) -> list[Record]:
-    """1024x1024 JPEG-baseline DICOMs like the RSNA challenge files."""
-    from pylon.demo import write_dicom
-
-    rng = np.random.default_rng(1)
-    folder.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(n):
-        path = folder / f"rsna_{i}.dcm"
-        write_dicom(path, _texture(rng, 1024, 1024), {"PatientID": f"rp{i}"})
-        boxes = (Box(300.0, 300.0, 200.0, 250.0),) if i % 3 == 0 else ()
-        records.append(Record(f"r{i}", f"rp{i}", "rsna", str(path), int(bool(boxes)), boxes))
-    return records
-
-
-def load_records(args: argparse.Namespace, scratch: Path) -> tuple[list[Record], list[Record], str]:
-    from pylon.data.sources import kaggle as kaggle_source, rsna as rsna_source
-
-    real = realdata_root()
-    kaggle_root = args.kaggle_root or (real / "kermany_224" if (real / "kermany_224").is_dir() else None)
-    rsna_root = args.rsna_root or (real / "rsna_sample" if (real / "rsna_sample").is_dir() else None)
-    if kaggle_root is None and rsna_root is None:
-        kaggle = fullsize_kaggle_files(scratch / "generated", min(args.n_kaggle, 64))
-        rsna = generated_rsna_files(scratch / "generated", 16)
-        return kaggle, rsna, "generated (1300x1700 JPEG, 1024x1024 JPEG DICOM)"
-    kaggle = kaggle_source.index(kaggle_root) if kaggle_root else []
-    rsna = rsna_source.index(rsna_root) if rsna_root else []
-    if len(kaggle) > args.n_kaggle:
-        pick = np.random.default_rng(0).choice(len(kaggle), size=args.n_kaggle, replace=False)
-        kaggle = [kaggle[i] for i in sorted(pick)]
-    return kaggle, rsna, f"kaggle={kaggle_root} rsna={rsna_root}"
-
-
-class DecodeDataset(Dataset):
-    """What training would cost without a cache: decode + resize every item, every epoch."""
-
-    def __init__(self, records: list[Record], image_size: int, resize: str, transform):
-        self.records, self.image_size, self.resize, self.transform = records, image_size, resize, transform
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    def __getitem__(self, index: int) -> dict:
-        record = self.records[index]
-        image, geometry = resize_image(read_image(record.path), self.image_size, self.resize)  # type: ignore[arg-type]
-        boxes = geometry.boxes_to_cache(record.scored_boxes).astype(np.float32)
-        out = self.transform(image=image, bboxes=boxes)
-        return {"image": out["image"], "label": torch.tensor([float(record.label)]),
-                "boxes": torch.from_numpy(np.asarray(out["bboxes"], np.float32).reshape(-1, 4)),
-                "row": index, "id": record.id, "source": record.source}
-
-
-# ---------------------------------------------------------------- timing
-
-
-def loader_rate(dataset: Dataset, args: argparse.Namespace, seed: int) -> float:
-    """Images/s of a fresh DataLoader, timed after its prefetch queue has filled once."""
-    loader = DataLoader(
-        dataset,
-        batch_size=args.batch_size,
-        sampler=RandomSampler(dataset, replacement=True, num_samples=10**9,
-                              generator=torch.Generator().manual_seed(seed)),
-        num_workers=args.workers,
-        collate_fn=collate,
-        worker_init_fn=seed_worker,
-        generator=torch.Generator().manual_seed(seed),
-    )
-    batches = iter(loader)
-    warmup = max(1, args.workers * 2)  # worker start-up plus the default prefetch depth
-    for _ in range(warmup):
-        next(batches)
+def epoch_of(loader, cfg, epoch: int, started: list[float]) -> Iterator[dict]:
+    """A fresh epoch of ``loader``; the wait for its first batch (worker start-up) goes to ``started``."""
+    start_epoch(loader, cfg.train, epoch)
     start = time.perf_counter()
-    n = sum(next(batches)["image"].shape[0] for _ in range(args.batches))
-    elapsed = time.perf_counter() - start
-    del batches
-    return n / elapsed
-
-
-def per_core_rates(datasets: dict[str, Dataset], rounds: int = 5, seconds: float = 0.4) -> dict[str, float]:
-    """Items/s of one process calling dataset[i] (no DataLoader, one OpenCV/torch thread),
-    in short bursts that alternate between the datasets."""
-    rng = np.random.default_rng(0)
-    counts = {name: 0 for name in datasets}
-    spent = {name: 0.0 for name in datasets}
-    for _ in range(rounds):
-        for name, dataset in datasets.items():
-            start = time.perf_counter()
-            while time.perf_counter() - start < seconds:
-                dataset[int(rng.integers(len(dataset)))]
-                counts[name] += 1
-            spent[name] += time.perf_counter() - start
-    return {name: counts[name] / spent[name] for name in datasets}
-
-
-def stage_breakdown(cache: ImageCache, records: list[Record], transform, args, repeats: int = 200) -> dict:
-    """Mean microseconds per item for each stage of the cached and the decoding paths."""
-    rng = np.random.default_rng(1)
-    rows = rng.integers(len(cache), size=repeats)
-    stats: dict[str, list[float]] = {k: [] for k in ("cache_read", "augment", "to_item", "collate_per_item")}
-    items = []
-    dataset = CxrDataset(cache, np.arange(len(cache)), transform)
-    for row in rows:
-        t0 = time.perf_counter()
-        image = cache.image(int(row))
-        t1 = time.perf_counter()
-        transform(image=image, bboxes=cache.boxes_in_cache_frame(int(row)))
-        t2 = time.perf_counter()
-        items.append(dataset[int(row)])
-        t3 = time.perf_counter()
-        stats["cache_read"].append(t1 - t0)
-        stats["augment"].append(t2 - t1)
-        stats["to_item"].append(t3 - t2)
-    for start in range(0, len(items), args.batch_size):
-        chunk = items[start : start + args.batch_size]
-        t0 = time.perf_counter()
-        collate(chunk)
-        stats["collate_per_item"].append((time.perf_counter() - t0) / len(chunk))
-    decode: dict[str, list[float]] = {}
-    for source in ("kaggle", "rsna"):
-        subset = [r for r in records if r.source == source][:20]
-        for record in subset:
-            t0 = time.perf_counter()
-            image = read_image(record.path)
-            t1 = time.perf_counter()
-            resize_image(image, args.image_size, args.resize)
-            t2 = time.perf_counter()
-            decode.setdefault(f"read_{source}", []).append(t1 - t0)
-            decode.setdefault(f"resize_{source}", []).append(t2 - t1)
-    stats.update(decode)
-    # each augmentation step alone, forced on (p=1), on cached rows without boxes
-    import albumentations as A
-
-    images = [cache.image(int(r)) for r in rows[:50]]
-    for step in transform.transforms:
-        forced = A.Compose([type(step)(**{**step.get_transform_init_args(), "p": 1.0})])
-        start = time.perf_counter()
-        for image in images:
-            forced(image=image if not isinstance(step, A.ToTensorV2) else image.astype(np.float32))
-        stats[f"step_{type(step).__name__}"] = [(time.perf_counter() - start) / len(images)]
-    one_box = np.array([[40.0, 40.0, 60.0, 80.0]], np.float32)
-    for label, boxes in (("augment_no_box", np.zeros((0, 4), np.float32)), ("augment_one_box", one_box)):
-        start = time.perf_counter()
-        for image in images:
-            transform(image=image, bboxes=boxes)
-        stats[label] = [(time.perf_counter() - start) / len(images)]
-    out = {k: round(statistics.fmean(v) * 1e6, 1) for k, v in stats.items() if v}
-    out["note"] = ("to_item = the whole CxrDataset.__getitem__ (read + augment + tensors); "
-                   "step_* = one augmentation step forced on (the recipe applies most with p=0.5)")
-    return out
-
-
-def model_step_fn(args: argparse.Namespace) -> Optional[tuple[Callable[[], None], str]]:
-    """A PYLON-R50 train step on CPU, using bench/model_speed.py's definition of a step."""
-    if args.no_model:
-        return None
-    from pylon.models import PylonConfig
-
-    try:
-        from model_speed import make_steps  # bench/model_speed.py
-        source = "bench/model_speed.make_steps"
-    except ImportError:
-        make_steps = None
-        source = "local"
-    torch.manual_seed(0)
-    model = PylonConfig(n_in=1, n_out=1, backbone="resnet50", weights=None).make_model()
-    x = torch.randn(args.model_batch, 1, args.image_size, args.image_size)
-    y = torch.randint(0, 2, (args.model_batch, 1)).float()
-    if make_steps is not None:
-        return make_steps(model, x, y, None)["train"], source
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-    def step() -> None:
-        model.train()
-        optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.binary_cross_entropy_with_logits(model(x).logits, y).backward()
-        optimizer.step()
-
-    return step, source
-
-
-# ---------------------------------------------------------------- main
+    batches = iter(loader)
+    first = next(batches)
+    started.append(time.perf_counter() - start)
+    yield first
+    yield from batches
 
 
 def main() -> None:
-    args = parse_args()
-    cv2.setNumThreads(1)
+    ap = parser(__doc__, rounds=3)
+    ap.add_argument("--config", default="demo.yaml", help="a config name or file (default demo.yaml)")
+    ap.add_argument("--set", dest="overrides", nargs="+", default=[], help="config values, after: " + " ".join(DEFAULTS))
+    ap.add_argument("--steps", type=int, default=4, help="timed batches (or steps) per job and round (default 4)")
+    args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    scratch = Path(tempfile.mkdtemp(prefix="loader_speed_"))
-    kaggle, rsna, data_note = load_records(args, scratch)
-    records = kaggle + rsna
-    if not records:
-        sys.exit("no images found: pass --kaggle-root/--rsna-root")
-    print(f"data: {len(kaggle)} Kaggle + {len(rsna)} RSNA images ({data_note})")
-    print(f"image size {args.image_size} ({args.resize}), batch {args.batch_size}, {args.workers} loader workers, "
-          f"{os.cpu_count()} CPUs visible, model threads {args.threads}")
-
-    cache_dir = args.cache_dir or scratch / "cache"
+    cfg = load_config(args.config, [*DEFAULTS, *args.overrides])
+    d = Dist(device=resolve_device(cfg.train.device))
     start = time.perf_counter()
-    cache = build_cache(records, cache_dir, image_size=args.image_size, resize=args.resize,
-                        workers=args.workers, progress=True)
-    build_s = time.perf_counter() - start
-    start = time.perf_counter()
-    build_cache(records, cache_dir, image_size=args.image_size, resize=args.resize, workers=args.workers,
-                progress=False)
-    reuse_s = time.perf_counter() - start
-    print(f"cache: {len(cache)} images in {build_s:.1f} s ({len(records) / build_s:.0f} img/s with "
-          f"{args.workers} processes); reuse {reuse_s * 1e3:.1f} ms; {cache.path}")
+    model, data, optimizer, scaler, loss_fn = setup(cfg, d)  # train.py's: seeding, model, data, cache build
+    setup_s = time.perf_counter() - start
+    batch, workers = cfg.train.batch_size, cfg.data.num_workers
+    feeds = loaders(cfg, data, (2 * workers + args.steps + 2) * batch)  # enough for one round's draining and steps
+    started: list[float] = []
+    bare = {k: v.to(d.device) for k, v in next(iter(feeds["in_process"])).items() if k in ("image", "label")}
+    step = lambda b: train_step(model, b, optimizer, loss_fn, scaler, d, cfg.train)  # noqa: E731
+    epochs = itertools.count()
 
-    transform = train_transform(args.image_size)
-    reseed(transform, 0)
-    loaders: dict[str, Dataset] = {"cached": CxrDataset(cache, np.arange(len(cache)), train_transform(args.image_size))}
-    if kaggle:
-        loaders["decode_kaggle"] = DecodeDataset(kaggle, args.image_size, args.resize, train_transform(args.image_size))
-    if args.n_fullsize > 0:
-        fullsize = fullsize_kaggle_files(scratch / "fullsize", args.n_fullsize)
-        loaders["decode_kaggle_fullsize"] = DecodeDataset(fullsize, args.image_size, args.resize,
-                                                          train_transform(args.image_size))
-    if rsna:
-        loaders["decode_rsna"] = DecodeDataset(rsna, args.image_size, args.resize, train_transform(args.image_size))
+    def through(name: str, train: bool) -> float:
+        """Seconds for --steps batches (or loader-fed steps) of a fresh epoch, after its prefetched batches."""
+        batches = epoch_of(feeds[name], cfg, next(epochs), started)
+        consume = (lambda: step(next(batches))) if train else (lambda: next(batches))
+        for _ in range(1 if train else 2 * workers):  # start-up, and the batches queued meanwhile: not timed
+            consume()
+        return timed(lambda: [consume() for _ in range(args.steps)], d.device)()
 
-    torch.set_num_threads(1)
-    per_core = per_core_rates(loaders)
-    breakdown = stage_breakdown(cache, records, transform, args)
-    torch.set_num_threads(args.threads)
-    print("per core (1 process, no DataLoader): " + ", ".join(f"{k} {v:.0f} img/s" for k, v in per_core.items()))
-    print("mean us per item: " + ", ".join(f"{k} {v}" for k, v in breakdown.items() if k != "note"))
+    jobs = {name: (lambda n=name: through(n, False)) for name in feeds}
+    jobs["loader_step"] = lambda: through("cached", True)
+    jobs["bare_step"] = timed(lambda: [step(bare) for _ in range(args.steps)], d.device)
+    model.train()
+    print(f"device {d.device} ({choose_precision(d.device, cfg.train).name}), {args.threads} threads, {workers} "
+          f"workers, batch {batch}, {cfg.data.image_size} px, {cfg.model.arch} {cfg.model.backbone}", flush=True)
+    per_batch = {name: s / args.steps for name, s in medians(interleaved(jobs, args.rounds, args.warmup)).items()}
+    report(per_batch, batch, setup_s, float(np.median(started)))
 
-    step = model_step_fn(args)
-    if step is not None:
-        step[0]()  # warm-up
-    rates: dict[str, list[float]] = {name: [] for name in loaders}
-    model_s: list[float] = []
-    for round_ in range(args.rounds):
-        for name, dataset in loaders.items():
-            rates[name].append(loader_rate(dataset, args, seed=round_))
-        if step is not None:
-            t0 = time.perf_counter()
-            step[0]()
-            model_s.append(time.perf_counter() - t0)
-        line = ", ".join(f"{k} {v[-1]:.0f}" for k, v in rates.items())
-        extra = f", PYLON-R50 train {args.model_batch / model_s[-1]:.2f}" if model_s else ""
-        print(f"round {round_ + 1}/{args.rounds} img/s: {line}{extra}")
 
-    median = {name: statistics.median(v) for name, v in rates.items()}
-    result = {
-        "data": data_note, "n_kaggle": len(kaggle), "n_rsna": len(rsna), "image_size": args.image_size,
-        "resize": args.resize, "batch_size": args.batch_size, "workers": args.workers,
-        "cpus_visible": os.cpu_count(), "cache_build_s": round(build_s, 2),
-        "cache_build_img_per_s": round(len(records) / build_s, 1), "cache_reuse_ms": round(reuse_s * 1e3, 1),
-        "loader_img_per_s": {k: round(v, 1) for k, v in median.items()},
-        "per_core_img_per_s": {k: round(v, 1) for k, v in per_core.items()},
-        "stage_us": breakdown,
-    }
-    print(f"\nmedian of {args.rounds} rounds, images/s through a DataLoader with {args.workers} workers:")
-    for name, value in median.items():
-        print(f"  {name:14s} {value:8.0f}   (per core {per_core[name]:.0f})")
-    for name in ("decode_kaggle", "decode_kaggle_fullsize", "decode_rsna"):
-        if name in median:
-            result[f"ratio_cached_over_{name}"] = round(median["cached"] / median[name], 2)
-            print(f"  cached / {name}: {result[f'ratio_cached_over_{name}']:.1f}x")
-    if model_s:
-        train_rate = args.model_batch / statistics.median(model_s)
-        result["pylon_r50_train_img_per_s"] = round(train_rate, 2)
-        result["pylon_r50_threads"] = args.threads
-        result["model_step_source"] = step[1]
-        result["ratio_cached_over_pylon_train"] = round(median["cached"] / train_rate, 1)
-        print(f"  PYLON-R50 train ({args.threads} threads, batch {args.model_batch}): {train_rate:.2f} img/s; "
-              f"cached loader / model = {result['ratio_cached_over_pylon_train']:.0f}x")
-    cores_for_2500 = 2500 / per_core["cached"]
-    result["cores_for_2500_img_per_s"] = round(cores_for_2500, 1)
-    print(f"  cores needed for 2,500 img/s at the cached per-core rate: {cores_for_2500:.1f}")
-    if args.cache_dir is None:
-        shutil.rmtree(scratch, ignore_errors=True)  # the temporary cache (and any generated files)
-    print(json.dumps(result))
+def report(per_batch: dict[str, float], batch: int, setup_s: float, start_s: float) -> None:
+    rate = {name: batch / s for name, s in per_batch.items()}
+    overhead = (per_batch["loader_step"] / per_batch["bare_step"] - 1) * 100
+    result = {"img_per_s": {k: round(v, 2) for k, v in rate.items()}, "setup_s": round(setup_s, 1),
+              "epoch_start_s": round(start_s, 3), "loader_overhead_pct": round(overhead, 2),
+              "loader_work_pct_of_step": round(per_batch["in_process"] / per_batch["bare_step"] * 100, 2),
+              "cached_over_train": round(rate["cached"] / rate["bare_step"], 1),
+              "cores_for_2500_img_per_s": round(2500 / rate["in_process"], 2),
+              **{f"cached_over_{k}": round(rate["cached"] / v, 2) for k, v in rate.items() if k.startswith("decode_")}}
+    print(f"setup (index, cache, model) {setup_s:.1f} s; a fresh epoch's first batch after {start_s:.2f} s")
+    print("img/s: " + ", ".join(f"{k} {v:.1f}" for k, v in rate.items()))
+    for key in [k for k in result if k.startswith("cached_over_")]:
+        print(f"  {key.replace('_over_', ' / ')}: {result[key]}x")
+    print(f"loader overhead {overhead:+.1f}% of a step (target < {TARGET_OVERHEAD_PCT:.0f}%); the loader's own work "
+          f"is {result['loader_work_pct_of_step']:.2f}% of a step; {result['cores_for_2500_img_per_s']} cores "
+          "load 2,500 img/s")
+    print(json.dumps({**result, "within_target": overhead < TARGET_OVERHEAD_PCT}))
 
 
 if __name__ == "__main__":
