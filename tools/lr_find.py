@@ -64,13 +64,12 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     import numpy as np
     import pandas as pd
     import torch
-    from tqdm.auto import tqdm
 
     from pylon.config import ConfigError, to_yaml
     from pylon.data.pipeline import split_loader
     from pylon.distributed import Dist
-    from pylon.engine import MAX_LOSS, setup, train_step
-    from pylon.device import bar_disabled, resolve_device
+    from pylon.device import resolve_device
+    from pylon.engine import setup, train_step
     from pylon.runs import absolute_roots, check_writable, new_run
 
     d = Dist(device=resolve_device(cfg.train.device))
@@ -92,27 +91,9 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     train_model.train()
     n = steps or max(per_epoch, MIN_STEPS)
     lrs = start * (end / start) ** (np.arange(n) / (n - 1 if n > 1 else 1))
-    rows: list[tuple[int, float, float, float]] = []
-    average, best, diverged, before_stop = 0.0, math.inf, False, None
-    bar = tqdm(total=n, desc="lr range test", disable=bar_disabled(True))
-    for step, (lr, batch) in enumerate(zip(lrs.tolist(), epochs_of(loader, cfg.train, per_epoch))):
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss = float(train_step(train_model, batch, optimizer, loss_fn, scaler, d, cfg.train))
-        if not loss <= MAX_LOSS:  # NaN or a blown-up loss: the end of the test, not an error
-            diverged = True
-            break
-        average = BETA * average + (1 - BETA) * loss
-        smoothed = average / (1 - BETA ** (step + 1))  # bias correction: the average starts at 0
-        rows.append((step + 1, lr, loss, smoothed))
-        bar.set_postfix(lr=f"{lr:.2e}", loss=f"{smoothed:.4f}")
-        bar.update()
-        if not math.isfinite(smoothed) or smoothed > DIVERGE_FACTOR * best:
-            diverged, before_stop = True, len(rows) - 1
-            break
-        best = min(best, smoothed)
-    bar.close()
-
+    batches = epochs_of(loader, cfg.train, per_epoch)
+    rows, diverged, before_stop = losses_at(lrs.tolist(), optimizer, lambda: float(
+        train_step(train_model, next(batches), optimizer, loss_fn, scaler, d, cfg.train)))
     table = pd.DataFrame(rows, columns=["step", "lr", "loss", "smoothed"])
     usable = table.iloc[:before_stop]
     suggested, min_loss = suggest(usable["lr"].to_numpy(), usable["smoothed"].to_numpy())
@@ -122,6 +103,34 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     (run.root / "lr_find.json").write_text(json.dumps(result, indent=2) + "\n")
     plot(table, usable, result, run.root / "lr_find.png")
     return {**result, "run": run}
+
+
+def losses_at(lrs: list[float], optimizer: Any, step: Any) -> tuple[list[tuple], bool, Optional[int]]:
+    """One ``step`` at each rate: the rows (step, lr, loss, smoothed loss), whether the loss diverged,
+    and how many rows come before the stop (None: all)."""
+    from tqdm.auto import tqdm
+
+    from pylon.device import bar_disabled
+    from pylon.engine import MAX_LOSS
+
+    rows: list[tuple[int, float, float, float]] = []
+    average, best = 0.0, math.inf
+    with tqdm(total=len(lrs), desc="lr range test", disable=bar_disabled(True)) as bar:
+        for i, lr in enumerate(lrs):
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            loss = step()
+            if not loss <= MAX_LOSS:  # NaN or a blown-up loss: the end of the test, not an error
+                return rows, True, None
+            average = BETA * average + (1 - BETA) * loss
+            smoothed = average / (1 - BETA ** (i + 1))  # bias correction: the average starts at 0
+            rows.append((i + 1, lr, loss, smoothed))
+            bar.set_postfix(lr=f"{lr:.2e}", loss=f"{smoothed:.4f}")
+            bar.update()
+            if not math.isfinite(smoothed) or smoothed > DIVERGE_FACTOR * best:
+                return rows, True, len(rows) - 1
+            best = min(best, smoothed)
+    return rows, False, None
 
 
 def epochs_of(loader: Any, cfg_train: Any, per_epoch: int) -> Iterator[Any]:
