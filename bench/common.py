@@ -14,7 +14,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pylon.config import load_config  # noqa: E402
-from pylon.device import resolve_device  # noqa: E402
 
 Job = Callable[[], float]  # runs once, returns the seconds it measured
 
@@ -66,9 +65,3 @@ def interleaved(jobs: dict[str, Job], rounds: int, warmup: int) -> dict[str, lis
 def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
 
-
-def device_of(preference: str) -> torch.device:
-    device = resolve_device(preference)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
-    return device

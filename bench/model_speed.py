@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from common import device_of, interleaved, medians, model_config, parser, timed
-from pylon.device import choose_precision
+from common import interleaved, medians, model_config, parser, timed
+from pylon.device import choose_precision, resolve_device
 from pylon.distributed import Dist
 from pylon.engine import build_optimizer, train_step
 from pylon.inference import probabilities
@@ -49,7 +49,8 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    device = device_of(args.device)
+    device = resolve_device(args.device)
+    torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest kernels
     amp = choose_precision(device, model_config(str(device)).train).name
     torch.manual_seed(1)
     batch = {"image": torch.randn(args.batch, 1, args.size, args.size, device=device),
