@@ -7,7 +7,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -27,7 +27,7 @@ def parser(doc: str, rounds: int = 5) -> argparse.ArgumentParser:
     return parser
 
 
-def model_config(device: str, *overrides: str):
+def model_config(device: str, *overrides: str) -> Any:
     """pylon_r50.yaml (PYLON-R50, the paper recipe) with random weights, changed by ``overrides``."""
     return load_config("pylon_r50.yaml", ["model.weights=null", f"train.device={device}", *overrides])
 

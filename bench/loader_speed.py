@@ -21,11 +21,12 @@ from __future__ import annotations
 import itertools
 import json
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch.utils.data import DataLoader
 
 from common import interleaved, medians, parser, timed
 from pylon.config import load_config
@@ -51,7 +52,7 @@ class FileImages(ImageCache):
         return resize_image(read_image(self.records[i].path), self.image_size, self.resize)[0]
 
 
-def loaders(cfg, data: PreparedData, n_items: int) -> dict[str, torch.utils.data.DataLoader]:
+def loaders(cfg: Any, data: PreparedData, n_items: int) -> dict[str, DataLoader]:
     """The training loader over the cache and over each source's files, and the cached one without workers;
     each epoch holds ``n_items`` (the training rows repeated), drawn uniformly."""
     plain = OmegaConf.merge(cfg.data, {"source_shares": {}, "balanced_sampler": False})
@@ -65,7 +66,7 @@ def loaders(cfg, data: PreparedData, n_items: int) -> dict[str, torch.utils.data
             for name, (cache, r, data_cfg) in kinds.items()}
 
 
-def epoch_of(loader, cfg, epoch: int, started: list[float]) -> Iterator[dict]:
+def epoch_of(loader: DataLoader, cfg: Any, epoch: int, started: list[float]) -> Iterator[dict]:
     """A fresh epoch of ``loader``; the wait for its first batch (worker start-up) goes to ``started``."""
     start_epoch(loader, cfg.train, epoch)
     start = time.perf_counter()

@@ -246,6 +246,9 @@ LR_TOO_LOW = {"train.lr": {"type": "float", "low": 1.0e-6, "high": 1.0e-2, "log"
     ({"parameters": {"train.lr": {"type": "float", "low": 1.0e-2, "high": 1.0e-4}}}, [], "`low <= high` must hold"),
     ({"parameters": {"train.optimizer": {"type": "categorical", "choices": ["adam", "sgd"]}}}, [],
      "bad value for 'train.optimizer'"),
+    ({"parameters": {"train.grad_clip": {"type": "categorical", "choices": [None, 1.0]}}}, [],
+     "bad value for 'train.grad_clip'"),  # null would reach the config as the text 'None'
+    ({"parameters": {"train": {"lr": {"type": "float", "low": 0.1, "high": 1.0}}}}, [], "parameter train: KeyError"),
     ({"pruner_kwargs": {"min_resource": 2, "max_iter": 27}}, [], "unexpected keyword argument 'max_iter'"),
     ({"sampler": "BayesSampler"}, [], "module 'optuna.samplers' has no attribute 'BayesSampler'"),
     ({"sampler": "GridSampler"}, [], "a GridSampler needs every parameter categorical"),
