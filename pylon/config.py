@@ -42,7 +42,7 @@ class ModelConfig:
     weights: Optional[str] = "imagenet"
     n_in: int = 1
     n_out: int = 1
-    freeze: Optional[Literal["enc"]] = None
+    freeze: Optional[Literal["enc", "bn"]] = None
     pretrain: Optional[str] = None
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
     pooling: Literal["avg", "max"] = "avg"

@@ -160,6 +160,19 @@ def test_frozen_encoder_keeps_weights_and_bn_statistics_through_a_train_step():
     assert any(k.endswith("weight") for k in changed) and any("running_mean" in k for k in changed)
 
 
+def test_frozen_encoder_bn_keeps_statistics_and_trains_everything_else():
+    model = small_pylon(freeze="bn").train()
+    assert model.decoder.training and model.encoder.conv1.weight.requires_grad
+    stats = {k: v.clone() for k, v in model.encoder.state_dict().items() if "running" in k}
+    weights = model.encoder.conv1.weight.clone()
+    _adam_step(model)
+    for key, value in stats.items():
+        assert torch.equal(model.encoder.state_dict()[key], value), key
+    assert not torch.equal(model.encoder.conv1.weight, weights)
+    model.eval().train()  # the next epoch after validation: the statistics stay frozen
+    assert not model.encoder.bn1.training and model.decoder.training
+
+
 def test_freeze_encoder_switches_between_stages():
     model = small_pylon().train()
     model.freeze_encoder()

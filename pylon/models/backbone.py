@@ -185,10 +185,11 @@ def init_beyond_encoder(model: nn.Module, weights: WeightsSpec, run_state: Optio
 
 
 class EncoderModel(nn.Module):
-    """Base of both models: an ``encoder`` that can be frozen."""
+    """Base of both models: an ``encoder`` that can be frozen, whole or only its BatchNorm statistics."""
 
     encoder: nn.Module
     frozen_encoder: bool = False
+    frozen_encoder_bn: bool = False
     init_note: Optional[str] = None  # what a local model.weights file gave the model (describe_init)
 
     def freeze_encoder(self, frozen: bool = True) -> None:
@@ -203,4 +204,11 @@ class EncoderModel(nn.Module):
             # BatchNorm in train mode would normalise with batch statistics and overwrite its
             # running ones: the frozen encoder would no longer compute what it was frozen as.
             self.encoder.eval()
+        elif self.frozen_encoder_bn:
+            # Pretrained statistics kept: batch statistics of a few films would replace them
+            # (and weights with batch norm folded in carry identity statistics that only make
+            # sense as they are). The affine parameters still train.
+            for module in self.encoder.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self

@@ -53,6 +53,7 @@ class BaselineClassifier(EncoderModel):
             load_model_checkpoint(self, conf.pretrain)
         if conf.freeze == "enc":
             self.freeze_encoder()
+        self.frozen_encoder_bn = conf.freeze == "bn"
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's last feature map, (N, C, H/32, W/32)."""

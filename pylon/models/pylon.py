@@ -38,7 +38,7 @@ class PylonConfig:
     use_pa: bool = True  # pyramid attention on the 1/32 features
     up_type: str = "2layer"  # skip projection: '1layer' (1 conv) or '2layer' (2 convs)
     up_kernel_size: int = 1  # kernel size of the skip projection convs (odd)
-    freeze: Optional[str] = None  # 'enc': freeze the encoder (weights and BN statistics)
+    freeze: Optional[str] = None  # 'enc': freeze the encoder (weights and BN statistics); 'bn': its BN statistics only
     pretrain: Optional[str] = None
 
     def make_model(self) -> "Pylon":
@@ -145,6 +145,7 @@ class Pylon(EncoderModel):
             load_model_checkpoint(self, conf.pretrain, translate=translate_reference_keys)
         if conf.freeze == "enc":
             self.freeze_encoder()
+        self.frozen_encoder_bn = conf.freeze == "bn"
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         decoded = self.decoder(self.encoder(x))
