@@ -17,7 +17,7 @@ $(INSTALLED): setup.py constraints.txt pyproject.toml
 
 # Generate the synthetic data, train PYLON and its ResNet baseline, evaluate both side by side.
 demo: $(INSTALLED)
-	$(PY) -m pylon.demo --out datasets/demo
+	$(PY) tools/make_demo.py --out datasets/demo
 	$(PY) train.py --config demo.yaml
 	$(PY) evaluate.py --localization
 	$(PY) train.py --config demo_baseline.yaml

@@ -102,7 +102,7 @@ def fullsize_kaggle_files(folder: Path, n: int) -> list[Record]:
 
 def generated_rsna_files(folder: Path, n: int) -> list[Record]:
     """1024x1024 JPEG-baseline DICOMs like the RSNA challenge files."""
-    from pylon.demo import write_dicom
+    from tools.make_demo import write_dicom
 
     rng = np.random.default_rng(1)
     folder.mkdir(parents=True, exist_ok=True)

@@ -69,7 +69,7 @@ def parse_args() -> argparse.Namespace:
 def experiment_config(args: argparse.Namespace, scratch: Path):
     """The paper config with random weights and this benchmark's data, size and loader."""
     if args.kaggle_root is None and args.rsna_root is None:
-        from pylon.demo import generate_demo
+        from tools.make_demo import generate_demo
 
         print("generating a demo data set ...", flush=True)
         demo = generate_demo(scratch / "demo", n_kaggle_patients=24, n_rsna=24, progress=False)
