@@ -71,17 +71,23 @@ def strip_wrapper_prefixes(weights: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_weights(model: nn.Module, weights: Mapping[str, Any], origin: str) -> nn.Module:
-    """Load a state dict strictly; a mismatch names the file and the first differing keys."""
+def load_weights(module: nn.Module, weights: Mapping[str, Any], origin: str) -> nn.Module:
+    """Load a state dict strictly, wrapper prefixes dropped: the one strict loader, for run
+    checkpoints and weights files alike. A mismatch is one line naming ``origin`` and the first
+    differing keys (on that error the module's weights are partly loaded: discard it)."""
     weights = strip_wrapper_prefixes(weights)
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in weights]
-    unexpected = [k for k in weights if k not in expected]
-    shapes = [k for k in expected if k in weights and weights[k].shape != expected[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label} ({len(keys)}): {', '.join(keys[:6])}" for label, keys in
-                 (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)) if keys]
-        raise CheckpointError(f"{origin}: weights do not fit this model ({'; '.join(parts)}); "
-                              "was it trained with another model config?")
-    model.load_state_dict(weights)
-    return model
+    try:
+        module.load_state_dict(weights)  # smp encoders drop their unused classifier's keys first
+    except RuntimeError as err:  # missing or unexpected keys, shape mismatches
+        detail = _mismatch(module, weights) or " ".join(str(err).split())[:300]
+        raise CheckpointError(f"{origin}: weights do not fit this model ({detail}); "
+                              "was it trained with another model config?") from None
+    return module
+
+
+def _mismatch(module: nn.Module, weights: Mapping[str, Any]) -> str:
+    expected = module.state_dict()
+    groups = (("missing", [k for k in expected if k not in weights]),
+              ("unexpected", [k for k in weights if k not in expected]),
+              ("shape mismatch", [k for k in expected if k in weights and weights[k].shape != expected[k].shape]))
+    return "; ".join(f"{label} ({len(keys)}): {', '.join(keys[:6])}" for label, keys in groups if keys)
