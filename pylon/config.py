@@ -21,12 +21,9 @@ from pylon import ConfigError  # defined beneath every module that raises it; im
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
-# Keys that are gone, each with what to do instead: an old config (or a run trained before the
-# change) that still sets one gets that advice rather than a bare "unknown key".
-REMOVED_KEYS = {
-    "data.generate_demo": "training no longer writes the demo data; make it once with "
-                          "python tools/make_demo.py --out datasets/demo (or make demo) and delete the key",
-}
+# Keys that are gone, and what to do instead: a config still setting one gets this, not "unknown key".
+REMOVED_KEYS = {"data.generate_demo": "training no longer writes the demo data; make it once with python "
+                                      "tools/make_demo.py --out datasets/demo (or make demo) and delete the key"}
 
 
 @dataclass
