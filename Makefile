@@ -17,7 +17,7 @@ $(INSTALLED): setup.py constraints.txt pyproject.toml
 
 # Generate the synthetic data, train PYLON and its ResNet baseline, evaluate both side by side.
 demo: $(INSTALLED)
-	$(PY) -m pylon.demo --out datasets/demo
+	$(PY) tools/make_demo.py --out datasets/demo
 	$(PY) train.py --config demo.yaml
 	$(PY) evaluate.py --localization
 	$(PY) train.py --config demo_baseline.yaml
@@ -28,7 +28,9 @@ test: $(INSTALLED)
 	$(PY) -m ruff check .
 	$(PY) -m pytest -n 2 -q
 
+# loader_speed.py reads the demo data.
 bench: $(INSTALLED)
+	$(PY) tools/make_demo.py --out datasets/demo
 	$(PY) bench/model_speed.py
 	$(PY) bench/loader_speed.py
 	$(PY) bench/heatmap_speed.py

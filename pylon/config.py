@@ -21,6 +21,9 @@ from pylon import ConfigError  # defined beneath every module that raises it; im
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
+# Keys that are gone, and what to do instead: a config still setting one gets this, not "unknown key".
+REMOVED_KEYS = {"data.generate_demo": "training no longer writes the demo data; make it once with python "
+                                      "tools/make_demo.py --out datasets/demo (or make demo) and delete the key"}
 
 
 @dataclass
@@ -69,7 +72,6 @@ class DataConfig:
     kaggle_root: Optional[str] = "datasets/kaggle"
     rsna_root: Optional[str] = "datasets/rsna"
     roots: dict[str, str] = field(default_factory=dict)  # roots of other registered sources, by name
-    generate_demo: bool = False
     image_size: int = 256
     resize: Literal["letterbox", "stretch"] = "stretch"
     cache_dir: str = "datasets/cache"
@@ -199,6 +201,8 @@ def _one_line(err: Exception, origin: str, override: str = "") -> ConfigError:
         return ConfigError(f"{origin}: bad value for '{key}': {value!r} is not valid YAML")
     message = str(err).splitlines()[0].replace("$VALUE_TYPE", "text").replace("$VALUE", value)
     if "not in" in message or type(err).__name__ == "ConfigKeyError":
+        if key in REMOVED_KEYS:
+            return ConfigError(f"{origin}: '{key}' was removed: {REMOVED_KEYS[key]}")
         return ConfigError(f"{origin}: unknown key '{key}'")
     return ConfigError(f"{origin}: bad value for '{key}': {message}")
 

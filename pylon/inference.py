@@ -118,7 +118,6 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
     restrict_overrides(list(overrides), ALLOWED_OVERRIDES, "for a trained run",
                        "train a new run to change what was trained")
     cfg = load_config(run.config, list(overrides))
-    cfg.data.generate_demo = False  # only train.py writes demo data; a trained run reads what it was trained on
     if not run.best.is_file():
         why = (f"it is missing, though {run.history.name} shows trained epochs (deleted or moved?)"
                if run.history.is_file() else "its training has not finished an epoch")

@@ -76,8 +76,8 @@ def phantom() -> Callable[..., np.ndarray]:
 
 
 def load_script(name: str):
-    """A top-level script (train.py, evaluate.py, predict.py) imported as a module, so tests
-    can call its ``main(argv)`` in-process."""
+    """A script (train.py, evaluate.py, predict.py, tools/*.py) imported as a module, so tests
+    can call its ``main(argv)`` and functions in-process."""
     import importlib.util
     import sys
 
@@ -126,10 +126,8 @@ def read_wandb_records(wandb_dir: Path) -> list[dict]:
 def tiny_data(tmp_path_factory) -> Path:
     """A small generated demo set (``<dir>/kaggle``, ``<dir>/rsna``): 26 Kaggle-style films of 16
     children and 16 RSNA-style DICOMs; its 64 px cache goes to ``<dir>/../cache`` (see ``tiny_overrides``)."""
-    from pylon.demo import generate_demo
-
     root = tmp_path_factory.mktemp("tiny") / "demo"
-    generate_demo(root, n_kaggle_patients=16, n_rsna=16, progress=False)
+    load_script("tools/make_demo").generate_demo(root, n_kaggle_patients=16, n_rsna=16, progress=False)
     return root
 
 
@@ -137,7 +135,6 @@ def tiny_overrides(data_root: Path, runs_dir: Path, *extra: str) -> list[str]:
     """``--set`` values for a run of seconds on ``tiny_data`` (later values win)."""
     return [
         "data.image_size=64",
-        "data.generate_demo=false",
         f"data.kaggle_root={data_root / 'kaggle'}",
         f"data.rsna_root={data_root / 'rsna'}",
         f"data.cache_dir={data_root.parent / 'cache'}",

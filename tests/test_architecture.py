@@ -13,7 +13,7 @@ MAX_LINES, MAX_PARAMS = 60, 8
 # Lowest first. A module may import from its own layer or lower ones; a prefix covers a subpackage.
 LAYERS = (
     # errors, numbers, files, devices, processes and figures
-    ("pylon", "pylon.demo", "pylon.metrics", "pylon.tracking", "pylon.cli", "pylon.checkpoint", "pylon.device",
+    ("pylon", "pylon.metrics", "pylon.tracking", "pylon.cli", "pylon.checkpoint", "pylon.device",
      "pylon.runs", "pylon.distributed", "pylon.plots", "pylon.tables"),
     ("pylon.data", "pylon.models"),
     ("pylon.heatmaps", "pylon.config"),  # config checks eval.methods against the heatmap methods

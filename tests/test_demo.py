@@ -1,5 +1,6 @@
-"""The demo data: real layouts and names, consistent labels, opacities where the boxes are,
-readable DICOMs, byte-for-byte determinism and an idempotent, careful generate_demo."""
+"""The demo data (tools/make_demo.py): real layouts and names, consistent labels, opacities where
+the boxes are, readable DICOMs, byte-for-byte determinism and an idempotent, careful generate_demo;
+a demo config without its data, or with the removed data.generate_demo, says what to run."""
 from __future__ import annotations
 
 import csv
@@ -11,14 +12,18 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from omegaconf import OmegaConf
 from PIL import Image
 from pydicom.uid import JPEGBaseline8Bit
 
-import pylon.demo
-from pylon.config import ConfigError, DataConfig
+from conftest import load_script
+from pylon import cli
+from pylon.config import ConfigError, load_config
 from pylon.data.pipeline import index_sources
-from pylon.demo import MARKER, generate_demo, is_generated_demo, main, plan_kaggle, plan_rsna, render
+
+make_demo = load_script("tools/make_demo")
+MARKER, main, render = make_demo.MARKER, make_demo.main, make_demo.render
+generate_demo, is_generated_demo = make_demo.generate_demo, make_demo.is_generated_demo
+plan_kaggle, plan_rsna = make_demo.plan_kaggle, make_demo.plan_rsna
 
 SMALL = dict(seed=3, n_kaggle_patients=10, n_rsna=8)
 NORMAL = re.compile(r"((?:NORMAL2-)?IM-\d{4})-0001(?:-\d{4})?\.jpeg")
@@ -163,30 +168,28 @@ def test_a_folder_that_is_not_a_demo_set_is_never_overwritten(tmp_path: Path, ca
     assert not is_generated_demo(mine)
 
 
-def _demo_config(root: str) -> DataConfig:
-    return OmegaConf.merge(OmegaConf.structured(DataConfig), {
-        "generate_demo": True, "kaggle_root": f"{root}/kaggle", "rsna_root": f"{root}/rsna", "cache_dir": "cache"})
+def test_a_demo_config_without_its_data_says_how_to_make_it(tmp_path, capsys) -> None:
+    train = load_script("train")
+    overrides = [f"data.kaggle_root={tmp_path / 'demo' / 'kaggle'}", f"data.rsna_root={tmp_path / 'demo' / 'rsna'}",
+                 f"data.cache_dir={tmp_path / 'cache'}", "logging.wandb_mode=disabled", f"logging.runs_dir={tmp_path / 'runs'}"]
+    with pytest.raises(SystemExit) as code:  # as train.py ends when run from the command line
+        cli.run(train.main, ["--config", "demo.yaml", "--set", *overrides])
+    (line,) = capsys.readouterr().err.strip().splitlines()  # one line, no traceback
+    assert code.value.code == 2 and line.startswith(f"error: data.kaggle_root: {tmp_path / 'demo' / 'kaggle'} has no ")
+    assert line.endswith(f"run python tools/make_demo.py --out {tmp_path / 'demo'} (or make demo, which writes datasets/demo)")
+    assert not (tmp_path / "demo").exists() and not (tmp_path / "runs").exists()  # nothing generated, no run left
+    with pytest.raises(ConfigError, match="download the data"):  # data elsewhere is downloaded, not generated
+        index_sources(load_config("demo.yaml", [f"data.kaggle_root={tmp_path / 'kaggle'}"]).data)
 
 
-def test_the_pipeline_says_where_it_writes_the_demo_set(tmp_path, monkeypatch, capsys) -> None:
-    real = pylon.demo.generate_demo
-
-    def small(root):  # the real generator, at a size a test can afford
-        line = f"writing the demo data set to {tmp_path / 'demo'} (data.generate_demo: true) ..."
-        assert capsys.readouterr().out == line + "\n"  # said before a file is written
-        return real(root, n_kaggle_patients=6, n_rsna=2, progress=False)
-
-    monkeypatch.setattr(pylon.demo, "generate_demo", small)
-    monkeypatch.chdir(tmp_path)
-    assert index_sources(_demo_config("demo")) and is_generated_demo(tmp_path / "demo")
-    assert index_sources(_demo_config("demo")) and capsys.readouterr().out == ""  # reused silently
-
-
-def test_the_pipeline_never_writes_the_demo_set_over_other_data(tmp_path) -> None:
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "notes.txt").write_text("not a demo set")
-    with pytest.raises(ConfigError, match=f"data.generate_demo: {tmp_path / 'mine'} is not a demo set .*; point "
-                                          "data.kaggle_root/data.rsna_root at another <dir>/kaggle, <dir>/rsna, or set "
-                                          "data.generate_demo=false$"):
-        index_sources(_demo_config(str(tmp_path / "mine")))
-    assert [p.name for p in tmp_path.rglob("*")] == ["mine", "notes.txt"]
+@pytest.mark.parametrize("how", ["file", "--set"])
+def test_an_old_config_setting_generate_demo_is_told_what_to_run(tmp_path, how) -> None:
+    config = tmp_path / "old.yaml"
+    config.write_text("extends: " + str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml") + "\n"
+                      + ("data:\n  generate_demo: true\n" if how == "file" else ""))
+    origin = str(config) if how == "file" else "--set"
+    with pytest.raises(ConfigError) as info:
+        load_config(config, ["data.generate_demo=true"] if how == "--set" else [])
+    assert str(info.value) == (f"{origin}: 'data.generate_demo' was removed: training no longer writes the demo data; "
+                               "make it once with python tools/make_demo.py --out datasets/demo (or make demo) "
+                               "and delete the key")

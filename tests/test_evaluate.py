@@ -349,10 +349,9 @@ def test_evaluation_scores_the_runs_own_split_from_any_folder_and_stops_when_the
         evaluate.main(["--run", str(run)])
     manifest.to_csv(run / "splits.csv", index=False)
 
-    # Data that is gone is reported, never generated anew, even for a demo config.
+    # Data that is gone is reported, never generated anew.
     moved = copy_run(tiny_run, tmp_path / "moved", data={"kaggle_root": str(tmp_path / "gone" / "kaggle"),
-                                                         "rsna_root": str(tmp_path / "gone" / "rsna"),
-                                                         "generate_demo": True})
+                                                         "rsna_root": str(tmp_path / "gone" / "rsna")})
     with pytest.raises(ConfigError, match="data.kaggle_root"):
         evaluate.main(["--run", str(moved)])
     assert not (tmp_path / "gone").exists()

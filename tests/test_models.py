@@ -11,6 +11,7 @@ import torchvision
 from omegaconf import OmegaConf
 from torch import nn
 
+from pylon.checkpoint import CheckpointError
 from pylon.models import (
     BaselineClassifier,
     BaselineConfig,
@@ -251,7 +252,7 @@ def test_unusable_weights_files_are_clear_errors(tmp_path):
         small_pylon(weights=str(junk))
     wrong = tmp_path / "r34.pth"
     torch.save(torchvision.models.resnet34().state_dict(), wrong)
-    with pytest.raises(WeightsFileError, match="r34.pth.*does not fit"):
+    with pytest.raises(CheckpointError, match="r34.pth.*weights do not fit"):
         small_pylon(weights=str(wrong))  # resnet18
 
 
@@ -317,7 +318,7 @@ def test_pretrain_checkpoint_round_trip(tmp_path, layout):
 def test_pretrain_checkpoint_of_another_config_is_rejected(tmp_path):
     path = tmp_path / "ckpt.pt"
     torch.save(small_pylon(n_out=2).state_dict(), path)
-    with pytest.raises(WeightsFileError, match="ckpt.pt.*does not fit"):
+    with pytest.raises(CheckpointError, match="ckpt.pt.*weights do not fit"):
         small_pylon(n_out=3, pretrain=str(path))
 
 

@@ -5,8 +5,9 @@ microseconds, so images are read and resized once and epochs only augment. ``<ca
 holds ``images.npy`` (N, S, S), ``index.csv`` (each row's id, path and geometry), ``report.csv``
 (unreadable files and why) and ``meta.json`` (written last: it marks a complete cache). The key
 hashes the settings and every record's id, path, size and mtime: same inputs reuse the cache
-without opening an image. Builds happen in a hidden folder renamed into place when complete
-(the next build removes one left by a killed build).
+without opening an image. A build writes into a hidden folder of its own (``.building-<key>-*``)
+renamed into place when complete, so a cache is only ever read whole; the folder of a killed
+build is never read (delete it to get the space back).
 
 Resize: ``"stretch"`` (default, as the reference implementation) scales each axis to S;
 ``"letterbox"`` keeps the aspect ratio and pads with black. Letterbox bars would mark the
@@ -18,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures as futures
 import contextlib
 import csv
-import ctypes
 import functools
 import hashlib
 import json
@@ -27,8 +27,6 @@ import math
 import multiprocessing
 import os
 import shutil
-import socket
-import sys
 import time
 import uuid
 from dataclasses import astuple, dataclass
@@ -140,8 +138,8 @@ def build_cache(records: Sequence[Record], cache_dir: Path, *, image_size: int, 
     if cache is None:
         started = time.perf_counter()
         shutil.rmtree(final, ignore_errors=True)  # a folder without meta.json is not a finished build
-        _remove_stale_builds(cache_dir)
-        building = cache_dir / f"{BUILDING_PREFIX}{key}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # a name no other build uses, so concurrent builds of one key never write into each other
+        building = cache_dir / f"{BUILDING_PREFIX}{key}-{uuid.uuid4().hex}"
         try:
             building.mkdir(parents=True)
             _check_free_space(cache_dir, len(records) * image_size * image_size)
@@ -177,26 +175,6 @@ def _check_free_space(cache_dir: Path, image_bytes: int) -> None:
                               "or point data.cache_dir at another folder")
 
 
-def _remove_stale_builds(cache_dir: Path) -> None:
-    """Remove the partial caches of killed builds (kill -9, OOM killer) on this machine."""
-    for folder in cache_dir.glob(f"{BUILDING_PREFIX}*"):
-        owner, pid = folder.name.rsplit("-", 2)[:2]
-        if owner.endswith(f"-{socket.gethostname()}") and pid.isdigit():
-            try:
-                os.kill(int(pid), 0)  # signal 0 only asks whether the process exists
-            except ProcessLookupError:
-                shutil.rmtree(folder, ignore_errors=True)
-            except PermissionError:  # it does, another user's
-                pass
-
-
-def _die_with_parent() -> None:
-    """Pool initializer: the kernel kills this worker when its parent dies, so none outlives a
-    killed build (Linux only)."""
-    if sys.platform.startswith("linux"):
-        ctypes.CDLL(None).prctl(1, 9)  # PR_SET_PDEATHSIG, SIGKILL
-
-
 def cache_key(records: Sequence[Record], *, image_size: int, resize: str) -> tuple[str, dict]:
     """Hash of everything that changes the cached pixels (and of the row order)."""
     files = []
@@ -225,9 +203,9 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
     outcome: dict[int, object] = {}  # row -> Geometry, or the reason it could not be read
     work = functools.partial(_cache_chunk, images_path, image_size, resize)
     # spawn, not fork: a process that already ran multithreaded OpenCV or torch code can deadlock
-    # the children it forks; nor forkserver: its workers would not be children of this process
+    # the children it forks
     context = multiprocessing.get_context("spawn")
-    with (futures.ProcessPoolExecutor(workers, mp_context=context, initializer=_die_with_parent) if workers > 1
+    with (futures.ProcessPoolExecutor(workers, mp_context=context) if workers > 1
           else contextlib.nullcontext()) as pool, \
             tqdm(total=n, desc=f"caching images at {image_size}px", unit="img", disable=not progress) as bar:
         for result in (pool.map(work, chunks) if pool else map(work, chunks)):

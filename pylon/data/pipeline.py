@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
 
-from pylon import ConfigError, demo
+from pylon import ConfigError
 from pylon.data.cache import ImageCache, build_cache, pixel_mean_std
 from pylon.data.dataset import CxrDataset, collate, eval_transform, reseed, seed_worker, train_transform
 from pylon.data.records import Record, with_patient_map
@@ -51,27 +51,18 @@ class PreparedData:
         return "; ".join(parts)
 
 
-def _generate_demo(data_cfg: Any) -> None:
-    roots = [Path(r) for r in (data_cfg.kaggle_root, data_cfg.rsna_root) if r is not None]
-    parents = {r.parent for r in roots}
-    if len(parents) != 1 or {r.name for r in roots} - {"kaggle", "rsna"}:
-        raise ConfigError("data.generate_demo needs data.kaggle_root and data.rsna_root to be <dir>/kaggle "
-                          "and <dir>/rsna")
-    demo_root = parents.pop().resolve()
-    if demo.is_generated_demo(demo_root):  # a demo set made earlier is used as it is
-        return
-    if demo.holds_other_data(demo_root):
-        raise ConfigError(f"data.generate_demo: {demo_root} is not a demo set and is never overwritten; point "
-                          "data.kaggle_root/data.rsna_root at another <dir>/kaggle, <dir>/rsna, or set "
-                          "data.generate_demo=false")
-    print(f"writing the demo data set to {demo_root} (data.generate_demo: true) ...", flush=True)
-    demo.generate_demo(demo_root)
+def _missing(name: str, key: str, root: Path, marker: str) -> ConfigError:
+    """A source root without its data, and how to get it. tools/make_demo.py writes the demo set
+    as <dir>/kaggle and <dir>/rsna of a folder named demo: that is made by a command, not downloaded."""
+    if root.parent.name == "demo" and root.name == name:
+        return ConfigError(f"data.{key}: {root} has no {marker} - the demo data is generated, not downloaded: "
+                           f"run python tools/make_demo.py --out {root.parent} (or make demo, which writes datasets/demo)")
+    return ConfigError(f"data.{key}: {root} has no {marker} - download the data as datasets/README.md describes, "
+                       f"or point at it with --set data.{key}=/path/to/it")
 
 
 def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
     """Every configured source, indexed and (unless ``split=False``) split by patient."""
-    if data_cfg.generate_demo:
-        _generate_demo(data_cfg)
     records: list[Record] = []
     for name, source in SOURCES.items():  # registry order, whatever the config's order
         if name not in data_cfg.sources:
@@ -80,8 +71,7 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
         if root is None:
             raise ConfigError(f"data.{key} is null but its source is listed in data.sources")
         if not (Path(root) / source.MARKER).exists():
-            raise ConfigError(f"data.{key}: {root} has no {source.MARKER} - download the data as "
-                              f"datasets/README.md describes, or point at it with --set data.{key}=/path/to/it")
+            raise _missing(name, key, Path(root), source.MARKER)
         indexed = source.index(Path(root), Path(data_cfg.cache_dir))
         if not indexed:
             raise ConfigError(f"data.{key}: no {name} images found under {root}")

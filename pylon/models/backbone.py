@@ -13,7 +13,7 @@ from segmentation_models_pytorch.encoders._utils import patch_first_conv
 from torch import nn
 
 from pylon import PylonError
-from pylon.checkpoint import strip_wrapper_prefixes
+from pylon.checkpoint import CheckpointError, load_weights, strip_wrapper_prefixes
 
 WeightsSpec = Union[None, str, os.PathLike]
 
@@ -25,8 +25,9 @@ class WeightsUnavailableError(PylonError, RuntimeError):
     """Pretrained weights were asked for but cannot be fetched (typically: no network)."""
 
 
-class WeightsFileError(PylonError, ValueError):
-    """A weights / checkpoint file is missing, unreadable or does not fit the model."""
+class WeightsFileError(CheckpointError):
+    """A model.weights / model.pretrain file that is missing, unreadable or holds no usable state
+    dict; one that does not fit the model is refused by ``checkpoint.load_weights``."""
 
 
 class ModelOutput(NamedTuple):
@@ -90,7 +91,7 @@ def _encoder_from_state(name: str, n_in: int, state: dict, path: Path) -> nn.Mod
         raise WeightsFileError(f"model.weights={str(path)!r} takes {file_in} input channels, cannot fit n_in={n_in}")
     # Built with the file's channel count (random numbers drawn as for that count), then fitted.
     encoder = get_encoder(name, in_channels=file_in, depth=5, weights=None)
-    load_strict(encoder, state, f"model.weights={str(path)!r}")
+    load_weights(encoder, state, f"model.weights={str(path)!r}")
     if file_in != n_in:
         fit = getattr(encoder, "set_in_channels", None) or partial(patch_first_conv, encoder)
         fit(n_in, pretrained=True)
@@ -121,20 +122,12 @@ def read_state_dict(path: Path, key: str) -> dict:
     return dict(data)
 
 
-def load_strict(module: nn.Module, state: dict, origin: str) -> None:
-    try:
-        module.load_state_dict(state)  # smp encoders drop their classifier's keys first
-    except RuntimeError as err:  # missing or unexpected keys, shape mismatches
-        detail = " ".join(str(err).split())
-        raise WeightsFileError(f"{origin} does not fit the model: {detail[:600]}") from err
-
-
 def load_model_checkpoint(model: nn.Module, path: Union[str, os.PathLike],
                           translate: Optional[Callable[[dict], dict]] = None) -> None:
     """Initialise the whole ``model`` from a checkpoint file (``pretrain``); wrapper prefixes
     (DDP, torch.compile) are dropped, ``translate`` may rename other key layouts."""
     state = strip_wrapper_prefixes(read_state_dict(Path(path).expanduser(), "model.pretrain"))
-    load_strict(model, translate(state) if translate else state, f"model.pretrain={str(path)!r}")
+    load_weights(model, translate(state) if translate else state, f"model.pretrain={str(path)!r}")
 
 
 def load_matching(module: nn.Module, state: dict, prefixes: tuple[str, ...]) -> tuple[list[str], list[str]]:

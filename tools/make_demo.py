@@ -1,6 +1,6 @@
 """Synthetic chest X-rays laid out exactly like the two real downloads, for `make demo` and tests.
 
-`python -m pylon.demo --out datasets/demo` writes, from a seed:
+`python tools/make_demo.py --out datasets/demo` writes, from a seed:
 
 - ``kaggle/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``: landscape films named like
   Kermany et al.'s (``IM-0115-0001.jpeg``, ``person12_bacteria_47.jpeg``), several per child,
@@ -13,6 +13,8 @@ The phantom is plain on purpose: a grey body, two dark lungs, a brighter mediast
 smooth noise. Pneumonia adds one or two bright, blurry opacities inside a lung, and each RSNA
 box is the extent of one opacity, so heatmaps can be scored against it. Every image draws from
 its own generator keyed by (seed, source, index), so the same seed gives byte-identical files.
+
+A script, not part of the library: training reads the data like any download and never writes it.
 """
 from __future__ import annotations
 
@@ -273,7 +275,7 @@ def generate_demo(root: Path | str, *, seed: int = 0, n_kaggle_patients: int = 2
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pylon.demo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python tools/make_demo.py", description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=Path("datasets/demo"), help="default: %(default)s")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--n-kaggle-patients", type=int, default=200, help="Kaggle-style children, ~2 films each")
