@@ -12,7 +12,7 @@ Change evaluation settings with --set eval.key=value (e.g. eval.methods=[pylon])
 
 Score a trained run on another data set, with the run's stored normalisation, threshold and
 box prior (nothing is estimated from the new data):
-  python evaluate.py --localization --run RUN --set data.sources=[rsna] data.rsna_root=/some/rsna \
+  python evaluate.py --localization --run RUN --set data.sources=[rsna] data.roots.rsna=/some/rsna \
       eval.split=all --out DIR
 """
 from __future__ import annotations

@@ -78,8 +78,7 @@ def experiment_config(args: argparse.Namespace, scratch: Path):
     overrides = [
         "model.weights=null",
         f"data.sources=[{','.join(sources)}]",
-        f"data.kaggle_root={args.kaggle_root}" if args.kaggle_root else "data.kaggle_root=null",
-        f"data.rsna_root={args.rsna_root}" if args.rsna_root else "data.rsna_root=null",
+        *(f"data.roots.{name}={root}" for name, root in (("kaggle", args.kaggle_root), ("rsna", args.rsna_root)) if root),
         f"data.cache_dir={args.cache_dir or scratch / 'cache'}",
         f"data.image_size={args.size}",
         f"data.num_workers={args.workers}",

@@ -30,7 +30,6 @@ from tqdm.auto import tqdm
 
 from pylon import ConfigError, plots
 from pylon.data.pipeline import ALL, PreparedData, prepare_data, split_loader
-from pylon.data.sources import source_root
 from pylon.heatmaps import heatmaps, methods_for
 from pylon.device import bar_disabled
 from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, predict_loader
@@ -317,7 +316,7 @@ def _scores_other_data(cfg: Any, run: RunPaths) -> bool:
     """Whether this evaluation scores other images than the run's own split: eval.split=all, or
     data.sources or a source's root changed by --set."""
     stored = OmegaConf.load(run.config).data
-    roots = lambda data: {s: os.path.abspath(str(source_root(data, s))) for s in data.sources}  # noqa: E731
+    roots = lambda data: {s: os.path.abspath(str(data.roots.get(s))) for s in data.sources}  # noqa: E731
     return cfg.eval.split == ALL or roots(cfg.data) != roots(stored)
 
 
@@ -354,7 +353,7 @@ def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunP
     metrics: dict[str, Any] = {
         "run": str(run.root), "checkpoint": trained.info.get("members", str(run.best)), "checkpoint_epoch": trained.info.get("epoch"), "split": split,
         "precision": trained.precision.name, "trained_precision": trained.info.get("precision"),
-        "data": {s: str(Path(source_root(cfg.data, s)).resolve()) for s in cfg.data.sources},
+        "data": {s: str(Path(cfg.data.roots[s]).resolve()) for s in cfg.data.sources},
         "classification": classification}
     figures = classification_figures(evaluated, youden, run.history, out)
     figures.append(misclassified_gallery(trained, data, evaluated, 0.5 if youden is None else youden,

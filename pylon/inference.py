@@ -33,7 +33,7 @@ from pylon.runs import RunPaths
 
 # What --set may change when a trained run is evaluated; the rest is what was trained.
 ALLOWED_OVERRIDES = ("eval.", "logging.", "train.device", "train.amp", "data.num_workers", "data.sources",
-                     "data.cache_dir", "data.kaggle_root", "data.rsna_root", "data.roots", "data.roots.")
+                     "data.cache_dir", "data.roots", "data.roots.")
 MAX_OVERLAY_SIDE = 1024  # predict.py overlays of bigger originals are shrunk to this
 MIN_SIDE_FRACTION = 4  # predict.py warns when an image's longer side is under 1/4 of the model's input
 

@@ -86,9 +86,7 @@ def check_writable(folder: Union[str, Path], name: str = "logging.runs_dir") -> 
 
 def absolute_roots(data_cfg: Any) -> None:
     """Data roots and cache as absolute paths, so a run's config.yaml works from any folder."""
-    for key in ("kaggle_root", "rsna_root", "cache_dir"):
-        if data_cfg[key] is not None:
-            data_cfg[key] = os.path.abspath(data_cfg[key])
+    data_cfg.cache_dir = os.path.abspath(data_cfg.cache_dir)
     data_cfg.roots = {name: os.path.abspath(root) for name, root in data_cfg.roots.items()}
 
 

@@ -165,7 +165,7 @@ def test_a_folder_that_is_not_a_demo_set_is_never_overwritten(tmp_path: Path, ca
 
 def _demo_config(root: str) -> DataConfig:
     return OmegaConf.merge(OmegaConf.structured(DataConfig), {
-        "generate_demo": True, "kaggle_root": f"{root}/kaggle", "rsna_root": f"{root}/rsna", "cache_dir": "cache"})
+        "generate_demo": True, "roots": {"kaggle": f"{root}/kaggle", "rsna": f"{root}/rsna"}, "cache_dir": "cache"})
 
 
 def test_the_pipeline_says_where_it_writes_the_demo_set(tmp_path, monkeypatch, capsys) -> None:
@@ -186,7 +186,7 @@ def test_the_pipeline_never_writes_the_demo_set_over_other_data(tmp_path) -> Non
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("not a demo set")
     with pytest.raises(ConfigError, match=f"data.generate_demo: {tmp_path / 'mine'} is not a demo set .*; point "
-                                          "data.kaggle_root/data.rsna_root at another <dir>/kaggle, <dir>/rsna, or set "
+                                          "data.roots.kaggle/data.roots.rsna at another <dir>/kaggle, <dir>/rsna, or set "
                                           "data.generate_demo=false$"):
         index_sources(_demo_config(str(tmp_path / "mine")))
     assert [p.name for p in tmp_path.rglob("*")] == ["mine", "notes.txt"]

@@ -286,7 +286,7 @@ def test_other_data_without_out_leaves_the_runs_own_evaluation_alone(tiny_run, t
 
     run = copy_run(tiny_run, tmp_path)
     monkeypatch.setattr(pylon.evaluation, "prepare_data", lambda *a, **k: pytest.fail("data loaded"))
-    for args in (["--split", "all"], ["--set", "data.sources=[rsna]"], ["--set", f"data.rsna_root={tmp_path}"]):
+    for args in (["--split", "all"], ["--set", "data.sources=[rsna]"], ["--set", f"data.roots.rsna={tmp_path}"]):
         with pytest.raises(ConfigError, match=f"is not the run's own test data: give --out DIR for its results, "
                                               f"so that {run / 'eval'} stays the run's own evaluation"):
             evaluate.main(["--run", str(run), *args])
@@ -314,7 +314,7 @@ def test_external_evaluation_scores_every_image_with_the_runs_stored_threshold_a
     for i, root in enumerate(external_rsna_roots(tiny_data)):
         out = tmp_path / f"external-{i}"
         assert evaluate.main(["--localization", "--run", str(run), "--set", "data.sources=[rsna]",
-                              f"data.rsna_root={root}", "eval.split=all", "eval.bootstrap=20", "--out", str(out)]) == 0
+                              f"data.roots.rsna={root}", "eval.split=all", "eval.bootstrap=20", "--out", str(out)]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         labels = pd.read_csv(root / "stage_2_train_labels.csv")
         patients = labels.groupby("patientId").Target.max()
@@ -350,10 +350,10 @@ def test_evaluation_scores_the_runs_own_split_from_any_folder_and_stops_when_the
     manifest.to_csv(run / "splits.csv", index=False)
 
     # Data that is gone is reported, never generated anew, even for a demo config.
-    moved = copy_run(tiny_run, tmp_path / "moved", data={"kaggle_root": str(tmp_path / "gone" / "kaggle"),
-                                                         "rsna_root": str(tmp_path / "gone" / "rsna"),
+    moved = copy_run(tiny_run, tmp_path / "moved", data={"roots": {"kaggle": str(tmp_path / "gone" / "kaggle"),
+                                                                   "rsna": str(tmp_path / "gone" / "rsna")},
                                                          "generate_demo": True})
-    with pytest.raises(ConfigError, match="data.kaggle_root"):
+    with pytest.raises(ConfigError, match="data.roots.kaggle"):
         evaluate.main(["--run", str(moved)])
     assert not (tmp_path / "gone").exists()
 

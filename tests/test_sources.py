@@ -18,7 +18,7 @@ from PIL import Image
 from pylon.config import ConfigError, DataConfig
 from pylon.data.pipeline import prepare_data
 from pylon.data.records import Box, DatasetLayoutError
-from pylon.data.sources import SOURCES, nih, root_key, source_root
+from pylon.data.sources import SOURCES, nih
 
 SIDE = 40
 
@@ -30,13 +30,13 @@ def test_registry_modules_have_the_source_interface():
     assert [name for name, module in SOURCES.items() if module.OFFICIAL_TEST] == ["kaggle"]
 
 
-def test_source_root_prefers_data_roots():
+def test_every_source_root_is_named_in_data_roots():
     cfg = OmegaConf.structured(DataConfig)
-    assert source_root(cfg, "kaggle") == "datasets/kaggle" and root_key(cfg, "kaggle") == "kaggle_root"
-    assert source_root(cfg, "nih") is None
+    assert cfg.roots["kaggle"] == "datasets/kaggle"
+    assert cfg.roots.get("nih") is None
     cfg.roots = {"nih": "/data/nih", "rsna": "/elsewhere/rsna"}
-    assert source_root(cfg, "nih") == "/data/nih" and root_key(cfg, "nih") == "roots.nih"
-    assert source_root(cfg, "rsna") == "/elsewhere/rsna"
+    assert cfg.roots["nih"] == "/data/nih"
+    assert cfg.roots["rsna"] == "/elsewhere/rsna"
 
 
 def test_registry_imports_without_torch_or_opencv():
@@ -125,7 +125,7 @@ def test_nih_layout_error(tmp_path):
 def test_nih_through_split_and_cache(nih_root, tmp_path):
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {
         "sources": ["nih"], "roots": {"nih": str(nih_root)}, "cache_dir": str(tmp_path / "cache"),
-        "image_size": 64, "num_workers": 0, "val_fraction": 0.2, "rsna_test_fraction": 0.2})
+        "image_size": 64, "num_workers": 0, "val_fraction": 0.2, "test_fraction": 0.2})
     data = prepare_data(cfg, progress=False)
     assert len(data.cache) == len(ENTRIES) - 1 and all(len(data.rows[s]) for s in ("train", "val", "test"))
     patients = {s: {r.patient_id for r in data.records(s)} for s in ("train", "val", "test")}
@@ -161,8 +161,8 @@ def test_an_empty_split_names_its_cause(nih_root, tmp_path):
                                           r"to none; raise data.val_fraction or add data$"):
         prepare_data(_nih_config(nih_root, tmp_path, val_fraction=0.01), progress=False)
     with pytest.raises(ConfigError, match=r"^the train split is empty: data.val_fraction=0.9 and "
-                                          r"data.rsna_test_fraction=0.9 of 33 nih patients leave none for training"):
-        prepare_data(_nih_config(nih_root, tmp_path, val_fraction=0.9, rsna_test_fraction=0.9), progress=False)
+                                          r"data.test_fraction=0.9 of 33 nih patients leave none for training"):
+        prepare_data(_nih_config(nih_root, tmp_path, val_fraction=0.9, test_fraction=0.9), progress=False)
     for image in nih_root.glob("images*/**/*.png"):
         image.write_bytes(b"")
     with pytest.raises(ConfigError, match=r"the train split is empty: none of the images could be read, see .*report"):

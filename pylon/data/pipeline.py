@@ -20,7 +20,7 @@ from pylon import ConfigError, demo
 from pylon.data.cache import ImageCache, build_cache, pixel_mean_std
 from pylon.data.dataset import CxrDataset, collate, eval_transform, reseed, seed_worker, train_transform
 from pylon.data.records import Record, with_patient_map
-from pylon.data.sources import SOURCES, root_key, source_root
+from pylon.data.sources import SOURCES
 from pylon.data.splits import split_records
 
 log = logging.getLogger(__name__)
@@ -52,17 +52,17 @@ class PreparedData:
 
 
 def _generate_demo(data_cfg: Any) -> None:
-    roots = [Path(r) for r in (data_cfg.kaggle_root, data_cfg.rsna_root) if r is not None]
+    roots = [Path(data_cfg.roots[s]) for s in ("kaggle", "rsna") if s in data_cfg.roots]
     parents = {r.parent for r in roots}
     if len(parents) != 1 or {r.name for r in roots} - {"kaggle", "rsna"}:
-        raise ConfigError("data.generate_demo needs data.kaggle_root and data.rsna_root to be <dir>/kaggle "
+        raise ConfigError("data.generate_demo needs data.roots.kaggle and data.roots.rsna to be <dir>/kaggle "
                           "and <dir>/rsna")
     demo_root = parents.pop().resolve()
     if demo.is_generated_demo(demo_root):  # a demo set made earlier is used as it is
         return
     if demo.holds_other_data(demo_root):
         raise ConfigError(f"data.generate_demo: {demo_root} is not a demo set and is never overwritten; point "
-                          "data.kaggle_root/data.rsna_root at another <dir>/kaggle, <dir>/rsna, or set "
+                          "data.roots.kaggle/data.roots.rsna at another <dir>/kaggle, <dir>/rsna, or set "
                           "data.generate_demo=false")
     print(f"writing the demo data set to {demo_root} (data.generate_demo: true) ...", flush=True)
     demo.generate_demo(demo_root)
@@ -76,9 +76,10 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
     for name, source in SOURCES.items():  # registry order, whatever the config's order
         if name not in data_cfg.sources:
             continue
-        root, key = source_root(data_cfg, name), root_key(data_cfg, name)
+        root, key = data_cfg.roots.get(name), f"roots.{name}"
         if root is None:
-            raise ConfigError(f"data.{key} is null but its source is listed in data.sources")
+            raise ConfigError(f"data.{key} is not set but {name} is listed in data.sources; give its folder with "
+                              f"--set data.{key}=/path/to/it")
         if not (Path(root) / source.MARKER).exists():
             raise ConfigError(f"data.{key}: {root} has no {source.MARKER} - download the data as "
                               f"datasets/README.md describes, or point at it with --set data.{key}=/path/to/it")
@@ -92,7 +93,7 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
         records += indexed
     if not split:
         return [replace(r, split=ALL) for r in records]
-    return split_records(records, val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.rsna_test_fraction,
+    return split_records(records, val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.test_fraction,
                          seed=data_cfg.split_seed, folds=(data_cfg.folds, data_cfg.fold) if data_cfg.folds else None)
 
 
@@ -125,7 +126,7 @@ def _why_empty(split: str, cache: ImageCache, data_cfg: Any) -> str:
     if split == "val":
         return (f"data.val_fraction={data_cfg.val_fraction} of {counts} patients rounds to none; raise "
                 "data.val_fraction or add data")
-    return (f"data.val_fraction={data_cfg.val_fraction} and data.rsna_test_fraction={data_cfg.rsna_test_fraction} "
+    return (f"data.val_fraction={data_cfg.val_fraction} and data.test_fraction={data_cfg.test_fraction} "
             f"of {counts} patients leave none for training; lower them or add data")
 
 
