@@ -3,7 +3,7 @@
 With no --run, the most recent run. Rebuilds the run's data (same split and cache), loads
 checkpoints/best.pt and writes <run>/eval/ (or --out DIR): metrics.json (classification at 0.5
 and at the Youden threshold chosen on val, with bootstrap 95% intervals, per source and per
-RSNA view; with --localization, point_acc, pointing_game_15px, energy_in_box and
+view where the source reports views (RSNA); with --localization, point_acc, pointing_game_15px, energy_in_box and
 laterality_acc per heatmap method, overall and per view, beside the image-blind prior and
 center baselines), predictions.csv and figures; with --embeddings, t-SNE and UMAP maps of the
 encoder embeddings, embeddings.csv and the shortcut probe (what the features predict besides

@@ -2,12 +2,12 @@
 
 The run's data is rebuilt exactly as in training (same split, cache and normalisation), the best
 checkpoint loaded, and ``<run>/eval/`` written: ``metrics.json`` (classification at 0.5 and at the
-Youden threshold chosen on val, bootstrap 95% intervals, per source and per RSNA view; with
-localization, ``point_acc``, ``pointing_game_15px``, ``energy_in_box`` and ``laterality_acc`` per
-heatmap method, overall and per view, beside the image-blind ``prior`` and ``center`` floors),
-``predictions.csv``, ``localization.csv`` and figures. ``eval.split=all`` scores another data set
-with what the run stored at training time (normalisation, threshold, prior). The README's
-evaluation protocol says how each number is defined.
+Youden threshold chosen on val, bootstrap 95% intervals, per source and per view where the source
+reports views; with localization, ``point_acc``, ``pointing_game_15px``, ``energy_in_box`` and
+``laterality_acc`` per heatmap method, overall and per view, beside the image-blind ``prior`` and
+``center`` floors), ``predictions.csv``, ``localization.csv`` and figures. ``eval.split=all`` scores
+another data set with what the run stored at training time (normalisation, threshold, prior). The
+README's evaluation protocol says how each number is defined.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 
 from pylon import ConfigError, plots
 from pylon.data.pipeline import ALL, PreparedData, prepare_data, split_loader
+from pylon.data.sources import report_group
 from pylon.heatmaps import heatmaps, methods_for
 from pylon.device import bar_disabled
 from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, predict_loader
@@ -40,12 +41,6 @@ from pylon.tables import classification_table, localization_table
 from pylon.tracking import Tracker
 
 N_FAILURES = 16  # images per failure gallery
-
-
-def rsna_view(record: Any) -> str:
-    """The film's view (AP/PA) for RSNA films, "" otherwise: views are reported within RSNA only,
-    so that other sources' views (NIH records carry them) never pool with RSNA's."""
-    return (record.view or "") if record.source == "rsna" else ""
 
 
 def predict_split(trained: TrainedRun, data: PreparedData, split: str, embeddings: bool = False) -> SplitPredictions:
@@ -59,7 +54,7 @@ def predict_split(trained: TrainedRun, data: PreparedData, split: str, embedding
     records = [data.cache.records[r] for r in out["rows"]]
     return SplitPredictions(split, out["rows"], out["labels"], out["probs"].astype(np.float64),
                             out["loss_sum"] / max(len(records), 1), np.array([r.source for r in records]),
-                            np.array([rsna_view(r) for r in records]), np.array([r.patient_id for r in records]),
+                            np.array([report_group(r) for r in records]), np.array([r.patient_id for r in records]),
                             out.get("embeddings"))
 
 
@@ -358,7 +353,8 @@ def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunP
     figures = classification_figures(evaluated, youden, run.history, out)
     figures.append(misclassified_gallery(trained, data, evaluated, 0.5 if youden is None else youden,
                                          out / "failures_misclassified.png"))
-    text = [classification_table(classification)]
+    view_names = {v: f"{evaluated.sources[evaluated.views == v][0]}/{v}" for v in classification["by_view"]}
+    text = [classification_table(classification, view_names)]
     per_image = evaluated.frame(data)
     outputs: list[Path] = []
     if methods:
@@ -389,7 +385,7 @@ def _localization_into(out: Path, trained: TrainedRun, data: PreparedData, evalu
         metrics["localization_note"] = f"no images with boxes in the {split} split: localization not scored"
         return [], [], [metrics["localization_note"]]
     records = [data.cache.records[int(r)] for r in outcome.rows]
-    metrics["localization"] = localization_report(outcome.values, [rsna_view(r) for r in records],
+    metrics["localization"] = localization_report(outcome.values, [report_group(r) for r in records],
                                                   [r.patient_id for r in records], n_boot, seed)
     for entry in metrics["localization"].values():
         entry["pointing_tolerance_px"] = outcome.tolerance_px

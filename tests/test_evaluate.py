@@ -381,11 +381,11 @@ def test_a_confident_pylon_map_keeps_its_peak(tiny_run):
 def test_views_are_grouped_within_rsna_only():
     """NIH records carry AP/PA too; per-view reports (classification and localization) keep RSNA's apart."""
     from pylon.data.records import Record
-    from pylon.evaluation import rsna_view
+    from pylon.data.sources import report_group
 
-    assert rsna_view(Record("a", "a", "rsna", "a.dcm", 1, view="AP")) == "AP"
-    assert rsna_view(Record("b", "b", "nih", "b.png", 1, view="PA")) == ""
-    assert rsna_view(Record("c", "c", "rsna", "c.dcm", 0)) == ""
+    assert report_group(Record("a", "a", "rsna", "a.dcm", 1, view="AP")) == "AP"
+    assert report_group(Record("b", "b", "nih", "b.png", 1, view="PA")) == ""
+    assert report_group(Record("c", "c", "rsna", "c.dcm", 0)) == ""
 
 
 def test_metrics_say_at_which_precision_the_run_was_trained_and_evaluated(tiny_run, tmp_path):

@@ -18,7 +18,7 @@ from PIL import Image
 from pylon.config import ConfigError, DataConfig
 from pylon.data.pipeline import prepare_data
 from pylon.data.records import Box, DatasetLayoutError
-from pylon.data.sources import SOURCES, nih
+from pylon.data.sources import SOURCES, nih, reported_views
 
 SIDE = 40
 
@@ -28,6 +28,8 @@ def test_registry_modules_have_the_source_interface():
     for module in SOURCES.values():
         assert isinstance(module.MARKER, str) and isinstance(module.OFFICIAL_TEST, bool) and callable(module.index)
     assert [name for name, module in SOURCES.items() if module.OFFICIAL_TEST] == ["kaggle"]
+    assert all(isinstance(module.REPORT_VIEWS, tuple) for module in SOURCES.values())
+    assert reported_views() == {"rsna": ("AP", "PA")}  # NIH's views are kept on its records, not reported
 
 
 def test_every_source_root_is_named_in_data_roots():
