@@ -158,6 +158,16 @@ def _nih_config(nih_root: Path, tmp_path: Path, **data) -> Any:
         "num_workers": 0, **data})
 
 
+def test_a_given_normalization_is_used_as_it_is(nih_root, tmp_path, monkeypatch):
+    import pylon.data.pipeline as pipeline
+
+    cfg = _nih_config(nih_root, tmp_path, normalize_from_train=True)
+    computed = prepare_data(cfg, progress=False)
+    monkeypatch.setattr(pipeline, "pixel_mean_std", lambda *a, **k: pytest.fail("normalisation computed again"))
+    given = prepare_data(cfg, progress=False, normalization=(0.25, 0.5))
+    assert (given.mean, given.std) == (0.25, 0.5) != (computed.mean, computed.std)
+
+
 def test_an_empty_split_names_its_cause(nih_root, tmp_path):
     with pytest.raises(ConfigError, match=r"^the val split is empty: data.val_fraction=0.01 of 33 nih patients rounds "
                                           r"to none; raise data.val_fraction or add data$"):
