@@ -3,7 +3,7 @@
 With no --run, the most recent run. Rebuilds the run's data (same split and cache), loads
 checkpoints/best.pt and writes <run>/eval/ (or --out DIR): metrics.json (classification at 0.5
 and at the Youden threshold chosen on val, with bootstrap 95% intervals, per source and per
-RSNA view; with --localization, point_acc, pointing_game_15px, energy_in_box and
+view where the source reports views (RSNA); with --localization, point_acc, pointing_game_15px, energy_in_box and
 laterality_acc per heatmap method, overall and per view, beside the image-blind prior and
 center baselines), predictions.csv and figures; with --embeddings, t-SNE and UMAP maps of the
 encoder embeddings, embeddings.csv and the shortcut probe (what the features predict besides
@@ -12,7 +12,7 @@ Change evaluation settings with --set eval.key=value (e.g. eval.methods=[pylon])
 
 Score a trained run on another data set, with the run's stored normalisation, threshold and
 box prior (nothing is estimated from the new data):
-  python evaluate.py --localization --run RUN --set data.sources=[rsna] data.rsna_root=/some/rsna \
+  python evaluate.py --localization --run RUN --set data.sources=[rsna] data.roots.rsna=/some/rsna \
       eval.split=all --out DIR
 """
 from __future__ import annotations

@@ -29,7 +29,7 @@ results=()
 for config in kaggle224_pylon_r18.yaml kaggle224_baseline_r18.yaml; do
     echo "=== $config" | tee -a "$log"
     start=$(date +%s)
-    summary=$("$python" train.py --config "$config" --set "data.kaggle_root=$root" "logging.runs_dir=$runs_dir" "$@" 2>>"$log" | tee -a "$log" | tail -n 1)
+    summary=$("$python" train.py --config "$config" --set "data.roots.kaggle=$root" "logging.runs_dir=$runs_dir" "$@" 2>>"$log" | tee -a "$log" | tail -n 1)
     seconds=$(( $(date +%s) - start ))
     run=$("$python" -c 'import json, sys; print(json.loads(sys.argv[1])["run"])' "$summary")
     "$python" evaluate.py --run "$run" 2>>"$log" | tee -a "$log"

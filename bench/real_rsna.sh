@@ -36,7 +36,7 @@ runs=()
 for config in $configs; do
     echo "=== $config" | tee -a "$log"
     start=$(date +%s)
-    summary=$("$python" train.py --config "$config.yaml" --set "data.kaggle_root=$kaggle" "data.rsna_root=$rsna" \
+    summary=$("$python" train.py --config "$config.yaml" --set "data.roots.kaggle=$kaggle" "data.roots.rsna=$rsna" \
         "logging.runs_dir=$runs_dir" "$@" 2>>"$log" | tee -a "$log" | tail -n 1)
     run=$("$python" -c 'import json, sys; print(json.loads(sys.argv[1])["run"])' "$summary")
     echo "$config trained in $(( ($(date +%s) - start) / 60 )) min: $run" | tee -a "$log"

@@ -24,6 +24,9 @@ DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 # Keys that are gone, and what to do instead: a config still setting one gets this, not "unknown key".
 REMOVED_KEYS = {"data.generate_demo": "training no longer writes the demo data; make it once with python "
                                       "tools/make_demo.py --out datasets/demo (or make demo) and delete the key"}
+# Keys that were renamed: a config or --set that still names one is told the new key.
+RENAMED = {"data.kaggle_root": "data.roots.kaggle", "data.rsna_root": "data.roots.rsna",
+           "data.rsna_test_fraction": "data.test_fraction"}
 
 
 @dataclass
@@ -69,17 +72,15 @@ class AugmentConfig:
 @dataclass
 class DataConfig:
     sources: list[str] = field(default_factory=lambda: ["kaggle", "rsna"])
-    kaggle_root: Optional[str] = "datasets/kaggle"
-    rsna_root: Optional[str] = "datasets/rsna"
-    roots: dict[str, str] = field(default_factory=dict)  # roots of other registered sources, by name
+    roots: dict[str, str] = field(default_factory=lambda: {"kaggle": "datasets/kaggle", "rsna": "datasets/rsna"})
     image_size: int = 256
     resize: Literal["letterbox", "stretch"] = "stretch"
     cache_dir: str = "datasets/cache"
     val_fraction: float = 0.1
-    rsna_test_fraction: float = 0.1
+    test_fraction: float = 0.1  # of the patients of each source without an official test split
     split_seed: int = 0
     # k-fold cross-validation of the sources without an official test split: fold `fold` of their
-    # patients (label-stratified) is the test split instead of rsna_test_fraction; 0 = no folds
+    # patients (label-stratified) is the test split instead of test_fraction; 0 = no folds
     folds: int = 0
     fold: int = 0
     # source -> CSV mapping each image id (first column) to its person (a column named patient or
@@ -200,6 +201,8 @@ def _one_line(err: Exception, origin: str, override: str = "") -> ConfigError:
     if isinstance(err, yaml.YAMLError):  # --set values are parsed as YAML
         return ConfigError(f"{origin}: bad value for '{key}': {value!r} is not valid YAML")
     message = str(err).splitlines()[0].replace("$VALUE_TYPE", "text").replace("$VALUE", value)
+    if key in RENAMED:
+        return ConfigError(f"{origin}: {key} was replaced by {RENAMED[key]}")
     if "not in" in message or type(err).__name__ == "ConfigKeyError":
         if key in REMOVED_KEYS:
             return ConfigError(f"{origin}: '{key}' was removed: {REMOVED_KEYS[key]}")
@@ -211,6 +214,8 @@ def restrict_overrides(overrides: list[str], allowed: tuple[str, ...], when: str
     """Reject ``--set`` keys outside ``allowed`` (exact keys, or prefixes ending in '.'), by name."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
+        if key in RENAMED:
+            raise ConfigError(f"--set: {key} was replaced by {RENAMED[key]}")
         if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
             names = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
             raise ConfigError(f"--set {key} cannot change {when} (only {names}); {advice}")
@@ -284,7 +289,7 @@ def _check_data(d: Any) -> None:
         _require(0 <= d.augment[name] <= 1, f"data.augment.{name} is a probability, got {d.augment[name]}")
     _require(0 < d.augment.crop_ratio[0] <= d.augment.crop_ratio[1],
              f"data.augment.crop_ratio must be two positive numbers, low <= high, got {list(d.augment.crop_ratio)}")
-    for name in ("val_fraction", "rsna_test_fraction"):
+    for name in ("val_fraction", "test_fraction"):
         _require(0 < d[name] < 1, f"data.{name} must be between 0 and 1, got {d[name]}")
     _require(d.folds == 0 or (d.folds >= 2 and 0 <= d.fold < d.folds),
              f"data.folds must be 0 (no cross-validation) or at least 2, and data.fold in 0..folds-1, got "

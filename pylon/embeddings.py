@@ -3,8 +3,8 @@
 Both architectures read the encoder's deepest feature map; its global average is each image's
 embedding. The maps project the evaluated split's embeddings to 2-D with t-SNE and UMAP,
 coloured by label, source and view. The probe asks what else those features know: a logistic
-regression, cross-validated with the folds grouped by patient, predicts the view (AP vs PA,
-within RSNA) and the source (where two are present) from them. Its AUROC sits beside the
+regression, cross-validated with the folds grouped by patient, predicts the view (within each
+source that reports views: RSNA's AP vs PA) and the source (where two are present) from them. Its AUROC sits beside the
 model's own pneumonia AUROC within each view and source, and beside what the view or source
 alone would score (each group's positive rate in the training split as the prediction). On
 merged data a probe near 1 with a pneumonia AUROC that falls within each view says the features
@@ -29,6 +29,7 @@ from sklearn.preprocessing import StandardScaler
 
 from pylon import ConfigError, plots
 from pylon.data.pipeline import PreparedData
+from pylon.data.sources import reported_views
 from pylon.inference import SplitPredictions
 from pylon.metrics import group_block
 from pylon.tables import shortcut_table
@@ -100,22 +101,27 @@ def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: M
     the model's pneumonia AUROC per group (from ``classification``, the report of the same
     split), and what view or source alone would score."""
     y, patients = frame["label"].to_numpy(), frame["patient_id"].to_numpy()
-    rsna_view = (frame["source"] == "rsna").to_numpy() & frame["view"].isin(["AP", "PA"]).to_numpy()
-    probes = {"view_AP_vs_PA_in_rsna": probe(features[rsna_view], (frame["view"][rsna_view] == "AP").to_numpy(),
-                                             patients[rsna_view], n_boot, seed)}
+    reported = reported_views()  # RSNA: AP and PA
+    viewed = {s: (frame["source"] == s).to_numpy() & frame["view"].isin(views).to_numpy() for s, views in reported.items()}
+    probes = {}
+    for s, views in reported.items():
+        for a, b in itertools.combinations(views, 2):
+            keep = viewed[s] & frame["view"].isin([a, b]).to_numpy()
+            probes[f"view_{a}_vs_{b}_in_{s}"] = probe(features[keep], (frame["view"][keep] == a).to_numpy(),
+                                                      patients[keep], n_boot, seed)
     for a, b in itertools.combinations(sorted(set(frame["source"])), 2):
         pair = frame["source"].isin([a, b]).to_numpy()
         probes[f"source_{b}_vs_{a}"] = probe(features[pair], (frame["source"][pair] == b).to_numpy(), patients[pair],
                                              n_boot, seed)
     groups = {"all": np.ones(len(frame), dtype=bool)}
     groups.update({s: (frame["source"] == s).to_numpy() for s in sorted(set(frame["source"]))})
-    groups.update({f"rsna/{v}": rsna_view & (frame["view"] == v).to_numpy() for v in ("AP", "PA")})
+    groups.update({f"{s}/{v}": viewed[s] & (frame["view"] == v).to_numpy() for s, views in reported.items() for v in views})
     groups = {name: keep for name, keep in groups.items() if keep.any()}
     # What the features know of pneumonia itself, in the same groups as the model's AUROC.
     probes.update({f"pneumonia_in_{name}": probe(features[keep], y[keep], patients[keep], n_boot, seed)
                    for name, keep in groups.items()})
     blocks = {"all": classification, **classification["by_source"],
-              **{f"rsna/{v}": b for v, b in classification["by_view"].items()}}
+              **{f"{s}/{v}": classification["by_view"].get(v) for s, views in reported.items() for v in views}}
     model = {name: _auroc_entry(blocks[name]) for name in groups}
 
     alone: dict[str, Any] = {}
@@ -124,10 +130,11 @@ def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: M
         if len(set(frame["source"])) > 1:
             alone["source_only"] = _auroc(y, frame["source"].map(source_rate).fillna(0.5).to_numpy(),
                                                   n_boot, seed)
-        if rsna_view.any():
-            view_rate = _train_rate([r for r in data.records("train") if r.source == "rsna"], "view")
-            alone["view_only_in_rsna"] = _auroc(
-                y[rsna_view], frame["view"][rsna_view].map(view_rate).fillna(0.5).to_numpy(), n_boot, seed)
+        for s, keep in viewed.items():
+            if keep.any():
+                view_rate = _train_rate([r for r in data.records("train") if r.source == s], "view")
+                alone[f"view_only_in_{s}"] = _auroc(
+                    y[keep], frame["view"][keep].map(view_rate).fillna(0.5).to_numpy(), n_boot, seed)
     return {"features_predict": probes, "model_pneumonia_auroc": model, "shortcut_alone_pneumonia_auroc": alone,
             "classifier": f"standardised features, L2 logistic regression, up to {PROBE_FOLDS}-fold CV grouped by patient"}
 

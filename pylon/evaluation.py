@@ -1,67 +1,43 @@
 """Evaluate a trained run (``evaluate.py``): classification and, optionally, localization.
 
-The run's data is rebuilt exactly as in training (same split, cache and normalisation), the best
-checkpoint loaded, and ``<run>/eval/`` written: ``metrics.json`` (classification at 0.5 and at the
-Youden threshold chosen on val, bootstrap 95% intervals, per source and per RSNA view; with
-localization, ``point_acc``, ``pointing_game_15px``, ``energy_in_box`` and ``laterality_acc`` per
-heatmap method, overall and per view, beside the image-blind ``prior`` and ``center`` floors),
-``predictions.csv``, ``localization.csv`` and figures. ``eval.split=all`` scores another data set
-with what the run stored at training time (normalisation, threshold, prior). The README's
-evaluation protocol says how each number is defined.
+The run's data is built as in training (same split, checked against its splits.csv, and cache)
+and normalised as its model expects (the mean and std stored in best.pt), the best checkpoint
+loaded, and ``<run>/eval/`` written: ``metrics.json`` (classification at 0.5 and at the Youden
+threshold chosen on val, bootstrap 95% intervals, per source and per view where the source reports
+views; with localization, ``point_acc``, ``pointing_game_15px``, ``energy_in_box`` and
+``laterality_acc`` per heatmap method, overall and per view, beside the image-blind ``prior`` and
+``center`` floors), ``predictions.csv``, ``localization.csv`` and figures. ``eval.split=all`` scores
+another data set with what the run stored at training time (normalisation, threshold, prior). The
+README's evaluation protocol says how each number is defined.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import shutil
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-import torch
 from omegaconf import OmegaConf
 from PIL import Image
-from torch import nn
 from tqdm.auto import tqdm
 
 from pylon import ConfigError, plots
-from pylon.data.pipeline import ALL, PreparedData, prepare_data, split_loader
-from pylon.data.sources import source_root
-from pylon.heatmaps import heatmaps, methods_for
+from pylon.data.pipeline import ALL, PreparedData, prepare_data, rows_loader
+from pylon.data.sources import report_group
+from pylon.heatmaps import heatmaps, methods_for, resolve_methods
 from pylon.device import bar_disabled
-from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, predict_loader
+from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, predict_split
 from pylon.metrics import (LOCALIZATION_METRICS, POINTING_KEY, argmax_points, bootstrap_ci, by_group,
                            energy_in_box, group_block, jsonable, laterality_hits, pointing_game)
-from pylon.runs import RunPaths, check_splits
+from pylon.runs import RunPaths, check_splits, replacing_folder
 from pylon.tables import classification_table, localization_table
 from pylon.tracking import Tracker
 
 N_FAILURES = 16  # images per failure gallery
-
-
-def rsna_view(record: Any) -> str:
-    """The film's view (AP/PA) for RSNA films, "" otherwise: views are reported within RSNA only,
-    so that other sources' views (NIH records carry them) never pool with RSNA's."""
-    return (record.view or "") if record.source == "rsna" else ""
-
-
-def predict_split(trained: TrainedRun, data: PreparedData, split: str, embeddings: bool = False) -> SplitPredictions:
-    if len(data.rows[split]) == 0:
-        raise ConfigError(f"the {split} split is empty: nothing to evaluate")
-    loader = split_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
-    weight = trained.info.get("pos_weight")  # training's: val's loss is then the one best.pt was chosen on
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if weight is None else torch.tensor([weight], device=trained.device))
-    out = predict_loader(trained.model, loader, trained.precision, loss_fn,
-                         desc=f"{split} predictions", embeddings=embeddings)
-    records = [data.cache.records[r] for r in out["rows"]]
-    return SplitPredictions(split, out["rows"], out["labels"], out["probs"].astype(np.float64),
-                            out["loss_sum"] / max(len(records), 1), np.array([r.source for r in records]),
-                            np.array([rsna_view(r) for r in records]), np.array([r.patient_id for r in records]),
-                            out.get("embeddings"))
 
 
 # --------------------------------------------------------------------------- classification
@@ -101,15 +77,6 @@ class Localization:
     points_original: dict[str, list]
 
 
-def resolve_methods(model: nn.Module, requested: Sequence[str], has_prior: bool = True) -> list[str]:
-    """``eval.methods`` (all the model supports when empty), always with the prior and center floors."""
-    supported = [m for m in methods_for(model) if has_prior or m != "prior"]
-    unknown = [m for m in requested if m not in supported]
-    if unknown:
-        raise ConfigError(f"eval.methods: {unknown} not available for this {type(model).__name__} run; it supports {supported}")
-    return list(dict.fromkeys([*requested, *[m for m in ("prior", "center") if m in supported]])) if requested else supported
-
-
 def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Sequence[str]) -> Localization:
     """Score every method on every boxed image of ``split`` in one batched pass."""
     cfg, cache = trained.cfg, data.cache
@@ -119,7 +86,7 @@ def localize(trained: TrainedRun, data: PreparedData, split: str, methods: Seque
                            {m: [] for m in methods}, {m: [] for m in methods})
     if rows.size == 0:
         return outcome
-    loader = split_loader(replace(data, rows={**data.rows, "boxed": rows}), "boxed", cfg.data, cfg.eval.batch_size, train=False)
+    loader = rows_loader(data, rows, cfg.data, cfg.eval.batch_size)
     size = (cache.image_size, cache.image_size)
     for batch in tqdm(loader, desc=f"localization ({', '.join(methods)})", leave=False, disable=bar_disabled(True)):
         batch_rows = [int(r) for r in batch["row"]]
@@ -187,23 +154,6 @@ def localization_frame(outcome: Localization, data: PreparedData) -> pd.DataFram
 
 
 # --------------------------------------------------------------------------- figures
-
-
-def classification_figures(evaluated: SplitPredictions, youden: Optional[float], history: Path, out: Path) -> list[Path]:
-    y, p, split = evaluated.labels, evaluated.probs, evaluated.split
-    curves = {"all": (y, p)}
-    if len(set(evaluated.sources)) > 1:
-        curves.update(by_group(lambda yy, pp: (yy, pp), evaluated.sources, y, p))
-    paths = [plots.plot_roc(curves, out / "roc.png", title=f"ROC ({split})"),
-             plots.plot_pr(curves, out / "pr.png", title=f"Precision-recall ({split})"),
-             plots.plot_confusion(y, (p >= 0.5).astype(int), out / "confusion.png", title=f"Confusion at 0.5 ({split})")]
-    if youden is not None:
-        paths.append(plots.plot_confusion(y, (p >= youden).astype(int), out / "confusion_youden.png",
-                                          title=f"Confusion at Youden {youden:.3f} ({split})"))
-    paths.append(plots.plot_calibration(y, p, out / "calibration.png", title=f"Calibration ({split})"))
-    if history.is_file():
-        paths.append(plots.plot_learning_curves(history, out / "learning_curves.png"))
-    return paths
 
 
 def _heatmaps(trained: TrainedRun, data: PreparedData, images: Sequence[np.ndarray], method: str) -> np.ndarray:
@@ -290,12 +240,11 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
         raise ConfigError(f"--out {out} holds files but no evaluation (no metrics.json): they would be replaced; "
                           "give a new or empty folder")
     methods = resolve_methods(trained.model, list(cfg.eval.methods), trained.prior is not None) if localization else []
-    data = prepare_data(cfg.data, split=split != ALL)
+    data = prepare_data(cfg.data, split=split != ALL, normalization=trained.mean_std)  # the model's input contract
     if split != ALL and run.splits.is_file():  # exactly the images the run was selected and tested on
         check_splits(run.splits, data, sorted({"val", split}), cfg.data.sources)
     elif split != ALL:
         print(f"note: {run.root} has no split manifest (splits.csv); the split is derived again from the data")
-    data = replace(data, mean=trained.mean_std[0], std=trained.mean_std[1])  # the model's own input contract
     out = run.eval_dir if out is None else Path(out)
     with replacing_folder(out) as folder:
         metrics, outputs, figures, per_image, text = _evaluate_into(folder, trained, data, run, methods, embeddings)
@@ -317,26 +266,8 @@ def _scores_other_data(cfg: Any, run: RunPaths) -> bool:
     """Whether this evaluation scores other images than the run's own split: eval.split=all, or
     data.sources or a source's root changed by --set."""
     stored = OmegaConf.load(run.config).data
-    roots = lambda data: {s: os.path.abspath(str(source_root(data, s))) for s in data.sources}  # noqa: E731
+    roots = lambda data: {s: os.path.abspath(str(data.roots.get(s))) for s in data.sources}  # noqa: E731
     return cfg.eval.split == ALL or roots(cfg.data) != roots(stored)
-
-
-@contextlib.contextmanager
-def replacing_folder(out: Path) -> Iterator[Path]:
-    """A fresh folder beside ``out`` to write into, which replaces ``out`` whole once written: an
-    interrupted evaluation leaves the previous one as it was, never a mix of old and new files."""
-    partial, previous = (out.with_name(f".{out.name}.{kind}-{os.getpid()}") for kind in ("partial", "previous"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
-    try:
-        yield partial
-        if out.exists():
-            os.rename(out, previous)
-        os.rename(partial, out)
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-        shutil.rmtree(previous, ignore_errors=True)
 
 
 def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunPaths, methods: Sequence[str],
@@ -354,12 +285,15 @@ def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunP
     metrics: dict[str, Any] = {
         "run": str(run.root), "checkpoint": trained.info.get("members", str(run.best)), "checkpoint_epoch": trained.info.get("epoch"), "split": split,
         "precision": trained.precision.name, "trained_precision": trained.info.get("precision"),
-        "data": {s: str(Path(source_root(cfg.data, s)).resolve()) for s in cfg.data.sources},
+        "data": {s: str(Path(cfg.data.roots[s]).resolve()) for s in cfg.data.sources},
         "classification": classification}
-    figures = classification_figures(evaluated, youden, run.history, out)
+    figures = plots.plot_classification(evaluated.labels, evaluated.probs, evaluated.sources, split, youden, out)
+    if run.history.is_file():
+        figures.append(plots.plot_learning_curves(run.history, out / "learning_curves.png"))
     figures.append(misclassified_gallery(trained, data, evaluated, 0.5 if youden is None else youden,
                                          out / "failures_misclassified.png"))
-    text = [classification_table(classification)]
+    view_names = {v: f"{evaluated.sources[evaluated.views == v][0]}/{v}" for v in classification["by_view"]}
+    text = [classification_table(classification, view_names)]
     per_image = evaluated.frame(data)
     outputs: list[Path] = []
     if methods:
@@ -390,7 +324,7 @@ def _localization_into(out: Path, trained: TrainedRun, data: PreparedData, evalu
         metrics["localization_note"] = f"no images with boxes in the {split} split: localization not scored"
         return [], [], [metrics["localization_note"]]
     records = [data.cache.records[int(r)] for r in outcome.rows]
-    metrics["localization"] = localization_report(outcome.values, [rsna_view(r) for r in records],
+    metrics["localization"] = localization_report(outcome.values, [report_group(r) for r in records],
                                                   [r.patient_id for r in records], n_boot, seed)
     for entry in metrics["localization"].values():
         entry["pointing_tolerance_px"] = outcome.tolerance_px

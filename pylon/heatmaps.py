@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pylon import ConfigError
 from pylon.device import Precision
 from pylon.metrics import box_mask, upsample
 from pylon.models import BaselineClassifier, Ensemble, Pylon, unwrap
@@ -46,6 +47,15 @@ def methods_for(model: nn.Module) -> List[str]:
         model = model.members[0]
     assert isinstance(model, (Pylon, BaselineClassifier)), type(model)
     return list(PYLON_METHODS if isinstance(model, Pylon) else BASELINE_METHODS)
+
+
+def resolve_methods(model: nn.Module, requested: Sequence[str], has_prior: bool = True) -> list[str]:
+    """``eval.methods`` (all the model supports when empty), always with the prior and center floors."""
+    supported = [m for m in methods_for(model) if has_prior or m != "prior"]
+    unknown = [m for m in requested if m not in supported]
+    if unknown:
+        raise ConfigError(f"eval.methods: {unknown} not available for this {type(model).__name__} run; it supports {supported}")
+    return list(dict.fromkeys([*requested, *[m for m in ("prior", "center") if m in supported]])) if requested else supported
 
 
 def center_map(n: int, height: int, width: int) -> torch.Tensor:

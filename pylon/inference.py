@@ -23,7 +23,8 @@ from pylon.checkpoint import load_checkpoint, load_weights
 from pylon.config import load_config, restrict_overrides
 from pylon.data.cache import Geometry, resize_image
 from pylon.data.dataset import eval_transform
-from pylon.data.pipeline import PreparedData
+from pylon.data.pipeline import PreparedData, split_loader
+from pylon.data.sources import report_group
 from pylon.data.readers import ImageReadError, read_image
 from pylon.device import Precision, bar_disabled, choose_precision, resolve_device
 from pylon.heatmaps import heatmaps, methods_for
@@ -33,7 +34,7 @@ from pylon.runs import RunPaths
 
 # What --set may change when a trained run is evaluated; the rest is what was trained.
 ALLOWED_OVERRIDES = ("eval.", "logging.", "train.device", "train.amp", "data.num_workers", "data.sources",
-                     "data.cache_dir", "data.kaggle_root", "data.rsna_root", "data.roots", "data.roots.")
+                     "data.cache_dir", "data.roots", "data.roots.")
 MAX_OVERLAY_SIDE = 1024  # predict.py overlays of bigger originals are shrunk to this
 MIN_SIDE_FRACTION = 4  # predict.py warns when an image's longer side is under 1/4 of the model's input
 
@@ -83,7 +84,7 @@ class SplitPredictions:
     probs: np.ndarray
     loss: float
     sources: np.ndarray
-    views: np.ndarray  # "" where unknown
+    views: np.ndarray  # sources.report_group: the view where the source reports views, else ""
     patients: np.ndarray  # bootstrap intervals resample people, not images
     embeddings: Optional[np.ndarray] = None  # (n, channels) pooled encoder features, when asked for
 
@@ -91,6 +92,22 @@ class SplitPredictions:
         return pd.DataFrame({"id": [data.cache.records[r].id for r in self.rows], "source": self.sources,
                              "view": [v or None for v in self.views], "label": self.labels, "prob": self.probs,
                              "split": self.split, "patient_id": self.patients})
+
+
+def predict_split(trained: TrainedRun, data: PreparedData, split: str, embeddings: bool = False) -> SplitPredictions:
+    """The run's predictions on one split of ``data``, with each image's loss at training's pos_weight."""
+    if len(data.rows[split]) == 0:
+        raise ConfigError(f"the {split} split is empty: nothing to evaluate")
+    loader = split_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
+    weight = trained.info.get("pos_weight")  # training's: val's loss is then the one best.pt was chosen on
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if weight is None else torch.tensor([weight], device=trained.device))
+    out = predict_loader(trained.model, loader, trained.precision, loss_fn,
+                         desc=f"{split} predictions", embeddings=embeddings)
+    records = [data.cache.records[r] for r in out["rows"]]
+    return SplitPredictions(split, out["rows"], out["labels"], out["probs"].astype(np.float64),
+                            out["loss_sum"] / max(len(records), 1), np.array([r.source for r in records]),
+                            np.array([report_group(r) for r in records]), np.array([r.patient_id for r in records]),
+                            out.get("embeddings"))
 
 
 @dataclass

@@ -21,7 +21,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from sklearn.metrics import auc, average_precision_score, confusion_matrix, precision_recall_curve, roc_curve
 
-from pylon.metrics import binary_inputs, calibration_bins, expected_calibration_error
+from pylon.metrics import binary_inputs, by_group, calibration_bins, expected_calibration_error
 
 PathLike = Union[str, Path]
 Curves = Mapping[str, tuple[Any, Any]]  # name -> (labels, probs)
@@ -124,6 +124,24 @@ def plot_calibration(labels: Any, probs: Any, path: PathLike, title: str = "Cali
     bottom.set(xlabel="predicted probability", ylabel="count")
     bottom.grid(alpha=0.3)
     return _save(fig, path)
+
+
+def plot_classification(labels: Any, probs: Any, sources: Sequence[str], split: str, youden: Optional[float],
+                        out: Path) -> list[Path]:
+    """ROC and precision-recall curves (overall, and per source when there are several), the
+    confusion matrices at 0.5 and at the Youden threshold, and calibration, into ``out``."""
+    y, p = np.asarray(labels), np.asarray(probs)
+    curves = {"all": (y, p)}
+    if len(set(sources)) > 1:
+        curves.update(by_group(lambda yy, pp: (yy, pp), sources, y, p))
+    paths = [plot_roc(curves, out / "roc.png", title=f"ROC ({split})"),
+             plot_pr(curves, out / "pr.png", title=f"Precision-recall ({split})"),
+             plot_confusion(y, (p >= 0.5).astype(int), out / "confusion.png", title=f"Confusion at 0.5 ({split})")]
+    if youden is not None:
+        paths.append(plot_confusion(y, (p >= youden).astype(int), out / "confusion_youden.png",
+                                    title=f"Confusion at Youden {youden:.3f} ({split})"))
+    paths.append(plot_calibration(y, p, out / "calibration.png", title=f"Calibration ({split})"))
+    return paths
 
 
 def plot_learning_curves(history_csv: PathLike, path: PathLike) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -86,10 +87,26 @@ def check_writable(folder: Union[str, Path], name: str = "logging.runs_dir") -> 
 
 def absolute_roots(data_cfg: Any) -> None:
     """Data roots and cache as absolute paths, so a run's config.yaml works from any folder."""
-    for key in ("kaggle_root", "rsna_root", "cache_dir"):
-        if data_cfg[key] is not None:
-            data_cfg[key] = os.path.abspath(data_cfg[key])
+    data_cfg.cache_dir = os.path.abspath(data_cfg.cache_dir)
     data_cfg.roots = {name: os.path.abspath(root) for name, root in data_cfg.roots.items()}
+
+
+@contextlib.contextmanager
+def replacing_folder(out: Path) -> Iterator[Path]:
+    """A fresh folder beside ``out`` to write into, which replaces ``out`` whole once written: an
+    interrupted evaluation leaves the previous one as it was, never a mix of old and new files."""
+    partial, previous = (out.with_name(f".{out.name}.{kind}-{os.getpid()}") for kind in ("partial", "previous"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        yield partial
+        if out.exists():
+            os.rename(out, previous)
+        os.rename(partial, out)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+        shutil.rmtree(previous, ignore_errors=True)
 
 
 def write_splits(path: Path, data: Any) -> None:

@@ -22,13 +22,15 @@ def _fmt_ci(entry: Mapping[str, Any], key: str) -> str:
     return _with_interval(entry.get(key), (entry.get("ci") or {}).get(key))
 
 
-def classification_table(report: Mapping[str, Any]) -> str:
+def classification_table(report: Mapping[str, Any], view_names: Optional[Mapping[str, str]] = None) -> str:
+    """The classification report as a table; ``view_names`` names the rows of ``by_view`` (e.g. AP:
+    rsna/AP, the source that reports the view)."""
     head = (f"classification on {report['split']} (n={report['n']}): AUROC with 95% CI; acc/sens/spec/F1 at 0.5 | "
             f"at the Youden threshold {_fmt(report['threshold_youden'].get('threshold'))} (chosen on val)")
     header = (f"{'group':<12} {'n':>5}  {'AUROC [95% CI]':<24} {'acc':>6} {'sens':>6} {'spec':>6} {'F1':>6} | "
               f"{'acc':>6} {'sens':>6} {'spec':>6} {'F1':>6}  {'ECE':>6}")
     lines = [head, header, "-" * len(header)]
-    groups = [("all", report), *report["by_source"].items(), *[(f"rsna/{v}", b) for v, b in report["by_view"].items()]]
+    groups = [("all", report), *report["by_source"].items(), *[((view_names or {}).get(v, v), b) for v, b in report["by_view"].items()]]
     for name, block in groups:
         at_j = block.get("threshold_youden", {})
         cells = ("accuracy", "sensitivity", "specificity", "f1")

@@ -135,8 +135,8 @@ def tiny_overrides(data_root: Path, runs_dir: Path, *extra: str) -> list[str]:
     """``--set`` values for a run of seconds on ``tiny_data`` (later values win)."""
     return [
         "data.image_size=64",
-        f"data.kaggle_root={data_root / 'kaggle'}",
-        f"data.rsna_root={data_root / 'rsna'}",
+        f"data.roots.kaggle={data_root / 'kaggle'}",
+        f"data.roots.rsna={data_root / 'rsna'}",
         f"data.cache_dir={data_root.parent / 'cache'}",
         "data.num_workers=0",
         "train.epochs=2",

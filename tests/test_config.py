@@ -108,6 +108,22 @@ def test_unknown_key_in_file_is_named_with_the_file(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize("old, new", [("data.kaggle_root", "data.roots.kaggle"), ("data.rsna_root", "data.roots.rsna"),
+                                      ("data.rsna_test_fraction", "data.test_fraction")])
+def test_a_renamed_key_names_its_new_key(tmp_path, old, new):
+    with pytest.raises(ConfigError, match=rf"^--set: {old} was replaced by {new}$"):
+        load_config("pylon_r50.yaml", [f"{old}=0.2"])
+    section, key = old.split(".")
+    with pytest.raises(ConfigError, match=rf"c\.yaml: {old} was replaced by {new}$"):
+        load_config(write(tmp_path, f"extends: {CONFIG_DIR / 'demo.yaml'}\n{section}:\n  {key}: 0.2\n"))
+    assert load_config("pylon_r50.yaml", [f"{new}=0.2"])
+
+
+def test_roots_are_set_per_source_from_the_command_line():
+    cfg = load_config("pylon_r50.yaml", ["data.roots.rsna=/data/rsna", "data.roots.nih=/data/nih"])
+    assert dict(cfg.data.roots) == {"kaggle": "datasets/kaggle", "rsna": "/data/rsna", "nih": "/data/nih"}
+
+
 def test_unknown_section_is_rejected(tmp_path):
     with pytest.raises(ConfigError, match="unknown key 'optim'"):
         load_config(write(tmp_path, "optim:\n  lr: 0.1\n"))
@@ -147,7 +163,8 @@ def test_a_list_item_override_is_refused_naming_the_key_and_the_whole_list_form(
 
 
 def test_a_dict_key_that_looks_like_an_index_is_still_a_key():
-    assert load_config("pylon_r50.yaml", ["data.roots.0=/x"]).data.roots == {"0": "/x"}
+    roots = load_config("pylon_r50.yaml", ["data.roots.0=/x"]).data.roots
+    assert roots == {"kaggle": "datasets/kaggle", "rsna": "datasets/rsna", "0": "/x"}
 
 
 def test_extends_takes_a_list_merged_in_order(tmp_path):

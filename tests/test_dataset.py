@@ -13,7 +13,7 @@ from PIL import Image
 from pylon.config import AugmentConfig, DataConfig
 from pylon.data.cache import build_cache
 from pylon.data.dataset import CxrDataset, collate, eval_transform, reseed, train_transform
-from pylon.data.pipeline import PreparedData, set_loader_epoch, split_loader
+from pylon.data.pipeline import PreparedData, rows_loader, set_loader_epoch, split_loader
 from pylon.data.records import Box, Record
 
 SIZE = 64
@@ -150,6 +150,14 @@ def test_eval_loader_shards_without_padding(cache):
     loaders = [split_loader(data, "val", cfg, 3, train=False, rank=k, world_size=2) for k in (0, 1)]
     shards = [[row for batch in loader for row in batch["row"].tolist()] for loader in loaders]
     assert shards == [[0, 2, 4, 6], [1, 3, 5]]
+
+
+def test_rows_loader_gives_its_rows_in_order_unaugmented(cache):
+    data = PreparedData(cache, {}, MEAN, STD)
+    batches = list(rows_loader(data, np.array([5, 1, 3]), data_cfg(num_workers=0), 2))
+    assert [row for batch in batches for row in batch["row"].tolist()] == [5, 1, 3]
+    expected = eval_transform(SIZE, mean=MEAN, std=STD)(image=cache.image(5))["image"]
+    assert torch.equal(batches[0]["image"][0], expected)
 
 
 def test_balanced_sampler_draws_both_classes_equally(cache):

@@ -170,16 +170,16 @@ def test_a_folder_that_is_not_a_demo_set_is_never_overwritten(tmp_path: Path, ca
 
 def test_a_demo_config_without_its_data_says_how_to_make_it(tmp_path, capsys) -> None:
     train = load_script("train")
-    overrides = [f"data.kaggle_root={tmp_path / 'demo' / 'kaggle'}", f"data.rsna_root={tmp_path / 'demo' / 'rsna'}",
+    overrides = [f"data.roots.kaggle={tmp_path / 'demo' / 'kaggle'}", f"data.roots.rsna={tmp_path / 'demo' / 'rsna'}",
                  f"data.cache_dir={tmp_path / 'cache'}", "logging.wandb_mode=disabled", f"logging.runs_dir={tmp_path / 'runs'}"]
     with pytest.raises(SystemExit) as code:  # as train.py ends when run from the command line
         cli.run(train.main, ["--config", "demo.yaml", "--set", *overrides])
     (line,) = capsys.readouterr().err.strip().splitlines()  # one line, no traceback
-    assert code.value.code == 2 and line.startswith(f"error: data.kaggle_root: {tmp_path / 'demo' / 'kaggle'} has no ")
+    assert code.value.code == 2 and line.startswith(f"error: data.roots.kaggle: {tmp_path / 'demo' / 'kaggle'} has no ")
     assert line.endswith(f"run python tools/make_demo.py --out {tmp_path / 'demo'} (or make demo, which writes datasets/demo)")
     assert not (tmp_path / "demo").exists() and not (tmp_path / "runs").exists()  # nothing generated, no run left
     with pytest.raises(ConfigError, match="download the data"):  # data elsewhere is downloaded, not generated
-        index_sources(load_config("demo.yaml", [f"data.kaggle_root={tmp_path / 'kaggle'}"]).data)
+        index_sources(load_config("demo.yaml", [f"data.roots.kaggle={tmp_path / 'kaggle'}"]).data)
 
 
 @pytest.mark.parametrize("how", ["file", "--set"])

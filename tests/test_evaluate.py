@@ -286,7 +286,7 @@ def test_other_data_without_out_leaves_the_runs_own_evaluation_alone(tiny_run, t
 
     run = copy_run(tiny_run, tmp_path)
     monkeypatch.setattr(pylon.evaluation, "prepare_data", lambda *a, **k: pytest.fail("data loaded"))
-    for args in (["--split", "all"], ["--set", "data.sources=[rsna]"], ["--set", f"data.rsna_root={tmp_path}"]):
+    for args in (["--split", "all"], ["--set", "data.sources=[rsna]"], ["--set", f"data.roots.rsna={tmp_path}"]):
         with pytest.raises(ConfigError, match=f"is not the run's own test data: give --out DIR for its results, "
                                               f"so that {run / 'eval'} stays the run's own evaluation"):
             evaluate.main(["--run", str(run), *args])
@@ -314,7 +314,7 @@ def test_external_evaluation_scores_every_image_with_the_runs_stored_threshold_a
     for i, root in enumerate(external_rsna_roots(tiny_data)):
         out = tmp_path / f"external-{i}"
         assert evaluate.main(["--localization", "--run", str(run), "--set", "data.sources=[rsna]",
-                              f"data.rsna_root={root}", "eval.split=all", "eval.bootstrap=20", "--out", str(out)]) == 0
+                              f"data.roots.rsna={root}", "eval.split=all", "eval.bootstrap=20", "--out", str(out)]) == 0
         metrics = json.loads((out / "metrics.json").read_text())
         labels = pd.read_csv(root / "stage_2_train_labels.csv")
         patients = labels.groupby("patientId").Target.max()
@@ -349,10 +349,10 @@ def test_evaluation_scores_the_runs_own_split_from_any_folder_and_stops_when_the
         evaluate.main(["--run", str(run)])
     manifest.to_csv(run / "splits.csv", index=False)
 
-    # Data that is gone is reported, never generated anew.
-    moved = copy_run(tiny_run, tmp_path / "moved", data={"kaggle_root": str(tmp_path / "gone" / "kaggle"),
-                                                         "rsna_root": str(tmp_path / "gone" / "rsna")})
-    with pytest.raises(ConfigError, match="data.kaggle_root"):
+    # Data that is gone is reported, never generated anew, even for a demo config's folders.
+    moved = copy_run(tiny_run, tmp_path / "moved", data={"roots": {"kaggle": str(tmp_path / "gone" / "kaggle"),
+                                                                   "rsna": str(tmp_path / "gone" / "rsna")}})
+    with pytest.raises(ConfigError, match="data.roots.kaggle"):
         evaluate.main(["--run", str(moved)])
     assert not (tmp_path / "gone").exists()
 
@@ -380,11 +380,11 @@ def test_a_confident_pylon_map_keeps_its_peak(tiny_run):
 def test_views_are_grouped_within_rsna_only():
     """NIH records carry AP/PA too; per-view reports (classification and localization) keep RSNA's apart."""
     from pylon.data.records import Record
-    from pylon.evaluation import rsna_view
+    from pylon.data.sources import report_group
 
-    assert rsna_view(Record("a", "a", "rsna", "a.dcm", 1, view="AP")) == "AP"
-    assert rsna_view(Record("b", "b", "nih", "b.png", 1, view="PA")) == ""
-    assert rsna_view(Record("c", "c", "rsna", "c.dcm", 0)) == ""
+    assert report_group(Record("a", "a", "rsna", "a.dcm", 1, view="AP")) == "AP"
+    assert report_group(Record("b", "b", "nih", "b.png", 1, view="PA")) == ""
+    assert report_group(Record("c", "c", "rsna", "c.dcm", 0)) == ""
 
 
 def test_metrics_say_at_which_precision_the_run_was_trained_and_evaluated(tiny_run, tmp_path):

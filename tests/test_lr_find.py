@@ -42,7 +42,7 @@ def test_range_test_files_schedule_and_suggestion(tiny_data, tmp_path, capsys):
     assert result["min_loss_lr"] == table["lr"][table["smoothed"].idxmin()]
     assert result["config_lr"] == 1e-3  # demo.yaml's
     cfg = load_config(run / "config.yaml")
-    assert cfg.train.batch_size == 2 and Path(cfg.data.kaggle_root).is_absolute()
+    assert cfg.train.batch_size == 2 and Path(cfg.data.roots.kaggle).is_absolute()
     out = capsys.readouterr().out
     assert f"suggested lr: {result['suggested_lr']:.3g}" in out and str(run / "lr_find.csv") in out
 

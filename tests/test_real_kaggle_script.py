@@ -43,7 +43,7 @@ def test_script_trains_evaluates_and_predicts_with_both_configs(tiny_data, tmp_p
         assert run.parent == runs and result["train_minutes"] >= 0
         config = yaml.safe_load((run / "config.yaml").read_text())
         assert (config["model"]["arch"], config["data"]["sources"]) == (arch, ["kaggle"])
-        assert config["data"]["kaggle_root"] == str(tiny_data / "kaggle")
+        assert config["data"]["roots"]["kaggle"] == str(tiny_data / "kaggle")
         metrics = json.loads((run / "eval" / "metrics.json").read_text())["classification"]
         assert (metrics["split"], metrics["n"]) == ("test", n_test)
 

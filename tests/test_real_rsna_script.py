@@ -28,8 +28,8 @@ def test_real_configs_train_from_scratch_on_the_same_rsna_split(name):
     assert cfg.model.arch == ("baseline" if "baseline" in name else "pylon")
     assert list(cfg.data.sources) == (["rsna"] if "rsna_" in name else ["kaggle", "rsna"])
     # One RSNA split for all four (it depends on these alone), with 50+ boxed test films of 238.
-    assert (cfg.data.rsna_test_fraction, cfg.data.val_fraction, cfg.data.split_seed) == (0.3, 0.1, 0)
-    assert round(238 * cfg.data.rsna_test_fraction) >= 50
+    assert (cfg.data.test_fraction, cfg.data.val_fraction, cfg.data.split_seed) == (0.3, 0.1, 0)
+    assert round(238 * cfg.data.test_fraction) >= 50
     if name in RECOMMENDED:  # split by person; merged: half the draws RSNA, selected on RSNA
         assert dict(cfg.data.patient_maps) == {"rsna": "nih_patient_map.csv"}
         merged = "merged" in name
@@ -72,7 +72,7 @@ def test_script_trains_evaluates_and_tabulates(tiny_data, tmp_path):
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"merged_pylon": str(run)}
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["sources"] == ["kaggle", "rsna"]
-    assert config["data"]["rsna_root"] == str(tiny_data / "rsna")
+    assert config["data"]["roots"]["rsna"] == str(tiny_data / "rsna")
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert set(metrics["localization"]) == {"pylon", "prior", "center"}
     assert set(metrics["classification"]["by_source"]) == {"kaggle", "rsna"}

@@ -84,7 +84,7 @@ def test_the_nih_patient_map_groups_rsna_733_films_by_person(realdata, tmp_path,
     root = realdata / "rsna_733"
     if not (root / "nih_patient_map.csv").is_file():
         pytest.skip("rsna_733/nih_patient_map.csv absent")
-    cfg = load_config("real_rsna_pylon_r18", [f"data.rsna_root={root}", f"data.cache_dir={tmp_path}",
+    cfg = load_config("real_rsna_pylon_r18", [f"data.roots.rsna={root}", f"data.cache_dir={tmp_path}",
                                               "data.patient_maps={rsna: nih_patient_map.csv}", "data.folds=5"])
     with caplog.at_level(logging.INFO):
         records = index_sources(cfg.data)

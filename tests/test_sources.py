@@ -18,7 +18,7 @@ from PIL import Image
 from pylon.config import ConfigError, DataConfig
 from pylon.data.pipeline import prepare_data
 from pylon.data.records import Box, DatasetLayoutError
-from pylon.data.sources import SOURCES, nih, root_key, source_root
+from pylon.data.sources import SOURCES, nih, reported_views
 
 SIDE = 40
 
@@ -28,15 +28,17 @@ def test_registry_modules_have_the_source_interface():
     for module in SOURCES.values():
         assert isinstance(module.MARKER, str) and isinstance(module.OFFICIAL_TEST, bool) and callable(module.index)
     assert [name for name, module in SOURCES.items() if module.OFFICIAL_TEST] == ["kaggle"]
+    assert all(isinstance(module.REPORT_VIEWS, tuple) for module in SOURCES.values())
+    assert reported_views() == {"rsna": ("AP", "PA")}  # NIH's views are kept on its records, not reported
 
 
-def test_source_root_prefers_data_roots():
+def test_every_source_root_is_named_in_data_roots():
     cfg = OmegaConf.structured(DataConfig)
-    assert source_root(cfg, "kaggle") == "datasets/kaggle" and root_key(cfg, "kaggle") == "kaggle_root"
-    assert source_root(cfg, "nih") is None
+    assert cfg.roots["kaggle"] == "datasets/kaggle"
+    assert cfg.roots.get("nih") is None
     cfg.roots = {"nih": "/data/nih", "rsna": "/elsewhere/rsna"}
-    assert source_root(cfg, "nih") == "/data/nih" and root_key(cfg, "nih") == "roots.nih"
-    assert source_root(cfg, "rsna") == "/elsewhere/rsna"
+    assert cfg.roots["nih"] == "/data/nih"
+    assert cfg.roots["rsna"] == "/elsewhere/rsna"
 
 
 def test_registry_imports_without_torch_or_opencv():
@@ -125,7 +127,7 @@ def test_nih_layout_error(tmp_path):
 def test_nih_through_split_and_cache(nih_root, tmp_path):
     cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), {
         "sources": ["nih"], "roots": {"nih": str(nih_root)}, "cache_dir": str(tmp_path / "cache"),
-        "image_size": 64, "num_workers": 0, "val_fraction": 0.2, "rsna_test_fraction": 0.2})
+        "image_size": 64, "num_workers": 0, "val_fraction": 0.2, "test_fraction": 0.2})
     data = prepare_data(cfg, progress=False)
     assert len(data.cache) == len(ENTRIES) - 1 and all(len(data.rows[s]) for s in ("train", "val", "test"))
     patients = {s: {r.patient_id for r in data.records(s)} for s in ("train", "val", "test")}
@@ -156,13 +158,23 @@ def _nih_config(nih_root: Path, tmp_path: Path, **data) -> Any:
         "num_workers": 0, **data})
 
 
+def test_a_given_normalization_is_used_as_it_is(nih_root, tmp_path, monkeypatch):
+    import pylon.data.pipeline as pipeline
+
+    cfg = _nih_config(nih_root, tmp_path, normalize_from_train=True)
+    computed = prepare_data(cfg, progress=False)
+    monkeypatch.setattr(pipeline, "pixel_mean_std", lambda *a, **k: pytest.fail("normalisation computed again"))
+    given = prepare_data(cfg, progress=False, normalization=(0.25, 0.5))
+    assert (given.mean, given.std) == (0.25, 0.5) != (computed.mean, computed.std)
+
+
 def test_an_empty_split_names_its_cause(nih_root, tmp_path):
     with pytest.raises(ConfigError, match=r"^the val split is empty: data.val_fraction=0.01 of 33 nih patients rounds "
                                           r"to none; raise data.val_fraction or add data$"):
         prepare_data(_nih_config(nih_root, tmp_path, val_fraction=0.01), progress=False)
     with pytest.raises(ConfigError, match=r"^the train split is empty: data.val_fraction=0.9 and "
-                                          r"data.rsna_test_fraction=0.9 of 33 nih patients leave none for training"):
-        prepare_data(_nih_config(nih_root, tmp_path, val_fraction=0.9, rsna_test_fraction=0.9), progress=False)
+                                          r"data.test_fraction=0.9 of 33 nih patients leave none for training"):
+        prepare_data(_nih_config(nih_root, tmp_path, val_fraction=0.9, test_fraction=0.9), progress=False)
     for image in nih_root.glob("images*/**/*.png"):
         image.write_bytes(b"")
     with pytest.raises(ConfigError, match=r"the train split is empty: none of the images could be read, see .*report"):

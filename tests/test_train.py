@@ -339,7 +339,7 @@ def test_paper_config_fails_fast_without_weights_or_data(tmp_path):
                      cwd=tmp_path, env=offline)
     assert done.returncode == 2, done.stderr
     (line,) = error_lines(done.stderr)
-    assert "data.kaggle_root" in line and "datasets/README.md" in line
+    assert "data.roots.kaggle" in line and "datasets/README.md" in line
     assert not (tmp_path / "runs").exists()
 
 
@@ -518,7 +518,7 @@ def test_unwritable_cache_folder_fails_in_one_line_naming_the_key(tiny_data, tmp
 def test_run_stores_absolute_data_roots_and_its_split_manifest(tiny_run):
     run = RunPaths(tiny_run)
     cfg = load_config(run.config)
-    assert all(Path(p).is_absolute() for p in (cfg.data.kaggle_root, cfg.data.rsna_root, cfg.data.cache_dir))
+    assert all(Path(p).is_absolute() for p in (cfg.data.roots.kaggle, cfg.data.roots.rsna, cfg.data.cache_dir))
     manifest = pd.read_csv(run.splits)
     data = prepare_data(cfg.data, progress=False)
     for split in ("train", "val", "test"):

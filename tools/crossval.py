@@ -12,7 +12,7 @@ Every fold run joins one W&B group named after the folder. ``--resume CV_DIR`` t
 evaluates only what is missing (an interrupted fold resumes from its last.pt).
 
 The folder is also the k fold models as one ensemble (mean probability, mean heatmap), for data
-outside the folds: ``python evaluate.py --run CV_DIR --localization --set data.rsna_root=/other
+outside the folds: ``python evaluate.py --run CV_DIR --localization --set data.roots.rsna=/other
 eval.split=all --out DIR``, ``python predict.py --run CV_DIR file.dcm``.
 """
 from __future__ import annotations

@@ -14,13 +14,13 @@ from typing import Any, Optional
 import cv2
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, WeightedRandomSampler
+from torch.utils.data import DataLoader, DistributedSampler, Sampler, WeightedRandomSampler
 
 from pylon import ConfigError
 from pylon.data.cache import ImageCache, build_cache, pixel_mean_std
 from pylon.data.dataset import CxrDataset, collate, eval_transform, reseed, seed_worker, train_transform
 from pylon.data.records import Record, with_patient_map
-from pylon.data.sources import SOURCES, root_key, source_root
+from pylon.data.sources import SOURCES
 from pylon.data.splits import split_records
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,10 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
     for name, source in SOURCES.items():  # registry order, whatever the config's order
         if name not in data_cfg.sources:
             continue
-        root, key = source_root(data_cfg, name), root_key(data_cfg, name)
+        root, key = data_cfg.roots.get(name), f"roots.{name}"
         if root is None:
-            raise ConfigError(f"data.{key} is null but its source is listed in data.sources")
+            raise ConfigError(f"data.{key} is not set but {name} is listed in data.sources; give its folder with "
+                              f"--set data.{key}=/path/to/it")
         if not (Path(root) / source.MARKER).exists():
             raise _missing(name, key, Path(root), source.MARKER)
         indexed = source.index(Path(root), Path(data_cfg.cache_dir))
@@ -82,27 +83,30 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
         records += indexed
     if not split:
         return [replace(r, split=ALL) for r in records]
-    return split_records(records, val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.rsna_test_fraction,
+    return split_records(records, val_fraction=data_cfg.val_fraction, test_fraction=data_cfg.test_fraction,
                          seed=data_cfg.split_seed, folds=(data_cfg.folds, data_cfg.fold) if data_cfg.folds else None)
 
 
-def prepare_data(data_cfg: Any, *, progress: bool = True, split: bool = True) -> PreparedData:
+def prepare_data(data_cfg: Any, *, progress: bool = True, split: bool = True,
+                 normalization: Optional[tuple[float, float]] = None) -> PreparedData:
     """The cached data of ``data_cfg``, split by patient; with ``split=False`` every readable
-    image is in one ``"all"`` split (scoring a trained run on another data set)."""
+    image is in one ``"all"`` split (scoring a trained run on another data set). Inputs are
+    normalised by ``normalization`` (mean, std) where given (a trained model's own), else by
+    data.mean and data.std, or by the training split's with data.normalize_from_train."""
     records = index_sources(data_cfg, split=split)
     cache = build_cache(records, Path(data_cfg.cache_dir), image_size=data_cfg.image_size, resize=data_cfg.resize,
                         workers=max(1, data_cfg.num_workers), progress=progress)
-    if not split:
-        return PreparedData(cache, {ALL: np.arange(len(cache))}, float(data_cfg.mean), float(data_cfg.std))
-    split_of = np.array([r.split for r in cache.records])
-    rows = {name: np.flatnonzero(split_of == name) for name in SPLITS}
-    for name in ("train", "val"):
-        if len(rows[name]) == 0:
-            raise ConfigError(f"the {name} split is empty: {_why_empty(name, cache, data_cfg)}")
-    mean, std = data_cfg.mean, data_cfg.std
-    if data_cfg.normalize_from_train:
-        mean, std = pixel_mean_std(cache, rows["train"])
-        log.info("normalisation from the training split: mean %.4f, std %.4f", mean, std)
+    rows = {ALL: np.arange(len(cache))}
+    if split:
+        split_of = np.array([r.split for r in cache.records])
+        rows = {name: np.flatnonzero(split_of == name) for name in SPLITS}
+        for name in ("train", "val"):
+            if len(rows[name]) == 0:
+                raise ConfigError(f"the {name} split is empty: {_why_empty(name, cache, data_cfg)}")
+        if normalization is None and data_cfg.normalize_from_train:
+            normalization = pixel_mean_std(cache, rows["train"])
+            log.info("normalisation from the training split: mean %.4f, std %.4f", *normalization)
+    mean, std = normalization or (data_cfg.mean, data_cfg.std)
     return PreparedData(cache, rows, float(mean), float(std))
 
 
@@ -115,7 +119,7 @@ def _why_empty(split: str, cache: ImageCache, data_cfg: Any) -> str:
     if split == "val":
         return (f"data.val_fraction={data_cfg.val_fraction} of {counts} patients rounds to none; raise "
                 "data.val_fraction or add data")
-    return (f"data.val_fraction={data_cfg.val_fraction} and data.rsna_test_fraction={data_cfg.rsna_test_fraction} "
+    return (f"data.val_fraction={data_cfg.val_fraction} and data.test_fraction={data_cfg.test_fraction} "
             f"of {counts} patients leave none for training; lower them or add data")
 
 
@@ -123,26 +127,38 @@ def split_loader(data: PreparedData, split: str, data_cfg: Any, batch_size: int,
                  rank: int = 0, world_size: int = 1) -> DataLoader:
     """A loader over one split; call ``set_loader_epoch`` before each epoch for reproducible order.
     Evaluation loaders shard rows across processes without padding (every image once)."""
-    rows = data.rows[split] if train else data.rows[split][rank::world_size]
-    if train and data_cfg.augment.enabled:
+    if not train:
+        return rows_loader(data, data.rows[split][rank::world_size], data_cfg, batch_size, seed=seed + rank)
+    if data_cfg.augment.enabled:
         transform = train_transform(data_cfg.image_size, data_cfg.augment, mean=data.mean, std=data.std)
     else:
         transform = eval_transform(data_cfg.image_size, mean=data.mean, std=data.std)
-    dataset = CxrDataset(data.cache, rows, transform)
-    sampler = _weighted_sampler(data, split, data_cfg, seed) if train else None
-    if train and sampler is None:
+    dataset = CxrDataset(data.cache, data.rows[split], transform)
+    sampler = _weighted_sampler(data, split, data_cfg, seed)
+    if sampler is None:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
+    # Each process draws its own augmentations; the sampler already splits the images.
+    return _loader(dataset, sampler, data_cfg, batch_size, seed + rank)
+
+
+def rows_loader(data: PreparedData, rows: np.ndarray, data_cfg: Any, batch_size: int, *, seed: int = 0) -> DataLoader:
+    """An evaluation loader over the cache ``rows``, in their order and unaugmented."""
+    dataset = CxrDataset(data.cache, rows, eval_transform(data_cfg.image_size, mean=data.mean, std=data.std))
+    return _loader(dataset, None, data_cfg, batch_size, seed)
+
+
+def _loader(dataset: CxrDataset, sampler: Optional[Sampler], data_cfg: Any, batch_size: int, seed: int) -> DataLoader:
+    """The DataLoader of both kinds: a training one has a sampler and drops its last partial batch."""
     if data_cfg.num_workers > 0:
         # OpenCV's thread pool does not survive fork: a worker that reconfigures it (as
         # seed_worker does) can wait forever on a condition copied mid-wait from a parent thread
         cv2.setNumThreads(1)
     else:
-        reseed(transform, seed + rank)  # main-process loading: one seeded stream (workers seed themselves)
-    # Each process draws its own augmentations; the sampler already splits the images.
+        reseed(dataset.transform, seed)  # main-process loading: one seeded stream (workers seed themselves)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=data_cfg.num_workers,
-                      collate_fn=collate, worker_init_fn=seed_worker, drop_last=train,
-                      generator=torch.Generator().manual_seed(int(seed + rank)), pin_memory=torch.cuda.is_available())
+                      collate_fn=collate, worker_init_fn=seed_worker, drop_last=sampler is not None,
+                      generator=torch.Generator().manual_seed(int(seed)), pin_memory=torch.cuda.is_available())
 
 
 def draw_weights(data: PreparedData, split: str, data_cfg: Any) -> np.ndarray:

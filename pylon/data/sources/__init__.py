@@ -1,26 +1,28 @@
 """The data sources: one module each, registered in SOURCES by the name configs use.
 
-A source module exposes MARKER (a path under its root that must exist), OFFICIAL_TEST (True
-when it ships its own test split, which the splitter then keeps), IDS_NAME_FILMS (True when
-its patient ids name films rather than people, so that a run without ``data.patient_maps``
-says so) and
-``index(root: Path, cache_dir: Optional[Path]) -> list[Record]``. Adding a source is one
-module plus one line here. Importing this package loads neither torch nor OpenCV.
+A source module exposes MARKER (a path under its root, ``data.roots.<name>``, that must exist),
+OFFICIAL_TEST (True when it ships its own test split, which the splitter then keeps; otherwise
+``data.test_fraction`` of its patients are held out), IDS_NAME_FILMS (True when its patient ids
+name films rather than people, so that a run without ``data.patient_maps`` says so),
+REPORT_VIEWS (the views evaluation also reports its images by, e.g. RSNA's AP and PA; () for
+none) and ``index(root: Path, cache_dir: Optional[Path]) -> list[Record]``. Adding a source is
+one module plus one line here. Importing this package loads neither torch nor OpenCV.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
-
+from pylon.data.records import Record
 from pylon.data.sources import kaggle, nih, rsna
 
 SOURCES = {"kaggle": kaggle, "rsna": rsna, "nih": nih}
 
 
-def source_root(data_cfg: Any, name: str) -> Optional[str]:
-    """The configured root of source `name`: ``data.roots[name]``, else ``data.<name>_root``."""
-    return data_cfg.roots[name] if name in data_cfg.roots else data_cfg.get(f"{name}_root")
+def report_group(record: Record) -> str:
+    """The view ``record`` is also reported under (metrics.json's ``by_view``, the tables, the
+    shortcut probe), or "" where its source reports none: views of sources that do not declare
+    them in REPORT_VIEWS never pool with another source's."""
+    return (record.view or "") if SOURCES[record.source].REPORT_VIEWS else ""
 
 
-def root_key(data_cfg: Any, name: str) -> str:
-    """The config key that holds source `name`'s root, for messages."""
-    return f"roots.{name}" if name in data_cfg.roots else f"{name}_root"
+def reported_views() -> dict[str, tuple[str, ...]]:
+    """Source name -> the views it declares in REPORT_VIEWS, for the sources that declare any."""
+    return {name: tuple(module.REPORT_VIEWS) for name, module in SOURCES.items() if module.REPORT_VIEWS}

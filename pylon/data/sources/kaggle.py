@@ -20,6 +20,7 @@ from pylon.data.records import DatasetLayoutError, Record, warn_problems
 MARKER = "chest_xray"
 OFFICIAL_TEST = True
 IDS_NAME_FILMS = False  # its patient ids name people
+REPORT_VIEWS = ()  # the download records no view
 
 SPLITS = ("train", "val", "test")
 LABEL_FOLDERS = {"NORMAL": 0, "PNEUMONIA": 1}

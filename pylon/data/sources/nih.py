@@ -21,6 +21,7 @@ from pylon.data.sources.rsna import MAX_PLAUSIBLE_AGE, parse_age
 MARKER = "BBox_List_2017.csv"
 OFFICIAL_TEST = False
 IDS_NAME_FILMS = False  # its patient ids name people
+REPORT_VIEWS = ()  # its records keep View Position, but reports break views down for RSNA alone
 
 ENTRIES = "Data_Entry_2017.csv"
 EFFECTS = {  # what indexing does with each kind of problem, said in its warning

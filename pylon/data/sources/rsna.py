@@ -26,6 +26,9 @@ from pylon.data.records import Box, DatasetLayoutError, Record, label_file, warn
 MARKER = "stage_2_train_labels.csv"
 OFFICIAL_TEST = False
 IDS_NAME_FILMS = True  # patientId names a film, not a person: data.patient_maps groups a person's films
+# Reported per view too: AP films (mostly bedside, sicker patients) differ from PA ones both in look
+# and in how often they show pneumonia, so a merged figure can hide a gap between them.
+REPORT_VIEWS = ("AP", "PA")
 
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 MAX_PLAUSIBLE_AGE = 120  # the official file has a few ages like 148 and 155: typos
