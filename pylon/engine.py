@@ -38,6 +38,7 @@ from pylon.distributed import Dist, gather, init_distributed, main_first
 from pylon.inference import overlays, predict_loader
 from pylon.metrics import classification_metrics, youden_threshold
 from pylon.models import build_model, init_from, unwrap
+from pylon.optim import build_loss, build_optimizer, build_scheduler, step_scheduler
 from pylon.runs import (RunPaths, absolute_roots, check_splits, check_writable, new_run, training_lock,
                         write_splits)
 from pylon.tracking import Tracker
@@ -191,20 +192,6 @@ def validation_images(model: nn.Module, data: PreparedData, n: int, cfg_train: A
 # --------------------------------------------------------------------------- the run
 
 
-def build_optimizer(model: nn.Module, cfg_train: Any) -> torch.optim.Optimizer:
-    kind = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[cfg_train.optimizer]
-    return kind(model.parameters(), lr=cfg_train.lr, weight_decay=cfg_train.weight_decay)
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg_train: Any) -> Optional[Any]:
-    if cfg_train.scheduler == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(
-            optimizer, mode="min", factor=cfg_train.plateau_factor, patience=cfg_train.plateau_patience)
-    if cfg_train.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg_train.epochs, eta_min=cfg_train.min_lr)
-    return None
-
-
 def setup(cfg: Any, d: Dist) -> tuple[nn.Module, PreparedData, torch.optim.Optimizer, torch.amp.GradScaler, nn.Module]:
     """Model, data, optimizer, AMP scaler and loss of ``cfg``, built in the one order that makes a
     run reproducible: seed, then the model (missing pretrained weights fail before the data is
@@ -229,7 +216,7 @@ def setup(cfg: Any, d: Dist) -> tuple[nn.Module, PreparedData, torch.optim.Optim
     model = precision.layout(model)
     optimizer = build_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler(d.device.type, enabled=precision.needs_loss_scaling)
-    return model, data, optimizer, scaler, build_loss(cfg.train, data, d.device)
+    return model, data, optimizer, scaler, build_loss(cfg.train, data.prevalence("train"), d.device)
 
 
 def start_epoch(loader: Any, cfg_train: Any, epoch: int, rank: int = 0) -> None:
@@ -356,15 +343,6 @@ def _restore(saved: dict, path: Path, cfg: Any, model: nn.Module, optimizer: tor
         raise CheckpointError(f"{path}: not a training checkpoint of this config ({err})") from None
 
 
-def build_loss(cfg_train: Any, data: PreparedData, device: torch.device) -> nn.Module:
-    """BCE on the logits, with ``train.pos_weight`` ('auto': negatives per positive in the training split)."""
-    pos_weight = cfg_train.pos_weight
-    if pos_weight == "auto":  # both classes are there: setup refuses a one-class training split
-        p = data.prevalence("train")
-        pos_weight = (1 - p) / p
-    return nn.BCEWithLogitsLoss(pos_weight=None if pos_weight is None else torch.tensor([float(pos_weight)], device=device))
-
-
 def _record_epoch(state: LoopState, epoch: int, select: float, metrics: dict, cfg_train: Any, lr: float) -> bool:
     """``state`` once epoch ``epoch`` (from 0) scored ``select`` (train.select_on's val loss): the
     best so far, patience and the stop rules (``lr``: after the scheduler's step); whether it improved."""
@@ -432,7 +410,7 @@ def _epochs(f: Fitting, on_epoch: Optional[OnEpoch]) -> None:
             started = time.time()
             train_loss = train_one_epoch(f, train_model, train_loader)
             val, metrics, row = _validate_epoch(f, val_loader, epoch, train_loss, started)
-            _step_scheduler(f.scheduler, row["val_select_loss"])
+            step_scheduler(f.scheduler, row["val_select_loss"])
             improved = _record_epoch(state, epoch, row["val_select_loss"], metrics, cfg.train,
                                      f.optimizer.param_groups[0]["lr"])
             # Asked even when a stop rule fired, so the caller sees every epoch; all ranks follow rank 0.
@@ -505,13 +483,6 @@ def _validate_epoch(f: Fitting, loader: Any, epoch: int, train_loss: float,
            **{f"val_loss_{k}": v for k, v in val["source_losses"].items()},
            "val_select_loss": selection_loss(val, f.cfg.train.select_on)}
     return val, metrics, row
-
-
-def _step_scheduler(scheduler: Optional[Any], select: float) -> None:
-    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-        scheduler.step(select)
-    elif scheduler is not None:
-        scheduler.step()
 
 
 def _save_epoch(f: Fitting, epoch: int, val: dict[str, Any], metrics: dict[str, Any], select: float,

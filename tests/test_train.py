@@ -25,8 +25,9 @@ from pylon.checkpoint import CheckpointError, load_checkpoint, load_weights
 from pylon.config import ConfigError, load_config, to_dict
 from pylon.data.pipeline import prepare_data
 from pylon.device import choose_precision, seed_everything
-from pylon.engine import TrainingDiverged, build_optimizer, build_scheduler
+from pylon.engine import TrainingDiverged
 from pylon.models import build_model
+from pylon.optim import build_optimizer, build_scheduler
 from pylon.runs import RunPaths
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "val_sensitivity",
