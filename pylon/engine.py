@@ -34,7 +34,7 @@ from pylon.config import to_dict, to_yaml
 from pylon.data.pipeline import SPLITS, PreparedData, describe_draws, prepare_data, set_loader_epoch, split_loader
 from pylon.heatmaps import box_prior
 from pylon.device import bar_disabled, choose_precision, describe_precision, seed_everything
-from pylon.distributed import Dist, gather, init_distributed, main_first
+from pylon.distributed import Dist, broadcast_buffers, gather, init_distributed, main_first, mean_over
 from pylon.inference import overlays, predict_loader
 from pylon.metrics import classification_metrics, youden_threshold
 from pylon.models import build_model, init_from, unwrap
@@ -79,16 +79,6 @@ def check_loss(value: float, where: str, last_good: str) -> float:
     return value
 
 
-def _agreed_loss(loss: torch.Tensor, d: Dist) -> torch.Tensor:
-    """The batch loss, averaged over processes: all must agree on stopping, or some would wait forever."""
-    value = loss.detach()
-    if d.world_size > 1:
-        value = value.clone()
-        dist.all_reduce(value)
-        value /= d.world_size
-    return value
-
-
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                scaler: torch.amp.GradScaler, d: Dist, cfg_train: Any) -> torch.Tensor:
     """One optimizer step (precision and layout as ``choose_precision`` says, clipping as
@@ -100,7 +90,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
     with precision.autocast():
         logits = model(images).logits
     loss = loss_fn(logits.float(), labels)
-    value = _agreed_loss(loss, d)
+    value = mean_over(loss.detach(), d)  # all processes must agree on stopping, or some would wait forever
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     if cfg_train.grad_clip:
@@ -470,9 +460,7 @@ def train_one_epoch(f: Fitting, model: nn.Module, loader: Any) -> float:
 def _validate_epoch(f: Fitting, loader: Any, epoch: int, train_loss: float,
                     started: float) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Validation after epoch ``epoch`` (from 0): the gathered predictions, their metrics and the history row."""
-    if f.d.world_size > 1:  # rank 0's BatchNorm statistics are the ones saved, so validate with them
-        for buffer in unwrap(f.model).buffers():
-            dist.broadcast(buffer, src=0)
+    broadcast_buffers(unwrap(f.model), f.d)  # rank 0's BatchNorm statistics are the ones saved: validate with them
     val = validate(f.model, loader, f.d, f.cfg.train, f.loss_fn, f"epoch {epoch + 1} val")
     check_loss(val["loss"], f"validation (epoch {epoch + 1})", f.last_good)  # the same on every rank
     metrics = classification_metrics(val["labels"], val["probs"])
