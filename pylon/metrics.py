@@ -235,6 +235,16 @@ def group_block(labels: np.ndarray, probs: np.ndarray, patients: Optional[np.nda
     return block
 
 
+def classification_section(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray, groups: Mapping[str, Any],
+                           youden: Optional[float], n_boot: int, seed: int) -> dict:
+    """The classification numbers of a metrics.json: ``group_block`` of all images with the
+    bootstrap's settings, then ``by_<name>``: a block per value of each of ``groups``
+    (``{"source": each image's source}`` gives ``by_source``)."""
+    block = partial(group_block, youden=youden, n_boot=n_boot, seed=seed)
+    return {**block(labels, probs, patients), "bootstrap_resamples": n_boot, "bootstrap_unit": "patient",
+            **{f"by_{name}": by_group(block, values, labels, probs, patients) for name, values in groups.items()}}
+
+
 # ============================================================================ localization
 
 
