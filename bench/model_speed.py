@@ -20,9 +20,10 @@ from torch import nn
 from common import interleaved, medians, model_config, parser, timed
 from pylon.device import choose_precision, resolve_device
 from pylon.distributed import Dist
-from pylon.engine import build_optimizer, train_step
+from pylon.engine import train_step
 from pylon.inference import probabilities
 from pylon.models import build_model
+from pylon.optim import build_optimizer
 
 MODELS = {"pylon_r18": ["model.backbone=resnet18"], "pylon_r50": [], "resnet50": ["model.arch=baseline"]}
 KINDS = ("infer", "train")

@@ -58,6 +58,22 @@ def gather(obj: Any, d: Dist) -> list[Any]:
     return out
 
 
+def mean_over(value: torch.Tensor, d: Dist) -> torch.Tensor:
+    """``value`` averaged over the processes (itself with one process)."""
+    if d.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= d.world_size
+    return value
+
+
+def broadcast_buffers(module: torch.nn.Module, d: Dist) -> None:
+    """Every process takes rank 0's buffers of ``module`` (e.g. BatchNorm's running statistics)."""
+    if d.world_size > 1:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
 def main_first(d: Dist, build: Callable[[], T]) -> T:
     """``build`` on rank 0 (which caches the data once), then on the others; a rank-0 failure is
     passed on so that no process waits forever."""

@@ -31,8 +31,8 @@ from pylon.data.sources import report_group
 from pylon.heatmaps import heatmaps, methods_for, resolve_methods
 from pylon.device import bar_disabled
 from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, predict_split
-from pylon.metrics import (LOCALIZATION_METRICS, POINTING_KEY, argmax_points, bootstrap_ci, by_group,
-                           energy_in_box, group_block, jsonable, laterality_hits, pointing_game)
+from pylon.metrics import (LOCALIZATION_METRICS, POINTING_KEY, argmax_points, bootstrap_ci,
+                           classification_section, energy_in_box, jsonable, laterality_hits, pointing_game)
 from pylon.runs import RunPaths, check_splits, replacing_folder
 from pylon.tables import classification_table, localization_table
 from pylon.tracking import Tracker
@@ -45,11 +45,11 @@ N_FAILURES = 16  # images per failure gallery
 
 def classification_report(evaluated: SplitPredictions, youden: Optional[float],
                           n_boot: int, seed: int) -> dict:
-    """The ``classification`` section of metrics.json."""
-    y, p, g = evaluated.labels, evaluated.probs, evaluated.patients
-    block = lambda yy, pp, gg: group_block(yy, pp, gg, youden, n_boot, seed)  # noqa: E731
-    report = {"split": evaluated.split, **block(y, p, g), "loss": evaluated.loss, "bootstrap_resamples": n_boot,
-              "bootstrap_unit": "patient"}
+    """The ``classification`` section of metrics.json: ``metrics.classification_section`` with the
+    split, its loss and where the Youden threshold was chosen."""
+    groups = {"source": evaluated.sources, "view": evaluated.views}
+    report = {"split": evaluated.split, "loss": evaluated.loss, **classification_section(
+        evaluated.labels, evaluated.probs, evaluated.patients, groups, youden, n_boot, seed)}
     if youden is None:
         report["threshold_youden"] = {"threshold": None, "chosen_on": "val",
                                       "note": "no Youden threshold: the val split had one class"}
@@ -57,8 +57,6 @@ def classification_report(evaluated: SplitPredictions, youden: Optional[float],
         report["threshold_youden"] = {"threshold": youden, "chosen_on": "val", **report["threshold_youden"]}
         if evaluated.split == "val":
             report["threshold_youden"]["note"] = "chosen and evaluated on the same (val) split: optimistic"
-    report["by_source"] = by_group(block, evaluated.sources, y, p, g)
-    report["by_view"] = by_group(block, evaluated.views, y, p, g)
     return report
 
 

@@ -37,9 +37,7 @@ _CHUNK_PIXELS = 1 << 24  # upsampled maps are arg-maxed in chunks of about this 
 
 
 def _numpy(values: Any) -> np.ndarray:
-    if isinstance(values, torch.Tensor):
-        return values.detach().cpu().numpy()
-    return np.asarray(values)
+    return values.detach().cpu().numpy() if isinstance(values, torch.Tensor) else np.asarray(values)
 
 
 def binary_inputs(labels: Any, probs: Any) -> tuple[np.ndarray, np.ndarray]:
@@ -57,13 +55,9 @@ def jsonable(obj: Any) -> Any:
         return [jsonable(v) for v in obj]
     if isinstance(obj, (np.ndarray, torch.Tensor)):
         return jsonable(_numpy(obj).tolist())
-    if isinstance(obj, (bool, np.bool_)):
-        return bool(obj)
-    if isinstance(obj, (int, np.integer)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
+    if isinstance(obj, np.generic):  # a numpy bool, integer or float: its Python value
+        obj = obj.item()
+    return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
 # ============================================================================ classification
@@ -76,13 +70,8 @@ def _ratios(tp: Any, fp: Any, tn: Any, fn: Any) -> dict:
     def ratio(num, den):
         return np.where(den > 0, num / np.maximum(den, 1), np.nan)
 
-    return {
-        "accuracy": ratio(tp + tn, tp + fp + tn + fn),
-        "sensitivity": ratio(tp, tp + fn),
-        "specificity": ratio(tn, tn + fp),
-        "precision": ratio(tp, tp + fp),
-        "f1": ratio(2 * tp, 2 * tp + fp + fn),
-    }
+    return {"accuracy": ratio(tp + tn, tp + fp + tn + fn), "sensitivity": ratio(tp, tp + fn),
+            "specificity": ratio(tn, tn + fp), "precision": ratio(tp, tp + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
 
 
 def classification_metrics(labels: Any, probs: Any, threshold: float = 0.5) -> dict:
@@ -91,23 +80,15 @@ def classification_metrics(labels: Any, probs: Any, threshold: float = 0.5) -> d
     y, p = binary_inputs(labels, probs)
     tn, fp, fn, tp = (int(v) for v in confusion_matrix(y, p >= threshold, labels=[False, True]).ravel())
     n, n_pos = int(y.size), int(y.sum())
-    notes = []
-    if 0 < n_pos < n:
-        auroc = float(roc_auc_score(y, p))
-    else:
-        auroc = math.nan
-        notes.append(f"auroc undefined: only one class present (n_pos={n_pos} of n={n})")
-    if n_pos == 0:
-        notes.append("sensitivity undefined: no positive labels")
-    if n_pos == n:
-        notes.append("specificity undefined: no negative labels")
-    if tp + fp == 0:
-        notes.append("precision undefined: nothing was predicted positive")
+    notes = [note for note, undefined in (
+        (f"auroc undefined: only one class present (n_pos={n_pos} of n={n})", not 0 < n_pos < n),
+        ("sensitivity undefined: no positive labels", n_pos == 0),
+        ("specificity undefined: no negative labels", n_pos == n),
+        ("precision undefined: nothing was predicted positive", tp + fp == 0)) if undefined]
+    auroc = float(roc_auc_score(y, p)) if 0 < n_pos < n else math.nan
     result = {"auroc": auroc, **{k: float(v) for k, v in _ratios(tp, fp, tn, fn).items()}}
     result.update(n=n, n_pos=n_pos, tp=tp, fp=fp, tn=tn, fn=fn, threshold=float(threshold))
-    if notes:
-        result["note"] = "; ".join(notes)
-    return result
+    return {**result, "note": "; ".join(notes)} if notes else result
 
 
 def _auroc_rows(y: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -233,39 +214,48 @@ def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 10) -> flo
     return float(np.sum(weights * np.abs(bins.frac_pos[filled] - bins.mean_prob[filled])))
 
 
-def _with_ci(labels: np.ndarray, probs: np.ndarray, threshold: float, n_boot: int, seed: int,
-             with_auroc: bool = True, patients: Optional[np.ndarray] = None) -> dict:
-    """``classification_metrics`` with percentile-bootstrap 95% intervals (the same resamples for
-    all), resampling ``patients`` whole when given."""
-    result = classification_metrics(labels, probs, threshold)
-    if not with_auroc:
-        result.pop("auroc")
-    if n_boot >= 1:
-        statistic = partial(classification_rows, threshold=threshold, auroc=with_auroc)
-        result["ci"] = bootstrap_ci(statistic, labels, probs, n_boot=n_boot, seed=seed, groups=patients)
-    return result
-
-
 def group_block(labels: np.ndarray, probs: np.ndarray, patients: Optional[np.ndarray], youden: Optional[float],
                 n_boot: int, seed: int) -> dict:
-    """One group's metrics at 0.5 and at the val-chosen Youden threshold, with ECE."""
-    block = {**_with_ci(labels, probs, 0.5, n_boot, seed, patients=patients),
-             "ece": expected_calibration_error(labels, probs)}
+    """One group's metrics at 0.5 and at the val-chosen Youden threshold (without AUROC, which no
+    threshold changes), with ECE; percentile-bootstrap 95% intervals, the same resamples for all,
+    that resample ``patients`` whole when given."""
+
+    def at(threshold: float, auroc: bool) -> dict:
+        result = classification_metrics(labels, probs, threshold)
+        if not auroc:
+            result.pop("auroc")
+        if n_boot >= 1:
+            statistic = partial(classification_rows, threshold=threshold, auroc=auroc)
+            result["ci"] = bootstrap_ci(statistic, labels, probs, n_boot=n_boot, seed=seed, groups=patients)
+        return result
+
+    block = {**at(0.5, True), "ece": expected_calibration_error(labels, probs)}
     if youden is not None:
-        block["threshold_youden"] = _with_ci(labels, probs, youden, n_boot, seed, with_auroc=False, patients=patients)
+        block["threshold_youden"] = at(youden, False)
     return block
+
+
+def classification_section(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray, groups: Mapping[str, Any],
+                           youden: Optional[float], n_boot: int, seed: int) -> dict:
+    """The classification numbers of a metrics.json: ``group_block`` of all images with the
+    bootstrap's settings, then ``by_<name>``: a block per value of each of ``groups``
+    (``{"source": each image's source}`` gives ``by_source``)."""
+    block = partial(group_block, youden=youden, n_boot=n_boot, seed=seed)
+    return {**block(labels, probs, patients), "bootstrap_resamples": n_boot, "bootstrap_unit": "patient",
+            **{f"by_{name}": by_group(block, values, labels, probs, patients) for name, values in groups.items()}}
 
 
 # ============================================================================ localization
 
 
-def _box_corners(boxes: Boxes, n_images: int) -> tuple[np.ndarray, np.ndarray]:
-    """All boxes as one (M, 4) array of ``(x0, y0, x1, y1)`` and the image each belongs to."""
-    assert len(boxes) == n_images, f"boxes for {len(boxes)} images, points/maps for {n_images}"
+def _points_and_boxes(points_xy: Any, boxes: Boxes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (N, 2) points; all boxes as one (M, 4) array of ``(x0, y0, x1, y1)`` and the image each belongs to."""
+    pts = _numpy(points_xy).astype(np.float64).reshape(-1, 2)
+    assert len(boxes) == len(pts), f"boxes for {len(boxes)} images, points for {len(pts)}"
     per_image = [np.asarray([] if b is None else b, dtype=np.float64).reshape(-1, 4) for b in boxes]
     xywh = np.concatenate(per_image) if per_image else np.zeros((0, 4))
-    owner = np.repeat(np.arange(n_images), [len(b) for b in per_image])
-    return np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), owner
+    owner = np.repeat(np.arange(len(pts)), [len(b) for b in per_image])
+    return pts, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), owner
 
 
 def _heatmap_tensor(heatmaps: Any) -> torch.Tensor:
@@ -299,20 +289,16 @@ def box_mask(boxes: Sequence[Sequence[float]], image_size: Sequence[int]) -> np.
     """(H, W) bool: the pixels whose centre lies in any ``(x, y, w, h)`` box (edges count)."""
     height, width = (int(v) for v in image_size)
     centres_x, centres_y = np.arange(width) + 0.5, np.arange(height) + 0.5
-    mask = np.zeros((height, width), dtype=bool)
-    for x, y, w, h in np.asarray(boxes, dtype=np.float64).reshape(-1, 4):
-        cols = (centres_x >= x) & (centres_x <= x + w)
-        rows = (centres_y >= y) & (centres_y <= y + h)
-        mask |= rows[:, None] & cols[None, :]
-    return mask
+    x, y, w, h = np.asarray(boxes, dtype=np.float64).reshape(-1, 4).T[:, :, None]  # each (boxes, 1)
+    cols, rows = (centres_x >= x) & (centres_x <= x + w), (centres_y >= y) & (centres_y <= y + h)
+    return rows.T.astype(np.int64) @ cols.astype(np.int64) > 0  # how many boxes hold each pixel, > 0
 
 
 def pointing_game(points_xy: Any, boxes: Boxes, tolerance: float = 0.0) -> np.ndarray:
     """(N,) 1.0 when the point lies within ``tolerance`` (Euclidean) of one of its image's
     boxes, else 0.0; nan for images without boxes. ``tolerance=0`` is containment, edges
     inclusive; Zhang et al. 2016 (TorchRay) use 15 px in the original image frame."""
-    pts = _numpy(points_xy).astype(np.float64).reshape(-1, 2)
-    corners, owner = _box_corners(boxes, len(pts))
+    pts, corners, owner = _points_and_boxes(points_xy, boxes)
     px, py = pts[owner, 0], pts[owner, 1]
     # Distance from a point to a closed rectangle: per axis, how far outside it lies.
     dx = np.maximum(np.maximum(corners[:, 0] - px, px - corners[:, 2]), 0.0)
@@ -351,8 +337,7 @@ def laterality_hits(points_xy: Any, boxes: Boxes, width: float) -> np.ndarray:
     """(N,) 1.0 / 0.0: the point is on the side of the midline ``width / 2`` where all the
     image's box centres lie; nan without boxes or with boxes on both sides. An image-blind
     point cannot score well on both sides at once."""
-    pts = _numpy(points_xy).astype(np.float64).reshape(-1, 2)
-    corners, owner = _box_corners(boxes, len(pts))
+    pts, corners, owner = _points_and_boxes(points_xy, boxes)
     midline, n = float(width) / 2.0, len(pts)
     centre_x = (corners[:, 0] + corners[:, 2]) / 2.0
     n_boxes = np.bincount(owner, minlength=n)

@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT, load_script, tiny_overrides
-from pylon import engine
+from pylon import engine, trainstate
 from pylon.checkpoint import load_checkpoint
 from pylon.config import load_config, to_dict
 from pylon.runs import RunPaths
@@ -83,9 +83,9 @@ def test_on_epoch_true_ends_the_run_after_that_epoch_like_an_early_stop(tiny_dat
     history = pd.read_csv(run.history)
     assert [epoch for epoch, _ in asked] == [1, 2] and history["epoch"].tolist() == [1, 2]
     assert [row["val_loss"] for _, row in asked] == pytest.approx(history["val_loss"].tolist())
-    assert summary["stop_reason"] == engine.PRUNED == "stopped by the sweep's pruner"
+    assert summary["stop_reason"] == trainstate.PRUNED == "stopped by the sweep's pruner"
     loop = load_checkpoint(run.last)["loop"]
-    assert loop["epoch"] == 2 and loop["stop_reason"] == engine.PRUNED and run.best.is_file()
+    assert loop["epoch"] == 2 and loop["stop_reason"] == trainstate.PRUNED and run.best.is_file()
     capsys.readouterr()
     assert train_script.main(["--resume", str(run.root)]) == 0  # a finished run, not an interrupted one
     assert "nothing to resume" in capsys.readouterr().out and len(pd.read_csv(run.history)) == 2
@@ -128,7 +128,7 @@ def test_sweep_runs_complete_trial_folders_prunes_continues_and_writes_best(tiny
         # Every epoch was reported, also the last one, where the all-epochs rule had already fired.
         assert list(trial.intermediate_values.values()) == pytest.approx(history["val_loss"].tolist())
         reason = load_checkpoint(run.last)["loop"]["stop_reason"]
-        assert reason == (engine.PRUNED if row["state"] == "PRUNED" else engine.ALL_EPOCHS_DONE)
+        assert reason == (trainstate.PRUNED if row["state"] == "PRUNED" else trainstate.ALL_EPOCHS_DONE)
     assert set(sweep.VAL_METRICS) == {c for c in history.columns if c.startswith("val_")
                                       and not c.startswith(sweep.SOURCE_LOSS)}
     assert {c for c in history.columns if c.startswith(sweep.SOURCE_LOSS)} == {"val_loss_kaggle", "val_loss_rsna"}

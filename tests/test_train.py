@@ -25,9 +25,10 @@ from pylon.checkpoint import CheckpointError, load_checkpoint, load_weights
 from pylon.config import ConfigError, load_config, to_dict
 from pylon.data.pipeline import prepare_data
 from pylon.device import choose_precision, seed_everything
-from pylon.engine import TrainingDiverged, build_optimizer, build_scheduler
 from pylon.models import build_model
+from pylon.optim import build_optimizer, build_scheduler
 from pylon.runs import RunPaths
+from pylon.trainstate import TrainingDiverged
 
 HISTORY_COLUMNS = ["epoch", "train_loss", "val_loss", "val_auroc", "val_accuracy", "val_sensitivity",
                    "val_specificity", "lr"]
@@ -644,7 +645,7 @@ def test_select_on_a_source_chooses_best_pt_and_stops_on_that_sources_val_loss(t
 
 
 def test_selection_losses_pooled_mean_of_sources_or_one_source():
-    from pylon.engine import selection_loss
+    from pylon.trainstate import selection_loss
 
     val = {"loss": 0.5, "source_losses": {"kaggle": 0.2, "rsna": 1.0}}
     assert [selection_loss(val, name) for name in ("pooled", "mean_sources", "rsna")] == [0.5, 0.6, 1.0]

@@ -137,18 +137,16 @@ def _spread(values: list[float]) -> dict:
 
 def pool(folder: Path, runs: Sequence[Path], n_boot: int, seed: int) -> dict:
     """The pooled report of the fold runs, written to ``folder/eval``; returns metrics.json's content."""
-    from pylon.evaluation import group_block, localization_report
-    from pylon.metrics import LOCALIZATION_METRICS, POINTING_KEY, by_group, jsonable
+    from pylon.evaluation import localization_report
+    from pylon.metrics import LOCALIZATION_METRICS, POINTING_KEY, classification_section, jsonable
 
     predictions, localization = _fold_frames(runs)
-    y, p = predictions.label.to_numpy(), predictions.prob.to_numpy(np.float64)
-    g = predictions.patient_id.to_numpy(str)
-    block = lambda yy, pp, gg: group_block(yy, pp, gg, None, n_boot, seed)  # noqa: E731
+    groups = {"source": predictions.source.to_numpy(str), "view": predictions.view.to_numpy(str)}
     pooled_sources = ", ".join(sorted(set(predictions.source)))
-    classification = {"split": f"test of each of {len(runs)} folds, pooled ({pooled_sources})", **block(y, p, g),
-                      "bootstrap_resamples": n_boot, "bootstrap_unit": "patient",
-                      "by_source": by_group(block, predictions.source.to_numpy(str), y, p, g),
-                      "by_view": by_group(block, predictions.view.to_numpy(str), y, p, g)}
+    # No Youden threshold: each fold chose its own on its own val split, so none belongs to the pool.
+    classification = {"split": f"test of each of {len(runs)} folds, pooled ({pooled_sources})", **classification_section(
+        predictions.label.to_numpy(), predictions.prob.to_numpy(np.float64), predictions.patient_id.to_numpy(str),
+        groups, None, n_boot, seed)}
     columns = {"point_acc": "point_acc_hit", POINTING_KEY: f"{POINTING_KEY}_hit", "energy_in_box": "energy_in_box",
                "laterality_acc": "laterality_hit"}
     values, views, patients = {}, None, None

@@ -111,7 +111,7 @@ def losses_at(lrs: list[float], optimizer: Any, step: Any) -> tuple[list[tuple],
     from tqdm.auto import tqdm
 
     from pylon.device import bar_disabled
-    from pylon.engine import MAX_LOSS
+    from pylon.trainstate import MAX_LOSS
 
     rows: list[tuple[int, float, float, float]] = []
     average, best = 0.0, math.inf

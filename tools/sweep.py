@@ -133,7 +133,7 @@ def run_sweep(path: Path, space: Space, config: str, overrides: list[str], trial
     """Run ``trials`` more trials of ``space`` on ``config``; the sweep folder and its study."""
     import torch
 
-    from pylon.engine import TrainingDiverged
+    from pylon.trainstate import TrainingDiverged
 
     swept = {item.split("=", 1)[0].strip() for item in overrides} & set(space.parameters)
     if swept:
@@ -201,7 +201,8 @@ class Objective:
         self.sweep_dir, self.name, self.pick = sweep_dir, name, min if "loss" in metric else max
 
     def __call__(self, trial: Any) -> float:
-        from pylon.engine import PRUNED, fit
+        from pylon.engine import fit
+        from pylon.trainstate import PRUNED
 
         name = f"{self.name}-trial{trial.number:03d}"
         sampled = [f"{key}={suggest(trial, key, dist)}" for key, dist in self.params.items()]
