@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Real localization, the recommended recipes: PYLON-R18 and its ResNet18 twin, on RSNA films alone
-# (real_rsna_pylon, real_rsna_baseline) and on Kaggle merged with RSNA (real_merged_pylon,
-# real_merged_baseline); each evaluated with --localization on its test split, then one table of
+# Real localization, the recommended recipes: PYLON on an ImageNet MobileNetV2 and its classifier twin,
+# on RSNA films alone (real_rsna_pylon, real_rsna_baseline), and PYLON-R18 and its ResNet18 twin on
+# Kaggle merged with RSNA (real_merged_pylon, real_merged_baseline); each evaluated with --localization on its test split, then one table of
 # every heatmap method (pylon, cam, gradcam, gradcam++, and the image-blind prior and center).
 #
 #   bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT [--set key=value ...]
 #   CONFIGS="real_merged_pylon_r18" bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT   # other configs
 #   RUNS_DIR=/elsewhere bench/real_rsna.sh ...                                 # runs and log there
+#   PRETRAINED_DIR=/weights bench/real_rsna.sh ...  # offline ImageNet weights: <backbone>_imagenet.pt
+#
+# A config with model.weights=imagenet downloads its encoder's weights; with PRETRAINED_DIR set it
+# reads <PRETRAINED_DIR>/<backbone>_imagenet.pt instead (an encoder state dict, 3 input channels).
 #
 # KAGGLE_ROOT holds chest_xray/{train,test}/{NORMAL,PNEUMONIA}; RSNA_ROOT holds
 # stage_2_train_labels.csv, stage_2_train_images/ and, for the recommended configs,
@@ -36,8 +40,15 @@ runs=()
 for config in $configs; do
     echo "=== $config" | tee -a "$log"
     start=$(date +%s)
+    weights=()
+    backbone=$("$python" -c 'import sys; from pylon.config import load_config
+model = load_config(sys.argv[1]).model
+print(model.backbone if model.weights == "imagenet" else "")' "$config.yaml")
+    if [[ -n "$backbone" && -n "${PRETRAINED_DIR:-}" ]]; then
+        weights=("model.weights=$PRETRAINED_DIR/${backbone}_imagenet.pt")
+    fi
     summary=$("$python" train.py --config "$config.yaml" --set "data.roots.kaggle=$kaggle" "data.roots.rsna=$rsna" \
-        "logging.runs_dir=$runs_dir" "$@" 2>>"$log" | tee -a "$log" | tail -n 1)
+        "logging.runs_dir=$runs_dir" "${weights[@]}" "$@" 2>>"$log" | tee -a "$log" | tail -n 1)
     run=$("$python" -c 'import json, sys; print(json.loads(sys.argv[1])["run"])' "$summary")
     echo "$config trained in $(( ($(date +%s) - start) / 60 )) min: $run" | tee -a "$log"
     "$python" evaluate.py --run "$run" --localization 2>>"$log" | tee -a "$log"

@@ -22,9 +22,13 @@ RECOMMENDED = CONFIGS[4:]
 
 
 @pytest.mark.parametrize("name", CONFIGS)
-def test_real_configs_train_from_scratch_on_the_same_rsna_split(name):
+def test_real_configs_share_the_rsna_split_and_only_the_rsna_recipes_start_from_imagenet(name):
     cfg = load_config(f"{name}.yaml")
-    assert cfg.model.weights is None and cfg.model.backbone == "resnet18"
+    if name in ("real_rsna_pylon", "real_rsna_baseline"):  # ImageNet MobileNetV2, its BN statistics kept, flips
+        assert (cfg.model.backbone, cfg.model.weights, cfg.model.freeze) == ("mobilenet_v2", "imagenet", "bn")
+        assert (cfg.data.augment.hflip, cfg.train.lr) == (0.5, 3e-4)
+    else:
+        assert cfg.model.weights is None and cfg.model.backbone == "resnet18"
     assert cfg.model.arch == ("baseline" if "baseline" in name else "pylon")
     assert list(cfg.data.sources) == (["rsna"] if "rsna_" in name else ["kaggle", "rsna"])
     # One RSNA split for all four (it depends on these alone), with 50+ boxed test films of 238.
@@ -50,15 +54,32 @@ def test_each_recommended_baseline_is_its_pylons_twin(pylon):
     assert twin == recipe
 
 
-def test_script_trains_evaluates_and_tabulates(tiny_data, tmp_path):
+def test_script_reads_imagenet_weights_from_pretrained_dir(tiny_data, tmp_path):
+    """Offline, a recipe with model.weights=imagenet starts from <PRETRAINED_DIR>/<backbone>_imagenet.pt."""
+    import torch
+    from segmentation_models_pytorch.encoders import get_encoder
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    torch.save(get_encoder("mobilenet_v2", in_channels=3, weights=None).state_dict(),
+               weights / "mobilenet_v2_imagenet.pt")
+    done, runs = _run_script(tiny_data, tmp_path, "real_rsna_pylon", PRETRAINED_DIR=str(weights))
+    (run,) = runs.glob("real_rsna_pylon-*")
+    config = yaml.safe_load((run / "config.yaml").read_text())
+    assert config["model"]["weights"] == str(weights / "mobilenet_v2_imagenet.pt")
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"pylon": str(run)}
+
+
+def _run_script(tiny_data, tmp_path, configs: str, **extra_env) -> tuple[subprocess.CompletedProcess, object]:
     runs = tmp_path / "runs"
     env = {
         **os.environ,
         **quiet_wandb_env(tmp_path / "wandb-home"),
         "PYTHON": sys.executable,
         "RUNS_DIR": str(runs),
-        "CONFIGS": "real_merged_pylon",
+        "CONFIGS": configs,
         "OMP_NUM_THREADS": "1",
+        **extra_env,
     }
     overrides = ["--set", "data.image_size=64", f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=0",
                  "train.epochs=1", "train.max_steps_per_epoch=2", "train.batch_size=8",
@@ -67,7 +88,11 @@ def test_script_trains_evaluates_and_tabulates(tiny_data, tmp_path):
                           env=env, capture_output=True, text=True, timeout=600)
     logs = sorted(runs.glob("real_rsna-*.log"))
     assert done.returncode == 0, done.stderr[-2000:] + (logs[-1].read_text()[-3000:] if logs else "")
+    return done, runs
 
+
+def test_script_trains_evaluates_and_tabulates(tiny_data, tmp_path):
+    done, runs = _run_script(tiny_data, tmp_path, "real_merged_pylon")
     (run,) = runs.glob("real_merged_pylon-*")
     assert json.loads(done.stdout.strip().splitlines()[-1]) == {"merged_pylon": str(run)}
     config = yaml.safe_load((run / "config.yaml").read_text())
