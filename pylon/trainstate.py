@@ -1,6 +1,6 @@
 """A training run's bookkeeping, apart from the loop that does the work (``engine``): the
-``LoopState`` that last.pt stores, its stop rules and ``restore`` from last.pt; the checks on the
-loss; the validation loss that selects best.pt; the history row of an epoch and the run's summary."""
+``LoopState`` and its stop rules; what last.pt holds (``save_last``) and ``restore`` from it; the
+checks on the loss; the validation loss that selects best.pt; an epoch's history row; the summary."""
 from __future__ import annotations
 
 import math
