@@ -47,7 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         runs_dir = next((i.split("=", 1)[1] for i in reversed(args.overrides) if i.startswith("logging.runs_dir=")),
                         LoggingConfig.runs_dir)
         run = find_run(None if args.resume == "latest" else args.resume, runs_dir)
-        cfg = load_config(run.config, args.overrides)
+        cfg = load_config(run.config, args.overrides, stored=True)
     else:
         cfg = load_config(args.config, args.overrides)
 

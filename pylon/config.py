@@ -221,13 +221,18 @@ def restrict_overrides(overrides: list[str], allowed: tuple[str, ...], when: str
             raise ConfigError(f"--set {key} cannot change {when} (only {names}); {advice}")
 
 
-def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] = None) -> ExperimentConfig:
+def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] = None, *,
+                stored: bool = False) -> ExperimentConfig:
     """The resolved, type-checked and validated experiment config (an OmegaConf view of
-    :class:`ExperimentConfig`); the only place config values are checked."""
+    :class:`ExperimentConfig`); the only place config values are checked. ``stored``: a run
+    folder's config.yaml, whose renamed or removed keys are carried over, not refused."""
     path = resolve_config_path(name_or_path)
     schema = OmegaConf.structured(ExperimentConfig)
+    layer = _read_yaml(path)
+    if stored:
+        _carry_over_old_keys(layer)
     try:
-        cfg = OmegaConf.merge(schema, _read_yaml(path))
+        cfg = OmegaConf.merge(schema, layer)
     except OmegaConfBaseException as err:
         raise _one_line(err, str(path)) from None
     for item in overrides or ():  # one at a time, so that an error names its key
@@ -240,6 +245,19 @@ def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] =
             raise _one_line(err, "--set", item) from None
     validate(cfg)
     return cfg  # type: ignore[return-value]
+
+
+def _carry_over_old_keys(layer: DictConfig) -> None:
+    """A run trained before a key was renamed or removed still evaluates and resumes: its values
+    move to today's keys (all under ``data``); a removed key is dropped."""
+    data = layer.get("data")
+    for old in [*RENAMED, *REMOVED_KEYS]:
+        name = old.split(".", 1)[1]
+        if data is None or name not in data:
+            continue
+        value = data.pop(name)
+        if old in RENAMED and value is not None:
+            OmegaConf.update(layer, RENAMED[old], value, force_add=True)
 
 
 def _refuse_list_items(cfg: Any, key: str) -> None:

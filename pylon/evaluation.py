@@ -21,7 +21,7 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from omegaconf import OmegaConf
+from pylon.config import load_config
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -263,7 +263,7 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
 def _scores_other_data(cfg: Any, run: RunPaths) -> bool:
     """Whether this evaluation scores other images than the run's own split: eval.split=all, or
     data.sources or a source's root changed by --set."""
-    stored = OmegaConf.load(run.config).data
+    stored = load_config(run.config, stored=True).data
     roots = lambda data: {s: os.path.abspath(str(data.roots.get(s))) for s in data.sources}  # noqa: E731
     return cfg.eval.split == ALL or roots(cfg.data) != roots(stored)
 

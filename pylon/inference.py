@@ -134,7 +134,7 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
         return _load_ensemble(run, overrides, device)
     restrict_overrides(list(overrides), ALLOWED_OVERRIDES, "for a trained run",
                        "train a new run to change what was trained")
-    cfg = load_config(run.config, list(overrides))
+    cfg = load_config(run.config, list(overrides), stored=True)
     if not run.best.is_file():
         why = (f"it is missing, though {run.history.name} shows trained epochs (deleted or moved?)"
                if run.history.is_file() else "its training has not finished an epoch")

@@ -205,3 +205,18 @@ def test_an_interrupt_says_interrupted_and_no_resume_advice_of_its_own(capsys):
 def test_cross_validation_and_patient_map_keys_are_checked(overrides, key):
     with pytest.raises(ConfigError, match=key):
         load_config("demo.yaml", overrides)
+
+
+def test_a_stored_run_config_with_old_keys_still_loads(tmp_path):
+    """Runs trained before data.roots, data.test_fraction and the demo generator's move still
+    evaluate and resume: their stored config.yaml is carried over, a user's config is refused."""
+    stored = tmp_path / "config.yaml"
+    stored.write_text(to_yaml(load_config("demo.yaml")).replace(
+        "  roots:\n    kaggle: datasets/demo/kaggle\n    rsna: datasets/demo/rsna\n",
+        "  kaggle_root: /data/kaggle\n  rsna_root: /data/rsna\n  roots: {}\n  generate_demo: true\n"
+    ).replace("  test_fraction: 0.25", "  rsna_test_fraction: 0.25"))
+    cfg = load_config(stored, stored=True)
+    assert dict(cfg.data.roots) == {"kaggle": "/data/kaggle", "rsna": "/data/rsna"}
+    assert cfg.data.test_fraction == 0.25 and "generate_demo" not in cfg.data
+    with pytest.raises(ConfigError, match="data.kaggle_root was replaced by data.roots.kaggle"):
+        load_config(stored)

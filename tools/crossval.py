@@ -64,7 +64,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         run_fold(folder, plan, fold)
     # the recipe, as fold 0 ran it: evaluate.py and predict.py read the folder as one ensemble
     shutil.copyfile(Path(plan["runs"]["0"]) / "config.yaml", folder / "config.yaml")
-    cfg = load_config(folder / "config.yaml")
+    cfg = load_config(folder / "config.yaml", stored=True)
     n_boot = cfg.eval.bootstrap if args.bootstrap is None else args.bootstrap
     metrics = pool(folder, [Path(plan["runs"][str(f)]) for f in range(plan["folds"])], n_boot, cfg.train.seed)
     print(pooled_tables(metrics))
