@@ -185,6 +185,12 @@ class EncoderModel(nn.Module):
     frozen_encoder_bn: bool = False
     init_note: Optional[str] = None  # what a local model.weights file gave the model (describe_init)
 
+    def apply_freeze(self, mode: Optional[str]) -> None:
+        """``model.freeze``: 'enc' freezes the encoder, 'bn' only its BatchNorm statistics, None nothing."""
+        if mode == "enc":
+            self.freeze_encoder()
+        self.frozen_encoder_bn = mode == "bn"
+
     def freeze_encoder(self, frozen: bool = True) -> None:
         """Frozen: no gradients, and eval mode even while the model trains; unfrozen: trains again."""
         self.frozen_encoder = frozen

@@ -51,9 +51,7 @@ class BaselineClassifier(EncoderModel):
         self.target_layer = nn.Identity()
         if conf.pretrain is not None:
             load_model_checkpoint(self, conf.pretrain)
-        if conf.freeze == "enc":
-            self.freeze_encoder()
-        self.frozen_encoder_bn = conf.freeze == "bn"
+        self.apply_freeze(conf.freeze)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's last feature map, (N, C, H/32, W/32)."""

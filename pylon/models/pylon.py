@@ -143,9 +143,7 @@ class Pylon(EncoderModel):
         self.init_note = init_beyond_encoder(self, weights, run_state, ("decoder.", "head."))
         if conf.pretrain is not None:
             load_model_checkpoint(self, conf.pretrain, translate=translate_reference_keys)
-        if conf.freeze == "enc":
-            self.freeze_encoder()
-        self.frozen_encoder_bn = conf.freeze == "bn"
+        self.apply_freeze(conf.freeze)
 
     def forward(self, x: torch.Tensor) -> ModelOutput:
         decoded = self.decoder(self.encoder(x))
