@@ -292,13 +292,13 @@ def validate(cfg: Any) -> None:
 
 
 def _check_data(d: Any) -> None:
-    from pylon.data.sources import SOURCES
+    from pylon.data.sources import SOURCES, exclusions
 
     unknown = [s for s in d.sources if s not in SOURCES]
     _require(bool(d.sources) and not unknown,
              f"data.sources must be a non-empty list of {sorted(SOURCES)}, got {list(d.sources)}")
-    _require(not {"rsna", "nih"} <= set(d.sources), "data.sources: rsna's films are NIH ChestX-ray14 films "
-             "relabelled under new ids, so the two together would put the same film in different splits; use one")
+    clashes = exclusions(d.sources)
+    _require(not clashes, f"data.sources: {'; '.join(clashes)}; use one")
     _require(d.image_size >= 64 and d.image_size % 32 == 0,
              f"data.image_size must be a multiple of 32 and at least 64, got {d.image_size}")
     low, high = d.augment.crop_scale

@@ -15,10 +15,10 @@ import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
-from pylon.config import ConfigError, DataConfig
+from pylon.config import ConfigError, DataConfig, load_config
 from pylon.data.pipeline import prepare_data
 from pylon.data.records import Box, DatasetLayoutError
-from pylon.data.sources import SOURCES, nih, reported_views
+from pylon.data.sources import SOURCES, exclusions, nih, reported_views
 
 SIDE = 40
 
@@ -30,6 +30,15 @@ def test_registry_modules_have_the_source_interface():
     assert [name for name, module in SOURCES.items() if module.OFFICIAL_TEST] == ["kaggle"]
     assert all(isinstance(module.REPORT_VIEWS, tuple) for module in SOURCES.values())
     assert reported_views() == {"rsna": ("AP", "PA")}  # NIH's views are kept on its records, not reported
+    assert all(isinstance(module.EXCLUDES, dict) and set(module.EXCLUDES) <= set(SOURCES) for module in SOURCES.values())
+
+
+def test_sources_that_cannot_be_combined_are_declared_by_the_sources(monkeypatch):
+    assert exclusions(["kaggle", "rsna"]) == exclusions(["nih"]) == []
+    assert exclusions(["rsna", "nih"]) == [nih.EXCLUDES["rsna"]] == exclusions(["nih", "kaggle", "rsna"])
+    monkeypatch.setattr(SOURCES["kaggle"], "EXCLUDES", {"rsna": "a made-up reason"})  # config reads the registry
+    with pytest.raises(ConfigError, match=r"^data.sources: a made-up reason; use one$"):
+        load_config("pylon_r50.yaml")
 
 
 def test_every_source_root_is_named_in_data_roots():

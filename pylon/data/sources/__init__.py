@@ -5,10 +5,13 @@ OFFICIAL_TEST (True when it ships its own test split, which the splitter then ke
 ``data.test_fraction`` of its patients are held out), IDS_NAME_FILMS (True when its patient ids
 name films rather than people, so that a run without ``data.patient_maps`` says so),
 REPORT_VIEWS (the views evaluation also reports its images by, e.g. RSNA's AP and PA; () for
-none) and ``index(root: Path, cache_dir: Optional[Path]) -> list[Record]``. Adding a source is
-one module plus one line here. Importing this package loads neither torch nor OpenCV.
+none), EXCLUDES (source name -> why the two cannot be in ``data.sources`` together; {} for none)
+and ``index(root: Path, cache_dir: Optional[Path]) -> list[Record]``. Adding a source is one
+module plus one line here. Importing this package loads neither torch nor OpenCV.
 """
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from pylon.data.records import Record
 from pylon.data.sources import kaggle, nih, rsna
@@ -26,3 +29,8 @@ def report_group(record: Record) -> str:
 def reported_views() -> dict[str, tuple[str, ...]]:
     """Source name -> the views it declares in REPORT_VIEWS, for the sources that declare any."""
     return {name: tuple(module.REPORT_VIEWS) for name, module in SOURCES.items() if module.REPORT_VIEWS}
+
+
+def exclusions(names: Sequence[str]) -> list[str]:
+    """Why the sources ``names`` cannot be used together: what each declares in EXCLUDES about another."""
+    return [why for name in names for other, why in SOURCES[name].EXCLUDES.items() if other in names]

@@ -21,6 +21,7 @@ MARKER = "chest_xray"
 OFFICIAL_TEST = True
 IDS_NAME_FILMS = False  # its patient ids name people
 REPORT_VIEWS = ()  # the download records no view
+EXCLUDES: dict[str, str] = {}  # combines with every other source
 
 SPLITS = ("train", "val", "test")
 LABEL_FOLDERS = {"NORMAL": 0, "PNEUMONIA": 1}

@@ -22,6 +22,8 @@ MARKER = "BBox_List_2017.csv"
 OFFICIAL_TEST = False
 IDS_NAME_FILMS = False  # its patient ids name people
 REPORT_VIEWS = ()  # its records keep View Position, but reports break views down for RSNA alone
+EXCLUDES = {"rsna": "rsna's films are NIH ChestX-ray14 films relabelled under new ids, so the two together "
+                    "would put the same film in different splits"}
 
 ENTRIES = "Data_Entry_2017.csv"
 EFFECTS = {  # what indexing does with each kind of problem, said in its warning

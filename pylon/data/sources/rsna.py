@@ -29,6 +29,7 @@ IDS_NAME_FILMS = True  # patientId names a film, not a person: data.patient_maps
 # Reported per view too: AP films (mostly bedside, sicker patients) differ from PA ones both in look
 # and in how often they show pneumonia, so a merged figure can hide a gap between them.
 REPORT_VIEWS = ("AP", "PA")
+EXCLUDES: dict[str, str] = {}  # nih declares the clash between the two
 
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 MAX_PLAUSIBLE_AGE = 120  # the official file has a few ages like 148 and 155: typos
