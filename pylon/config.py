@@ -21,18 +21,18 @@ from pylon import ConfigError  # defined beneath every module that raises it; im
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
-# Keys that are gone, and what to do instead: a config still setting one gets this, not "unknown key".
-REMOVED_KEYS = {"data.generate_demo": "training no longer writes the demo data; make it once with python "
-                                      "tools/make_demo.py --out datasets/demo (or make demo) and delete the key"}
-# Keys that were renamed: a config or --set that still names one is told the new key.
-RENAMED = {"data.kaggle_root": "data.roots.kaggle", "data.rsna_root": "data.roots.rsna",
-           "data.rsna_test_fraction": "data.test_fraction"}
+# Keys that are gone -> (the key that replaced it, or None and what to do instead): a config or --set
+# naming one is told this, not "unknown key"; a run folder's stored config.yaml has them carried over.
+OLD_KEYS: dict[str, tuple[Optional[str], Optional[str]]] = {
+    "data.kaggle_root": ("data.roots.kaggle", None), "data.rsna_root": ("data.roots.rsna", None),
+    "data.rsna_test_fraction": ("data.test_fraction", None),
+    "data.generate_demo": (None, "training no longer writes the demo data; make it once with python "
+                                 "tools/make_demo.py --out datasets/demo (or make demo) and delete the key")}
 
 
 @dataclass
 class DecoderConfig:
     """PYLON's decoder (ignored by baselines); names follow the reference implementation."""
-
     n_dec_ch: int = 128
     n_up: int = 3
     seg_kern_size: int = 1
@@ -57,7 +57,6 @@ class ModelConfig:
 @dataclass
 class AugmentConfig:
     """Defaults are the reference implementation's training augmentation."""
-
     enabled: bool = True
     rotate_limit: float = 90.0
     p_rotate: float = 0.5
@@ -79,13 +78,10 @@ class DataConfig:
     val_fraction: float = 0.1
     test_fraction: float = 0.1  # of the patients of each source without an official test split
     split_seed: int = 0
-    # k-fold cross-validation of the sources without an official test split: fold `fold` of their
-    # patients (label-stratified) is the test split instead of test_fraction; 0 = no folds
-    folds: int = 0
+    folds: int = 0  # k > 0: fold `fold` of k (label-stratified) is the test split instead of test_fraction
     fold: int = 0
-    # source -> CSV mapping each image id (first column) to its person (a column named patient or
-    # *_patient), so that splits and bootstrap intervals group a person's films; a relative path
-    # is taken from the source's root
+    # source -> CSV of image id (first column) -> person (a column named patient or *_patient), for
+    # splits and bootstrap intervals; a relative path is taken from the source's root
     patient_maps: dict[str, str] = field(default_factory=dict)
     mean: float = 0.4984
     std: float = 0.2483
@@ -200,22 +196,25 @@ def _one_line(err: Exception, origin: str, override: str = "") -> ConfigError:
     key = getattr(err, "full_key", None) or key.strip() or "?"
     if isinstance(err, yaml.YAMLError):  # --set values are parsed as YAML
         return ConfigError(f"{origin}: bad value for '{key}': {value!r} is not valid YAML")
+    if key in OLD_KEYS:
+        return _old_key(origin, key)
     message = str(err).splitlines()[0].replace("$VALUE_TYPE", "text").replace("$VALUE", value)
-    if key in RENAMED:
-        return ConfigError(f"{origin}: {key} was replaced by {RENAMED[key]}")
     if "not in" in message or type(err).__name__ == "ConfigKeyError":
-        if key in REMOVED_KEYS:
-            return ConfigError(f"{origin}: '{key}' was removed: {REMOVED_KEYS[key]}")
         return ConfigError(f"{origin}: unknown key '{key}'")
     return ConfigError(f"{origin}: bad value for '{key}': {message}")
+
+
+def _old_key(origin: str, key: str) -> ConfigError:
+    new, advice = OLD_KEYS[key]
+    return ConfigError(f"{origin}: {key} was replaced by {new}" if new else f"{origin}: '{key}' was removed: {advice}")
 
 
 def restrict_overrides(overrides: list[str], allowed: tuple[str, ...], when: str, advice: str) -> None:
     """Reject ``--set`` keys outside ``allowed`` (exact keys, or prefixes ending in '.'), by name."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if key in RENAMED:
-            raise ConfigError(f"--set: {key} was replaced by {RENAMED[key]}")
+        if OLD_KEYS.get(key, (None,))[0]:  # a renamed key is named with its new one
+            raise _old_key("--set", key)
         if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
             names = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
             raise ConfigError(f"--set {key} cannot change {when} (only {names}); {advice}")
@@ -223,9 +222,8 @@ def restrict_overrides(overrides: list[str], allowed: tuple[str, ...], when: str
 
 def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] = None, *,
                 stored: bool = False) -> ExperimentConfig:
-    """The resolved, type-checked and validated experiment config (an OmegaConf view of
-    :class:`ExperimentConfig`); the only place config values are checked. ``stored``: a run
-    folder's config.yaml, whose renamed or removed keys are carried over, not refused."""
+    """The validated experiment config (an OmegaConf view of :class:`ExperimentConfig`). ``stored``:
+    a run folder's config.yaml, whose renamed or removed keys are carried over, not refused."""
     path = resolve_config_path(name_or_path)
     schema = OmegaConf.structured(ExperimentConfig)
     layer = _read_yaml(path)
@@ -248,16 +246,14 @@ def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] =
 
 
 def _carry_over_old_keys(layer: DictConfig) -> None:
-    """A run trained before a key was renamed or removed still evaluates and resumes: its values
-    move to today's keys (all under ``data``); a removed key is dropped."""
+    """A renamed key's value moves to today's key, a removed key is dropped (all are under ``data``)."""
     data = layer.get("data")
-    for old in [*RENAMED, *REMOVED_KEYS]:
+    for old, (new, _) in OLD_KEYS.items():
         name = old.split(".", 1)[1]
-        if data is None or name not in data:
-            continue
-        value = data.pop(name)
-        if old in RENAMED and value is not None:
-            OmegaConf.update(layer, RENAMED[old], value, force_add=True)
+        if data is not None and name in data:
+            value = data.pop(name)
+            if new and value is not None:
+                OmegaConf.update(layer, new, value, force_add=True)
 
 
 def _refuse_list_items(cfg: Any, key: str) -> None:
@@ -284,7 +280,6 @@ def validate(cfg: Any) -> None:
     """Value ranges and combinations the types cannot express, each named by its key. One check per
     section; a rule across sections sits with the section of the key it restricts."""
     _check_data(cfg.data)
-    _check_per_source(cfg.data, cfg.train)
     _check_model(cfg.model)
     _check_train(cfg.train, cfg.model, cfg.data)
     _check_eval(cfg.eval)
@@ -317,6 +312,13 @@ def _check_data(d: Any) -> None:
     _require(math.isfinite(d.mean) and math.isfinite(d.std) and d.std > 0,
              f"data.mean and data.std must be finite and data.std positive, got {d.mean} and {d.std}")
     _require(d.num_workers >= 0, f"data.num_workers must be 0 or more, got {d.num_workers}")
+    shares = dict(d.source_shares)  # relative, normalised where used; a source left out would never be drawn
+    unknown, missing = sorted(set(shares) - set(d.sources)), [s for s in d.sources if s not in shares]
+    _require(not unknown, f"data.source_shares: {unknown} not in data.sources {list(d.sources)}")
+    _require(not shares or not missing,
+             f"data.source_shares gives no share to {missing}; name every source of data.sources")
+    _require(all(math.isfinite(v) and v > 0 for v in shares.values()),
+             f"data.source_shares values must be positive numbers, got {shares}")
 
 
 def _check_model(m: Any) -> None:
@@ -346,10 +348,8 @@ def _check_train(t: Any, m: Any, d: Any) -> None:
              f"train.plateau_factor must be in (0, 1) and train.plateau_patience 0 or more, got {t.plateau_factor}, "
              f"{t.plateau_patience}")
     _require(0 < t.finetune_lr_factor <= 1, f"train.finetune_lr_factor must be in (0, 1], got {t.finetune_lr_factor}")
-    _require(t.early_stop_patience is None or t.early_stop_patience >= 1,
-             f"train.early_stop_patience must be at least 1 or null, got {t.early_stop_patience}")
-    _require(t.max_steps_per_epoch is None or t.max_steps_per_epoch >= 1,
-             f"train.max_steps_per_epoch must be at least 1 or null, got {t.max_steps_per_epoch}")
+    for name in ("early_stop_patience", "max_steps_per_epoch"):
+        _require(t[name] is None or t[name] >= 1, f"train.{name} must be at least 1 or null, got {t[name]}")
     _require(t.freeze_encoder_epochs >= 0, f"train.freeze_encoder_epochs must be 0 or more, got {t.freeze_encoder_epochs}")
     _require(not (t.freeze_encoder_epochs and m.freeze == "enc"),
              "train.freeze_encoder_epochs and model.freeze=enc both freeze the encoder: use one")
@@ -359,6 +359,8 @@ def _check_train(t: Any, m: Any, d: Any) -> None:
              + f" is below train.min_lr={t.min_lr}: the run would stop after one epoch at that rate")
     _require(re.fullmatch(DEVICE_PATTERN, t.device) is not None,
              f"train.device must be auto, cpu, cuda or cuda:N, got '{t.device}'")
+    selectable = ["pooled", "mean_sources", *d.sources]
+    _require(t.select_on in selectable, f"train.select_on must be one of {selectable}, got '{t.select_on}'")
 
 
 def _check_eval(e: Any) -> None:
@@ -368,22 +370,6 @@ def _check_eval(e: Any) -> None:
     _require(set(e.methods) <= set(METHODS), f"eval.methods must be among {list(METHODS)}, got {list(e.methods)}")
     _require(e.bootstrap >= 0 and e.pointing_tolerance_px >= 0 and e.n_overlays >= 0,
              "eval.bootstrap, eval.pointing_tolerance_px and eval.n_overlays must be 0 or more")
-
-
-def _check_per_source(d: Any, t: Any) -> None:
-    """The keys that name sources. Shares are relative (normalised where used), and every source
-    needs one: a source left out would silently never be trained on."""
-    selectable = ["pooled", "mean_sources", *d.sources]
-    _require(t.select_on in selectable, f"train.select_on must be one of {selectable}, got '{t.select_on}'")
-    shares = dict(d.source_shares)
-    if not shares:
-        return
-    unknown = sorted(set(shares) - set(d.sources))
-    _require(not unknown, f"data.source_shares: {unknown} not in data.sources {list(d.sources)}")
-    missing = [s for s in d.sources if s not in shares]
-    _require(not missing, f"data.source_shares gives no share to {missing}; name every source of data.sources")
-    _require(all(math.isfinite(v) and v > 0 for v in shares.values()),
-             f"data.source_shares values must be positive numbers, got {shares}")
 
 
 def to_yaml(cfg: Any) -> str:
