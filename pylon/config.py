@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pylon import ConfigError  # defined beneath every module that raises it; importable from here too
+from pylon.configfile import read_yaml, resolve_config_path
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 DEVICE_PATTERN = r"auto|cpu|mps|cuda(:\d+)?"
 # Keys that are gone -> (the key that replaced it, or None and what to do instead): a config or --set
 # naming one is told this, not "unknown key"; a run folder's stored config.yaml has them carried over.
@@ -149,48 +149,6 @@ class ExperimentConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-def resolve_config_path(name_or_path: Union[str, Path], folder: Path = CONFIG_DIR, what: str = "config file") -> Path:
-    """A path as given if it exists, else a bare name looked up in ``folder`` (``configs/``)."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    for candidate in (folder / path, folder / f"{path}.yaml"):
-        if len(path.parts) == 1 and candidate.is_file():
-            return candidate
-    known = ", ".join(sorted(p.name for p in folder.glob("*.yaml")))
-    raise ConfigError(f"{what} not found: {name_or_path} ({folder.relative_to(CONFIG_DIR.parent)}/ has: {known})")
-
-
-def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
-    """One YAML file, with ``extends: other.yaml`` merged underneath it."""
-    if path.resolve() in seen:
-        raise ConfigError(f"{path}: 'extends' loops back to itself")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}:{where} is not valid YAML") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    parent = raw.pop("extends", None)
-    layer = OmegaConf.create(raw)
-    if parent is None:
-        return layer
-    names = parent if isinstance(parent, list) else [parent]
-    if not names or not all(isinstance(name, str) and name for name in names):
-        raise ConfigError(f"{path}: 'extends' takes a file name or a list of file names, got {parent!r}")
-    layers = []
-    for name in names:  # merged in order: a later file's keys win
-        parent_path = path.parent / name
-        if parent_path.is_dir():
-            raise ConfigError(f"{path}: extends {parent_path}, which is a folder; name a config file")
-        if not parent_path.is_file():
-            raise ConfigError(f"{path}: extends a file that does not exist: {parent_path}")
-        layers.append(_read_yaml(parent_path, seen + (path.resolve(),)))
-    return OmegaConf.merge(*layers, layer)
-
-
 def _one_line(err: Exception, origin: str, override: str = "") -> ConfigError:
     key, _, value = override.partition("=")
     key = getattr(err, "full_key", None) or key.strip() or "?"
@@ -226,7 +184,7 @@ def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] =
     a run folder's config.yaml, whose renamed or removed keys are carried over, not refused."""
     path = resolve_config_path(name_or_path)
     schema = OmegaConf.structured(ExperimentConfig)
-    layer = _read_yaml(path)
+    layer = read_yaml(path)
     if stored:
         _carry_over_old_keys(layer)
     try:

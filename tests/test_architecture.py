@@ -14,7 +14,7 @@ MAX_LINES, MAX_PARAMS = 60, 8
 LAYERS = (
     # errors, numbers, files, devices, processes and figures
     ("pylon", "pylon.metrics", "pylon.tracking", "pylon.cli", "pylon.checkpoint", "pylon.device",
-     "pylon.runs", "pylon.distributed", "pylon.plots", "pylon.tables"),
+     "pylon.runs", "pylon.distributed", "pylon.plots", "pylon.tables", "pylon.configfile"),
     ("pylon.optim", "pylon.trainstate"),  # a training run's optimizer and bookkeeping, beneath the engine
     ("pylon.data", "pylon.models"),
     ("pylon.heatmaps", "pylon.config"),  # config checks eval.methods against the heatmap methods

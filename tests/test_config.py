@@ -3,7 +3,8 @@ from pathlib import Path
 
 import pytest
 
-from pylon.config import CONFIG_DIR, ConfigError, load_config, to_dict, to_yaml
+from pylon.config import ConfigError, load_config, to_dict, to_yaml
+from pylon.configfile import CONFIG_DIR
 
 SHIPPED = sorted(p.name for p in CONFIG_DIR.glob("*.yaml"))
 
