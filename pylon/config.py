@@ -191,7 +191,12 @@ def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] =
         cfg = OmegaConf.merge(schema, layer)
     except OmegaConfBaseException as err:
         raise _one_line(err, str(path)) from None
-    for item in overrides or ():  # one at a time, so that an error names its key
+    return apply_overrides(cfg, overrides or [])
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> ExperimentConfig:
+    """A new config: ``cfg`` (left as it is) with the ``--set`` items merged in, validated."""
+    for item in overrides:  # one at a time, so that an error names its key
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"--set expects section.key=value, got '{item}'")
         _refuse_list_items(cfg, item.split("=", 1)[0].strip())

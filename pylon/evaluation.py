@@ -2,13 +2,9 @@
 
 The run's data is built as in training (same split, checked against its splits.csv, and cache)
 and normalised as its model expects (the mean and std stored in best.pt), the best checkpoint
-loaded, and ``<run>/eval/`` written: ``metrics.json`` (classification at 0.5 and at the Youden
-threshold chosen on val, bootstrap 95% intervals, per source and per view where the source reports
-views; with localization, ``point_acc``, ``pointing_game_15px``, ``energy_in_box`` and
-``laterality_acc`` per heatmap method, overall and per view, beside the image-blind ``prior`` and
-``center`` floors), ``predictions.csv``, ``localization.csv`` and figures. ``eval.split=all`` scores
-another data set with what the run stored at training time (normalisation, threshold, prior). The
-README's evaluation protocol says how each number is defined.
+loaded, and ``<run>/eval/`` written: ``metrics.json``, ``predictions.csv``, ``localization.csv``
+and figures. ``eval.split=all`` scores another data set with what the run stored at training time
+(normalisation, threshold, prior). The README's evaluation protocol says what each number is.
 """
 from __future__ import annotations
 
@@ -21,7 +17,6 @@ from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import pandas as pd
-from pylon.config import load_config
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -231,7 +226,7 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
         raise ConfigError(f"{run.root} is a cross-validation: its fold models together have seen every image of its "
                           "data, and have no one encoder to map; score the ensemble on other data (eval.split=all, "
                           "--out DIR), or evaluate one fold's run")
-    if out is None and _scores_other_data(cfg, run):
+    if out is None and _scores_other_data(trained):
         raise ConfigError(f"eval.split={split} with these data.sources and roots is not the run's own test data: give "
                           f"--out DIR for its results, so that {run.eval_dir} stays the run's own evaluation")
     if out is not None and Path(out).is_dir() and any(Path(out).iterdir()) and not Path(out, "metrics.json").is_file():
@@ -260,12 +255,11 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     return EvaluationResult(metrics, outputs, text)
 
 
-def _scores_other_data(cfg: Any, run: RunPaths) -> bool:
+def _scores_other_data(trained: TrainedRun) -> bool:
     """Whether this evaluation scores other images than the run's own split: eval.split=all, or
     data.sources or a source's root changed by --set."""
-    stored = load_config(run.config, stored=True).data
     roots = lambda data: {s: os.path.abspath(str(data.roots.get(s))) for s in data.sources}  # noqa: E731
-    return cfg.eval.split == ALL or roots(cfg.data) != roots(stored)
+    return trained.cfg.eval.split == ALL or roots(trained.cfg.data) != roots(trained.trained_data)
 
 
 def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunPaths, methods: Sequence[str],

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from pylon import ConfigError, plots
 from pylon.checkpoint import load_checkpoint, load_weights
-from pylon.config import load_config, restrict_overrides
+from pylon.config import apply_overrides, load_config, restrict_overrides
 from pylon.data.cache import Geometry, resize_image
 from pylon.data.dataset import eval_transform
 from pylon.data.pipeline import PreparedData, split_loader
@@ -115,7 +115,8 @@ class TrainedRun:
     """A run folder with its config and best model (in eval mode), and what best.pt stores beside the weights."""
 
     paths: RunPaths
-    cfg: Any
+    cfg: Any  # with the overrides it was loaded with
+    trained_data: Any  # the data config it was trained on: its sources and roots, before any override
     model: nn.Module
     precision: Precision  # the device and the precision it computes at (device.choose_precision)
     mean_std: tuple[float, float]  # the input normalisation the model was trained with
@@ -134,7 +135,8 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
         return _load_ensemble(run, overrides, device)
     restrict_overrides(list(overrides), ALLOWED_OVERRIDES, "for a trained run",
                        "train a new run to change what was trained")
-    cfg = load_config(run.config, list(overrides), stored=True)
+    trained_cfg = load_config(run.config, stored=True)
+    cfg = apply_overrides(trained_cfg, list(overrides)) if overrides else trained_cfg
     if not run.best.is_file():
         why = (f"it is missing, though {run.history.name} shows trained epochs (deleted or moved?)"
                if run.history.is_file() else "its training has not finished an epoch")
@@ -151,7 +153,7 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
     load_weights(model, state.pop("model"), str(run.best))
     precision = choose_precision(resolve_device(device or cfg.train.device), cfg.train)
     norm = state["normalization"]
-    return TrainedRun(run, cfg, precision.layout(model.to(precision.device)).eval(), precision,
+    return TrainedRun(run, cfg, trained_cfg.data, precision.layout(model.to(precision.device)).eval(), precision,
                       (float(norm["mean"]), float(norm["std"])), state.get("prior"), state)
 
 
@@ -172,7 +174,7 @@ def _load_ensemble(folder: RunPaths, overrides: Sequence[str], device: Optional[
     info = {"precision": first.info.get("precision"), "pos_weight": first.info.get("pos_weight"),
             "threshold_youden": None if None in thresholds else float(np.mean(thresholds)),
             "members": [str(m.paths.root) for m in members]}
-    return TrainedRun(folder, first.cfg, Ensemble([m.model for m in members]).eval(), first.precision,
+    return TrainedRun(folder, first.cfg, first.trained_data, Ensemble([m.model for m in members]).eval(), first.precision,
                       first.mean_std, None if any(p is None for p in priors) else torch.stack(priors).mean(0), info)
 
 

@@ -297,6 +297,17 @@ def test_other_data_without_out_leaves_the_runs_own_evaluation_alone(tiny_run, t
     assert not (run / "eval").exists() and (tmp_path / "notes" / "todo.txt").read_text() == "mine"
 
 
+def test_a_loaded_run_reads_its_config_once_and_keeps_the_data_it_was_trained_on(tiny_run, tmp_path, monkeypatch):
+    import pylon.inference
+    from pylon.runs import RunPaths
+
+    reads = []
+    monkeypatch.setattr(pylon.inference, "load_config", lambda *a, **k: reads.append(a) or load_config(*a, **k))
+    trained = pylon.inference.load_run(RunPaths(tiny_run), [f"data.roots.rsna={tmp_path}"])
+    assert len(reads) == 1 and trained.cfg.data.roots.rsna == str(tmp_path)
+    assert trained.trained_data.roots.rsna == load_config(tiny_run / "config.yaml", stored=True).data.roots.rsna
+
+
 def external_rsna_roots(tiny_data: Path) -> list[Path]:
     """RSNA-layout folders to score a run on: the generated one, and real DICOMs when present."""
     from conftest import realdata_root
