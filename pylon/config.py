@@ -171,7 +171,7 @@ def restrict_overrides(overrides: list[str], allowed: tuple[str, ...], when: str
     """Reject ``--set`` keys outside ``allowed`` (exact keys, or prefixes ending in '.'), by name."""
     for item in overrides:
         key = item.split("=", 1)[0].strip()
-        if OLD_KEYS.get(key, (None,))[0]:  # a renamed key is named with its new one
+        if OLD_KEYS.get(key, (None,))[0]:  # renamed: name its new key (a removed one is refused below)
             raise _old_key("--set", key)
         if not any(key == a or (a.endswith(".") and key.startswith(a)) for a in allowed):
             names = ", ".join(a + "*" if a.endswith(".") else a for a in allowed)
