@@ -186,10 +186,10 @@ def write_results(study: Any, metric: str, sweep_dir: Path, base: Any) -> None:
         (sweep_dir / "best.yaml").write_text(to_yaml(best))
 
 
-def run_trial(metric: str, params: dict[str, Any], config: str, overrides: list[str], sweep_dir: Path, name: str,
-              trial: Any) -> float:
+def run_trial(metric: str, params: dict[str, Any], config: str, overrides: list[str], sweep_dir: Path,
+              sweep_name: str, trial: Any) -> float:
     """A trial: its config through the loader, a normal run by the engine, pruned on the metric."""
-    name = f"{name}-trial{trial.number:03d}"
+    name = f"{sweep_name}-trial{trial.number:03d}"
     sampled = [f"{key}={suggest(trial, key, dist)}" for key, dist in params.items()]
     values: list[float] = []
 
