@@ -7,15 +7,13 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Hashable
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pylon.config import load_config  # noqa: E402
-
-Job = Callable[[], float]  # runs once, returns the seconds it measured
 
 
 def parser(doc: str, rounds: int = 5) -> argparse.ArgumentParser:
@@ -32,22 +30,22 @@ def model_config(device: str, *overrides: str) -> Any:
     return load_config("pylon_r50.yaml", ["model.weights=null", f"train.device={device}", *overrides])
 
 
-def timed(fn: Callable[[], object], device: torch.device) -> Job:
-    """``fn`` as a job that measures all of it (on CUDA up to the end of its kernels)."""
+def timed(fn: Callable[[], object], device: torch.device) -> Callable[[], float]:
+    """``fn`` as a job that returns the seconds all of it took (on CUDA up to the end of its kernels)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda device: None)
+
     def job() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         start = time.perf_counter()
         fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        sync(device)
         return time.perf_counter() - start
 
     return job
 
 
-def interleaved(jobs: dict[str, Job], rounds: int, warmup: int) -> dict[str, list[float]]:
-    """Each job's seconds in every timed round. A round runs every job once, in an order that
+def median_seconds(jobs: dict[Hashable, Callable[[], float]], rounds: int, warmup: int) -> dict[Hashable, float]:
+    """Each job's median seconds over the timed rounds. A round runs every job once, in an order that
     rotates from round to round."""
     if rounds < 1 or warmup < 0:
         raise SystemExit("--rounds must be at least 1 and --warmup at least 0")
@@ -59,9 +57,4 @@ def interleaved(jobs: dict[str, Job], rounds: int, warmup: int) -> dict[str, lis
             if round_ >= warmup:
                 times[name].append(seconds)
         print(f"round {round_ + 1}/{warmup + rounds} done", file=sys.stderr, flush=True)
-    return times
-
-
-def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {name: statistics.median(values) for name, values in times.items()}
-

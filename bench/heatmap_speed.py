@@ -18,11 +18,10 @@ Prints median maps/s per method and PYLON's over Grad-CAM's; the last line is on
 from __future__ import annotations
 
 import json
-import time
 
 import torch
 
-from common import interleaved, medians, model_config, parser, timed
+from common import median_seconds, model_config, parser, timed
 from pylon.heatmaps import heatmaps
 from pylon.metrics import point_accuracy
 from pylon.models import build_model
@@ -35,9 +34,7 @@ def time_point_accuracy(n: int, size: int, seed: int) -> float:
     corners = torch.randint(0, size // 2, (n, 3, 2), generator=rng).tolist()
     counts = torch.randint(1, 4, (n,), generator=rng).tolist()
     boxes = [[(x, y, size / 4, size / 4) for x, y in corners[i][:counts[i]]] for i in range(n)]
-    start = time.perf_counter()
-    point_accuracy(maps, boxes, image_size=(size, size))
-    return time.perf_counter() - start
+    return timed(lambda: point_accuracy(maps, boxes, image_size=(size, size)), maps.device)()
 
 
 def main() -> None:
@@ -57,7 +54,7 @@ def main() -> None:
     jobs = {method: timed(lambda m=model, k=method: heatmaps(m, x, k), x.device) for method, model in methods.items()}
     with torch.no_grad():  # the maps each model computes itself; Grad-CAM's come from the CAM grid
         pixels = {name: model(x[:1]).heatmap[0, 0].numel() for name, model in (("pylon", pylon), ("gradcam", baseline))}
-    seconds = medians(interleaved(jobs, args.rounds, args.warmup))
+    seconds = median_seconds(jobs, args.rounds, args.warmup)
     maps_per_s = {method: args.batch / s for method, s in seconds.items()}
     ratio = maps_per_s["pylon"] / maps_per_s["gradcam"]
     print(f"torch {torch.__version__}, {args.threads} thread(s), batch {args.batch}x1x{args.size}x{args.size}, "

@@ -1,8 +1,9 @@
 """The training loader against the step it feeds: the cache vs decoding the files, a loader-fed vs a bare step.
 
-Data, model, step and loader are train.py's own: a config (default demo.yaml as PYLON-R50 at 256 px,
-batch 8; its data comes from `make demo`), set up by pylon.engine.setup, batches from
-pylon.data.pipeline.split_loader, steps by pylon.engine.train_step. Timed in interleaved rounds:
+Data, model, step and loader are train.py's own (pylon.engine.setup, pylon.data.pipeline.split_loader,
+pylon.engine.train_step) on a config, by default demo.yaml (`make demo`) as PYLON-R50 at 256 px, batch 8.
+Timed in interleaved rounds, each job on --steps batches of a fresh epoch once its workers have started
+(their start-up is reported apart, as a real epoch pays it once):
 
   cached       the training loader (memory-mapped cache, augmentation, data.num_workers workers), no model
   decode_<s>   the same loader reading source <s>'s original files (read_image + resize, what every epoch
@@ -11,8 +12,7 @@ pylon.data.pipeline.split_loader, steps by pylon.engine.train_step. Timed in int
   bare_step    train_step on one batch already on the device: the model's own rate
   loader_step  train_step on the cached loader's batches; loader overhead = loader_step / bare_step - 1
 
-Each loader job starts a fresh epoch and times --steps batches once the workers have started (their
-start-up is reported apart, as a real epoch pays it once). The last line is one JSON object.
+The last line is one JSON object.
 
     python bench/loader_speed.py --steps 4 [--config NAME] [--set data.num_workers=2 train.amp=false ...]
 """
@@ -28,7 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader
 
-from common import interleaved, medians, parser, timed
+from common import median_seconds, parser, timed
 from pylon.config import load_config
 from pylon.data.cache import ImageCache, resize_image
 from pylon.data.pipeline import PreparedData, split_loader
@@ -42,7 +42,7 @@ DEFAULTS = ["model.backbone=resnet50", "data.image_size=256", "train.batch_size=
 
 
 class FileImages(ImageCache):
-    """A built cache's rows decoded from their original files at every read, as without a cache."""
+    """A built cache whose rows are decoded from their original files at every read, as without a cache."""
 
     def __init__(self, cache: ImageCache, resize: str):
         super().__init__(cache.path, cache.records, cache.geometry, cache.image_size, cache.unreadable)
@@ -110,7 +110,7 @@ def main() -> None:
     model.train()
     print(f"device {d.device} ({choose_precision(d.device, cfg.train).name}), {args.threads} threads, {workers} "
           f"workers, batch {batch}, {cfg.data.image_size} px, {cfg.model.arch} {cfg.model.backbone}", flush=True)
-    per_batch = {name: s / args.steps for name, s in medians(interleaved(jobs, args.rounds, args.warmup)).items()}
+    per_batch = {name: s / args.steps for name, s in median_seconds(jobs, args.rounds, args.warmup).items()}
     report(per_batch, batch, setup_s, float(np.median(started)))
 
 

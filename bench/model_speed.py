@@ -15,15 +15,14 @@ import json
 from typing import Callable
 
 import torch
-from torch import nn
 
-from common import interleaved, medians, model_config, parser, timed
+from common import median_seconds, model_config, parser, timed
 from pylon.device import choose_precision, resolve_device
 from pylon.distributed import Dist
 from pylon.engine import train_step
 from pylon.inference import probabilities
 from pylon.models import build_model
-from pylon.optim import build_optimizer
+from pylon.optim import build_loss, build_optimizer
 
 MODELS = {"pylon_r18": ["model.backbone=resnet18"], "pylon_r50": [], "resnet50": ["model.arch=baseline"]}
 KINDS = ("infer", "train")
@@ -37,7 +36,7 @@ def steps(name: str, amp: bool, batch: dict, device: torch.device) -> dict[str, 
     model = precision.layout(build_model(cfg.model).to(device))
     optimizer = build_optimizer(model, cfg.train)
     scaler = torch.amp.GradScaler(device.type, enabled=precision.needs_loss_scaling)
-    d, loss_fn = Dist(device=device), nn.BCEWithLogitsLoss()
+    d, loss_fn = Dist(device=device), build_loss(cfg.train, 0.5, device)  # random labels, half positive
     return {"infer": lambda: (model.eval(), probabilities(model, batch["image"], precision)),
             "train": lambda: (model.train(), train_step(model, batch, optimizer, loss_fn, scaler, d, cfg.train))}
 
@@ -56,14 +55,11 @@ def main() -> None:
     torch.manual_seed(1)
     batch = {"image": torch.randn(args.batch, 1, args.size, args.size, device=device),
              "label": torch.randint(0, 2, (args.batch, 1), device=device).float()}
-    jobs = {}
-    for precision, on in (("fp32", False), ("amp", True)):
-        for name in args.models:
-            for kind, fn in steps(name, on, batch, device).items():
-                jobs[kind, name, precision] = timed(fn, device)
+    jobs = {(kind, name, precision): timed(fn, device) for precision, on in (("fp32", False), ("amp", True))
+            for name in args.models for kind, fn in steps(name, on, batch, device).items()}
     print(f"{', '.join(args.models)}: batch {args.batch} at {args.size} px, device {device}, {args.threads} CPU "
           f"threads, median of {args.rounds} rounds; amp = {amp}")
-    s = medians(interleaved(jobs, args.rounds, args.warmup))
+    s = median_seconds(jobs, args.rounds, args.warmup)
     speedup = {kind: {name: round(s[kind, name, "fp32"] / s[kind, name, "amp"], 2) for name in args.models}
                for kind in KINDS}
     for kind in KINDS:

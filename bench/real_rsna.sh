@@ -1,25 +1,19 @@
 #!/usr/bin/env bash
-# Real localization, the recommended recipes: PYLON on an ImageNet MobileNetV2 and its classifier twin,
-# on RSNA films alone (real_rsna_pylon, real_rsna_baseline), and PYLON-R18 and its ResNet18 twin on
-# Kaggle merged with RSNA (real_merged_pylon, real_merged_baseline); each evaluated with --localization on its test split, then one table of
-# every heatmap method (pylon, cam, gradcam, gradcam++, and the image-blind prior and center).
-#
-#   bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT [--set key=value ...]
-#   CONFIGS="real_merged_pylon_r18" bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT   # other configs
-#   RUNS_DIR=/elsewhere bench/real_rsna.sh ...                                 # runs and log there
-#   PRETRAINED_DIR=/weights bench/real_rsna.sh ...  # offline ImageNet weights: <backbone>_imagenet.pt
-#
-# A config with model.weights=imagenet downloads its encoder's weights; with PRETRAINED_DIR set it
-# reads <PRETRAINED_DIR>/<backbone>_imagenet.pt instead (an encoder state dict, 3 input channels).
-#
-# KAGGLE_ROOT holds chest_xray/{train,test}/{NORMAL,PNEUMONIA}; RSNA_ROOT holds
-# stage_2_train_labels.csv, stage_2_train_images/ and, for the recommended configs,
-# nih_patient_map.csv (film -> person; without it add --set "data.patient_maps={}").
-# Each config trains in under 45 minutes on 2 CPU cores; extra arguments go to train.py as
-# overrides.
-# Everything is logged to <RUNS_DIR>/real_rsna-<time>.log; the tables (bench/results_table.py)
-# come last, then one JSON line naming the run folders, e.g.
+# Real localization, the recommended recipes (docs/RESULTS.md): PYLON on an ImageNet MobileNetV2 and its twin on
+# RSNA films (real_rsna_pylon, real_rsna_baseline), PYLON-R18 and its twin on Kaggle merged with RSNA
+# (real_merged_pylon, real_merged_baseline); each trained, evaluated with --localization, then one table of
+# every heatmap method (bench/results_table.py) and one JSON line of the runs by role, e.g.
 #   {"pylon": "runs/real_rsna_pylon-...", "baseline": ..., "merged_pylon": ..., "merged_baseline": ...}
+#
+#   bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT [--set key=value ...]            # overrides for train.py
+#   CONFIGS="real_merged_pylon_r18" bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT   # other configs
+#   RUNS_DIR=/elsewhere bench/real_rsna.sh ...                                 # runs and log there (default runs/)
+#   PRETRAINED_DIR=/weights bench/real_rsna.sh ...  # offline: <backbone>_imagenet.pt encoder state dicts
+#
+# KAGGLE_ROOT holds chest_xray/{train,test}/{NORMAL,PNEUMONIA}; RSNA_ROOT holds stage_2_train_labels.csv,
+# stage_2_train_images/ and, for the recommended configs, nih_patient_map.csv (film -> person; without it add
+# --set "data.patient_maps={}"). Each config trains in under 45 minutes on 2 CPU cores; everything is
+# logged to <RUNS_DIR>/real_rsna-<time>.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -2,13 +2,9 @@
 
     python bench/results_table.py RUN [RUN ...] [--eval-dir eval]
 
-Reads each RUN/<eval-dir>/metrics.json (evaluate.py --localization, or the pooled report of a
-tools/crossval.py folder) and predictions.csv.
-Localization: every method the run scored (its own maps, then the image-blind ``prior`` and
-``center``), overall and per view, with 95% intervals. Classification: AUROC overall, per
-source and per RSNA view, and, on merged data, the AUROC that the source alone reaches
-(every image scored by its source's val prevalence): the part of the merged AUROC that says
-"which hospital" rather than "which disease".
+Reads each RUN/<eval-dir>/metrics.json and predictions.csv (evaluate.py --localization, or a tools/crossval.py
+folder's pooled report). Classification adds, on merged data, the AUROC of the source alone (every image
+scored by its source's val prevalence): the part of the merged AUROC that says "which hospital".
 """
 from __future__ import annotations
 
@@ -21,7 +17,7 @@ from typing import Any, Mapping, Optional
 import pandas as pd
 from sklearn.metrics import roc_auc_score
 
-METRICS = ("point_acc", "pointing_game_15px", "energy_in_box", "laterality_acc")
+from pylon.metrics import LOCALIZATION_METRICS
 
 
 def fmt(block: Mapping[str, Any], key: str) -> str:
@@ -46,7 +42,7 @@ def localization_rows(name: str, metrics: Mapping[str, Any]) -> list[str]:
     rows = []
     for method, entry in metrics.get("localization", {}).items():
         for view, block in [("all", entry), *entry.get("by_view", {}).items()]:
-            cells = [fmt(block, key) for key in METRICS]
+            cells = [fmt(block, key) for key in LOCALIZATION_METRICS]
             rows.append(f"| {name} | {method} | {view} | {block['n']} | " + " | ".join(cells)
                         + f" | {block.get('n_laterality', '-')} |")
     return rows
@@ -78,7 +74,7 @@ def main() -> None:
 
     print("Localization on the boxed (positive) images; 95% bootstrap intervals; "
           "n_lat = images whose boxes are all on one side\n")
-    print("| run | method | view | n | point_acc | pointing_game_15px | energy_in_box | laterality_acc | n_lat |")
+    print(f"| run | method | view | n | {' | '.join(LOCALIZATION_METRICS)} | n_lat |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, metrics, _ in evaluated:
         print("\n".join(localization_rows(name, metrics)))

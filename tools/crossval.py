@@ -1,19 +1,12 @@
 """Cross-validate a config: python tools/crossval.py --config NAME [--folds 5] [--set k=v ...] [--resume CV_DIR]
 
-Trains one ordinary run per fold (``data.folds=K data.fold=i``: fold i of the patients of every
-source without an official test split is the test split, label-stratified; other sources keep
-their own splits), evaluates each with ``evaluate.py --localization``, then pools every fold's
-test images into one report: each image is scored by the one model that never saw its patient.
-Writes ``<runs_dir>/<name>-cv<K>-<time>/``: the fold runs, ``crossval.json`` (the recipe and its
-runs), and ``eval/`` with the pooled ``metrics.json`` (classification and every heatmap method,
-with bootstrap 95% intervals that resample patients, per source and per view; each fold's own
-numbers and their spread under ``per_fold``), ``predictions.csv`` and ``localization.csv``.
-Every fold run joins one W&B group named after the folder. ``--resume CV_DIR`` trains and
-evaluates only what is missing (an interrupted fold resumes from its last.pt).
-
-The folder is also the k fold models as one ensemble (mean probability, mean heatmap), for data
-outside the folds: ``python evaluate.py --run CV_DIR --localization --set data.roots.rsna=/other
-eval.split=all --out DIR``, ``python predict.py --run CV_DIR file.dcm``.
+Trains one ordinary run per fold (``data.folds=K data.fold=i``), evaluates each with ``evaluate.py
+--localization`` and pools every fold's test images into one report, each image scored by the one model that
+never saw its patient. ``<runs_dir>/<name>-cv<K>-<time>/`` holds the fold runs, ``crossval.json`` (the recipe
+and its runs) and ``eval/`` (``metrics.json`` with intervals over patients and each fold's numbers under
+``per_fold``, ``predictions.csv``, ``localization.csv``). ``--resume CV_DIR`` does only what is missing.
+The folder is also the fold models as one ensemble, for data outside the folds: ``python evaluate.py --run
+CV_DIR --localization --set data.roots.rsna=/other eval.split=all --out DIR``, ``python predict.py --run CV_DIR``.
 """
 from __future__ import annotations
 
@@ -30,9 +23,11 @@ import numpy as np
 import pandas as pd
 
 from pylon import cli
+from pylon.config import ConfigError, load_config
+from pylon.data.sources import SOURCES
+from pylon.runs import RunPaths, new_run
 
 ROOT = Path(__file__).resolve().parent.parent
-MANIFEST = "crossval.json"
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -42,33 +37,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--resume", metavar="CV_DIR", help="finish the missing folds of an earlier cross-validation")
     parser.add_argument("--bootstrap", type=int, help="resamples of the pooled intervals (default: eval.bootstrap)")
     args = parser.parse_args(argv)
-
-    from pylon.config import ConfigError, load_config
-    from pylon.runs import new_run
-
     if bool(args.resume) == bool(args.config):
         raise ConfigError("give --config NAME for a new cross-validation or --resume CV_DIR to finish one")
     if args.resume:
-        folder = Path(args.resume)
-        if not (folder / MANIFEST).is_file():
-            raise ConfigError(f"{folder} is not a cross-validation folder (no {MANIFEST})")
-        plan = json.loads((folder / MANIFEST).read_text())
+        folder = RunPaths(args.resume)
+        if not folder.crossval.is_file():
+            raise ConfigError(f"{folder.root} is not a cross-validation folder (no {folder.crossval.name})")
+        plan = json.loads(folder.crossval.read_text())
     else:
         if args.folds < 2:
             raise ConfigError(f"--folds must be at least 2, got {args.folds}")
         cfg = load_config(args.config, [*args.overrides, f"data.folds={args.folds}"])  # fails here, not in fold 1
-        folder = new_run(cfg.logging.runs_dir, f"{cfg.name}-cv{args.folds}").root
+        folder = new_run(cfg.logging.runs_dir, f"{cfg.name}-cv{args.folds}")
         plan = {"config": args.config, "folds": args.folds, "overrides": list(args.overrides), "runs": {}}
-        _save(folder, plan)
+        _write_json(folder.crossval, plan)
     for fold in range(plan["folds"]):
         run_fold(folder, plan, fold)
     # the recipe, as fold 0 ran it: evaluate.py and predict.py read the folder as one ensemble
-    shutil.copyfile(Path(plan["runs"]["0"]) / "config.yaml", folder / "config.yaml")
-    cfg = load_config(folder / "config.yaml", stored=True)
+    shutil.copyfile(RunPaths(plan["runs"]["0"]).config, folder.config)
+    cfg = load_config(folder.config, stored=True)
     n_boot = cfg.eval.bootstrap if args.bootstrap is None else args.bootstrap
-    metrics = pool(folder, [Path(plan["runs"][str(f)]) for f in range(plan["folds"])], n_boot, cfg.train.seed)
+    metrics = pool(folder, [RunPaths(plan["runs"][str(f)]) for f in range(plan["folds"])], n_boot, cfg.train.seed)
     print(pooled_tables(metrics))
-    print(f"\n{folder / 'eval' / 'metrics.json'}")
+    print(f"\n{folder.eval_dir / 'metrics.json'}")
     return 0
 
 
@@ -77,10 +68,6 @@ def _write_json(path: Path, content: Any) -> None:
     partial = path.with_name(f".{path.name}.tmp")
     partial.write_text(json.dumps(content, indent=2) + "\n")
     os.replace(partial, path)
-
-
-def _save(folder: Path, plan: dict) -> None:
-    _write_json(folder / MANIFEST, plan)
 
 
 def _script(name: str, *args: str) -> str:
@@ -96,35 +83,33 @@ def _script(name: str, *args: str) -> str:
     return last
 
 
-def run_fold(folder: Path, plan: dict, fold: int) -> None:
+def run_fold(folder: RunPaths, plan: dict, fold: int) -> None:
     """Train (or resume) and evaluate fold ``fold`` unless its evaluation is already there."""
     run = plan["runs"].get(str(fold))
-    if run is not None and (Path(run) / "eval" / "metrics.json").is_file():
+    if run is not None and (RunPaths(run).eval_dir / "metrics.json").is_file():
         return
     print(f"=== fold {fold + 1} of {plan['folds']}", flush=True)
-    if run is None or not (Path(run) / "checkpoints" / "last.pt").is_file():
-        fold_set = [f"data.folds={plan['folds']}", f"data.fold={fold}", f"logging.runs_dir={folder}",
-                    f"logging.group={folder.name}"]
+    if run is None or not RunPaths(run).last.is_file():
+        fold_set = [f"data.folds={plan['folds']}", f"data.fold={fold}", f"logging.runs_dir={folder.root}",
+                    f"logging.group={folder.root.name}"]
         summary = _script("train.py", "--config", plan["config"], "--set", *plan["overrides"], *fold_set)
         plan["runs"][str(fold)] = json.loads(summary)["run"]
-        _save(folder, plan)
+        _write_json(folder.crossval, plan)
     else:
         _script("train.py", "--resume", run)
     _script("evaluate.py", "--run", plan["runs"][str(fold)], "--localization")
 
 
-def _fold_frames(runs: Sequence[Path]) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _fold_frames(runs: Sequence[RunPaths]) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Every fold's test predictions and localization rows, with the fold, patient and view of
     each; only the cross-validated sources' images: an official test split is the same in every
     fold, and pooling would count it k times (its numbers are under ``per_fold``)."""
-    from pylon.data.sources import SOURCES
-
     predictions, localization = [], []
     for fold, run in enumerate(runs):
-        p = pd.read_csv(run / "eval" / "predictions.csv", dtype={"id": str, "patient_id": str}, keep_default_na=False)
+        p = pd.read_csv(run.eval_dir / "predictions.csv", dtype={"id": str, "patient_id": str}, keep_default_na=False)
         p = p[(p.split == "test") & ~p.source.map(lambda s: SOURCES[s].OFFICIAL_TEST)].assign(fold=fold)
         predictions.append(p)
-        lo = pd.read_csv(run / "eval" / "localization.csv", dtype={"id": str})
+        lo = pd.read_csv(run.eval_dir / "localization.csv", dtype={"id": str})
         localization.append(lo.assign(fold=fold).merge(p[["id", "patient_id", "view"]], on="id", how="left"))
     return pd.concat(predictions, ignore_index=True), pd.concat(localization, ignore_index=True)
 
@@ -135,7 +120,7 @@ def _spread(values: list[float]) -> dict:
             "values": [float(v) for v in array]}
 
 
-def pool(folder: Path, runs: Sequence[Path], n_boot: int, seed: int) -> dict:
+def pool(folder: RunPaths, runs: Sequence[RunPaths], n_boot: int, seed: int) -> dict:
     """The pooled report of the fold runs, written to ``folder/eval``; returns metrics.json's content."""
     from pylon.evaluation import localization_report
     from pylon.metrics import LOCALIZATION_METRICS, POINTING_KEY, classification_section, jsonable
@@ -153,24 +138,22 @@ def pool(folder: Path, runs: Sequence[Path], n_boot: int, seed: int) -> dict:
     for method, rows in localization.groupby("method", sort=False):
         values[method] = {k: rows[columns[k]].astype(np.float64).tolist() for k in LOCALIZATION_METRICS}
         views, patients = rows.view.fillna("").tolist(), rows.patient_id.tolist()  # the same images for every method
-    fold_metrics = [json.loads((run / "eval" / "metrics.json").read_text()) for run in runs]
+    fold_metrics = [json.loads((run.eval_dir / "metrics.json").read_text()) for run in runs]
     sources = sorted(fold_metrics[0]["classification"]["by_source"])
     per_fold = {"auroc": _spread([m["classification"]["auroc"] for m in fold_metrics]),
                 "auroc_by_source": {s: _spread([m["classification"]["by_source"][s]["auroc"] for m in fold_metrics])
                                     for s in sources},
-                "point_acc": {method: _spread([m["localization"][method]["point_acc"] for m in fold_metrics])
-                              for method in values},
-                "energy_in_box": {method: _spread([m["localization"][method]["energy_in_box"] for m in fold_metrics])
-                                  for method in values}}
-    metrics = jsonable({"run": str(folder), "split": "test", "crossval": {"folds": len(runs), "runs": [str(r) for r in runs]},
+                **{key: {method: _spread([m["localization"][method][key] for m in fold_metrics]) for method in values}
+                   for key in ("point_acc", "energy_in_box")}}
+    metrics = jsonable({"run": str(folder.root), "split": "test",
+                        "crossval": {"folds": len(runs), "runs": [str(r.root) for r in runs]},
                         "classification": classification,
                         "localization": localization_report(values, views, patients, n_boot, seed) if values else {},
                         "per_fold": per_fold})
-    out = folder / "eval"
-    out.mkdir(exist_ok=True)
-    predictions.to_csv(out / "predictions.csv", index=False)
-    localization.to_csv(out / "localization.csv", index=False)
-    _write_json(out / "metrics.json", metrics)
+    folder.eval_dir.mkdir(exist_ok=True)
+    predictions.to_csv(folder.eval_dir / "predictions.csv", index=False)
+    localization.to_csv(folder.eval_dir / "localization.csv", index=False)
+    _write_json(folder.eval_dir / "metrics.json", metrics)
     return metrics
 
 

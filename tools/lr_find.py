@@ -1,27 +1,37 @@
 """Learning-rate range test: python tools/lr_find.py --config X [--set k=v ...] [--start 1e-7] [--end 10] [--steps N]
 
-A fresh model of the config trains as train.py would (same data order, loss, optimizer and step)
-while the learning rate grows exponentially from --start to --end over one epoch, or over
-100 steps when an epoch is shorter (the data goes round again, reshuffled as train.py's next
-epoch would be: the smoothed loss needs about 50 steps to mean anything), or over --steps steps.
-It stops once the smoothed loss exceeds 4x its best or the loss blows up. Writes
-<runs_dir>/<name>-lrfind-<time>/ with lr_find.csv, lr_find.png, lr_find.json and config.yaml;
-no checkpoint and no W&B. One process (not under torchrun).
+A fresh model of the config trains as train.py would (same data order, loss, optimizer and step) while the
+learning rate grows exponentially from --start to --end over one epoch, at least 100 steps (the data goes round
+again as train.py's next epoch would: the smoothed loss needs about 50 steps to mean anything), or --steps. It
+stops once the smoothed loss exceeds 4x its best or the loss blows up, and writes lr_find.csv, lr_find.png,
+lr_find.json and config.yaml to <runs_dir>/<name>-lrfind-<time>/ (no checkpoint, no W&B). One process.
 
-Suggested rate: where the smoothed loss falls fastest against log10(lr) (np.gradient), over the
-points before the stop, leaving out the first and last tenth (at least one point each), where
-the average still settles or already turns up.
+Suggested rate: where the smoothed loss falls fastest against log10(lr), over the points before the stop
+but the first and last tenth, where the average still settles or already turns up.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import itertools
+import json
 import math
 import os
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
 
 from pylon import cli
+from pylon.config import ConfigError, load_config, to_yaml
+from pylon.data.pipeline import split_loader
+from pylon.device import bar_disabled, resolve_device
+from pylon.distributed import Dist
+from pylon.engine import setup, start_epoch, train_step
+from pylon.runs import absolute_roots, check_writable, new_run
+from pylon.trainstate import MAX_LOSS
 
 BETA = 0.98  # loss smoothing: an exponential moving average over about 50 steps
 DIVERGE_FACTOR = 4.0  # stop once the smoothed loss exceeds this multiple of its best
@@ -36,9 +46,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--steps", type=int, help=f"optimizer steps from --start to --end (default: one epoch, "
                                                    f"at least {MIN_STEPS})")
     args = parser.parse_args(argv)
-
-    from pylon.config import ConfigError, load_config
-
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ConfigError("tools/lr_find.py runs one process: start it with python, not torchrun")
     if not 0 < args.start < args.end:
@@ -61,17 +68,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = None) -> dict[str, Any]:
     """Run the range test of ``cfg`` and write its run folder; lr_find.json's values plus ``run``."""
-    import numpy as np
-    import pandas as pd
-    import torch
-
-    from pylon.config import ConfigError, to_yaml
-    from pylon.data.pipeline import split_loader
-    from pylon.distributed import Dist
-    from pylon.device import resolve_device
-    from pylon.engine import setup, train_step
-    from pylon.runs import absolute_roots, check_writable, new_run
-
     d = Dist(device=resolve_device(cfg.train.device))
     check_writable(cfg.logging.runs_dir)
     absolute_roots(cfg.data)
@@ -83,14 +79,13 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
         raise ConfigError(f"no training batch: train.batch_size={cfg.train.batch_size} is larger than "
                           f"the training split ({len(loader.dataset)} images)")
     run = new_run(cfg.logging.runs_dir, f"{cfg.name}-lrfind")
-    (run.root / "config.yaml").write_text(to_yaml(cfg))
-
+    run.config.write_text(to_yaml(cfg))
     if cfg.train.freeze_encoder_epochs:
         model.freeze_encoder(True)  # train.lr is the rate of the first, decoder-only stage
     train_model = torch.compile(model) if cfg.train.compile else model
     train_model.train()
-    n = steps or max(per_epoch, MIN_STEPS)
-    lrs = start * (end / start) ** (np.arange(n) / (n - 1 if n > 1 else 1))
+    n = steps or max(per_epoch, MIN_STEPS)  # at least 2
+    lrs = start * (end / start) ** (np.arange(n) / (n - 1))
     batches = epochs_of(loader, cfg.train, per_epoch)
     rows, diverged, before_stop = losses_at(lrs.tolist(), optimizer, lambda: float(
         train_step(train_model, next(batches), optimizer, loss_fn, scaler, d, cfg.train)))
@@ -105,14 +100,9 @@ def lr_range_test(cfg: Any, start: float, end: float, steps: Optional[int] = Non
     return {**result, "run": run}
 
 
-def losses_at(lrs: list[float], optimizer: Any, step: Any) -> tuple[list[tuple], bool, Optional[int]]:
+def losses_at(lrs: list[float], optimizer: Any, step: Callable[[], float]) -> tuple[list[tuple], bool, Optional[int]]:
     """One ``step`` at each rate: the rows (step, lr, loss, smoothed loss), whether the loss diverged,
     and how many rows come before the stop (None: all)."""
-    from tqdm.auto import tqdm
-
-    from pylon.device import bar_disabled
-    from pylon.trainstate import MAX_LOSS
-
     rows: list[tuple[int, float, float, float]] = []
     average, best = 0.0, math.inf
     with tqdm(total=len(lrs), desc="lr range test", disable=bar_disabled(True)) as bar:
@@ -135,8 +125,6 @@ def losses_at(lrs: list[float], optimizer: Any, step: Any) -> tuple[list[tuple],
 
 def epochs_of(loader: Any, cfg_train: Any, per_epoch: int) -> Iterator[Any]:
     """train.py's batches, epoch after epoch, each epoch seeded as fit() seeds it."""
-    from pylon.engine import start_epoch
-
     for epoch in itertools.count():
         start_epoch(loader, cfg_train, epoch)
         yield from itertools.islice(loader, per_epoch)
@@ -144,8 +132,6 @@ def epochs_of(loader: Any, cfg_train: Any, per_epoch: int) -> Iterator[Any]:
 
 def suggest(lrs: Any, smoothed: Any) -> tuple[Optional[float], Optional[float]]:
     """(the lr of steepest descent, the lr of the lowest smoothed loss); None for no points."""
-    import numpy as np
-
     n = len(lrs)
     if n == 0:
         return None, None
@@ -159,8 +145,6 @@ def suggest(lrs: Any, smoothed: Any) -> tuple[Optional[float], Optional[float]]:
 
 def plot(table: Any, usable: Any, result: dict[str, Any], path: Any) -> None:
     """Loss against lr on a log axis, the suggested and the configured rate marked."""
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=(6.4, 4.4), dpi=120, layout="constrained")
     ax = fig.add_subplot()
     ax.plot(table["lr"], table["loss"], color="0.7", linewidth=1, label="batch loss")

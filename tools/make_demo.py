@@ -1,20 +1,10 @@
 """Synthetic chest X-rays laid out exactly like the two real downloads, for `make demo` and tests.
 
-`python tools/make_demo.py --out datasets/demo` writes, from a seed:
-
-- ``kaggle/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``: landscape films named like
-  Kermany et al.'s (``IM-0115-0001.jpeg``, ``person12_bacteria_47.jpeg``), several per child,
-  every child in one split, about 74% pneumonia;
-- ``rsna/stage_2_train_labels.csv`` (one row per box), ``stage_2_detailed_class_info.csv``,
-  ``stage_2_train_images/<patientId>.dcm``: square 8-bit JPEG-baseline DICOMs, ~35% positive,
-  and ``nih_patient_map.csv`` (film -> person, as for the real films: a fifth of them in pairs).
-
-The phantom is plain on purpose: a grey body, two dark lungs, a brighter mediastinum and heart,
-smooth noise. Pneumonia adds one or two bright, blurry opacities inside a lung, and each RSNA
-box is the extent of one opacity, so heatmaps can be scored against it. Every image draws from
-its own generator keyed by (seed, source, index), so the same seed gives byte-identical files.
-
-A script, not part of the library: training reads the data like any download and never writes it.
+`python tools/make_demo.py --out datasets/demo` writes Kaggle-style JPEG folders and RSNA-style labels CSVs
+and DICOMs (datasets/README.md lists them). The phantom is plain on purpose: a grey body, two dark lungs, a
+brighter mediastinum and heart, smooth noise. Pneumonia adds one or two bright, blurry opacities inside a
+lung, and each RSNA box is the extent of one opacity, so heatmaps can be scored against it. Every image
+draws from its own generator keyed by (seed, source, index), so the same seed gives byte-identical files.
 """
 from __future__ import annotations
 
@@ -72,11 +62,9 @@ def _waves(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, n: int, freq:
 
 
 def render(film: Film, *, with_opacities: bool = True) -> tuple[np.ndarray, list[tuple[float, ...]]]:
-    """The film's pixels (uint8, bright = dense) and one box (x, y, width, height) per opacity.
-
-    ``with_opacities=False`` gives the same image without disease (all draws are still made).
-    Coordinates: u to the right, v down, in units of about half the lungs' height.
-    """
+    """The film's pixels (uint8, bright = dense) and one box (x, y, width, height) per opacity; without
+    opacities, the same image without disease (all draws are still made). Coordinates: u to the right, v
+    down, in units of about half the lungs' height."""
     rng = np.random.default_rng(film.key)
     h, w = film.height, film.width
     scale = h * rng.uniform(0.38, 0.44)  # pixels per unit
@@ -124,11 +112,9 @@ def render(film: Film, *, with_opacities: bool = True) -> tuple[np.ndarray, list
 
 
 def plan_kaggle(seed: int, n_patients: int) -> list[Film]:
-    """Kaggle-style films: about 35% normal children (1-2 films), the rest pneumonia (1-4 films).
-
-    Per class, about 20% of the patients go to test, then patients to val until it holds at
-    least 4 films (the official val is that small), the rest to train.
-    """
+    """Kaggle-style films: about 35% normal children (1-2 films), the rest pneumonia (1-4 films). Per class,
+    about 20% of the patients go to test, then patients to val until it holds at least 4 films (the official
+    val is that small), the rest to train."""
     rng = np.random.default_rng([seed, KAGGLE])
     n_normal = min(max(3, round(0.35 * n_patients)), n_patients - 3)
     labels = rng.permutation([0] * n_normal + [1] * (n_patients - n_normal))
@@ -219,20 +205,11 @@ def is_generated_demo(root: Path | str) -> bool:
     return _marker(Path(root)).get("generator_version") == GENERATOR_VERSION
 
 
-def holds_other_data(root: Path | str) -> bool:
-    """True when `root` exists, is not empty and is not a demo set: generate_demo refuses it."""
-    root = Path(root)
-    return root.exists() and not _marker(root) and (not root.is_dir() or any(root.iterdir()))
-
-
 def generate_demo(root: Path | str, *, seed: int = 0, n_kaggle_patients: int = 200, n_rsna: int = 360,
                   progress: bool = True) -> Path:
-    """Write the demo set to ``root/kaggle`` and ``root/rsna``; return `root`.
-
-    A complete set with the same settings is reused. The set is built in a sibling staging
-    folder and renamed into place, so an interrupted run leaves no half-written `root`. An
-    existing `root` is replaced only when it is an earlier demo set or empty.
-    """
+    """Write the demo set to ``root/kaggle`` and ``root/rsna``, or reuse a complete one of the same settings;
+    return `root`. Built in a sibling staging folder renamed into place, so an interrupted run leaves no
+    half-written `root`; an existing `root` is replaced only when it is an earlier demo set or empty."""
     if n_kaggle_patients < 6 or n_rsna < 2:
         raise ValueError(f"n_kaggle_patients={n_kaggle_patients} and n_rsna={n_rsna}: need at least 6 "
                          "(every Kaggle split gets both classes) and 2 (a positive and a negative)")
@@ -240,7 +217,7 @@ def generate_demo(root: Path | str, *, seed: int = 0, n_kaggle_patients: int = 2
     settings = dict(generator_version=GENERATOR_VERSION, seed=seed, n_kaggle_patients=n_kaggle_patients, n_rsna=n_rsna)
     if settings.items() <= _marker(root).items():  # this very set is there already
         return root
-    if holds_other_data(root):
+    if root.exists() and not _marker(root) and (not root.is_dir() or any(root.iterdir())):
         raise FileExistsError(f"{root} is not empty and is not a demo set (no {MARKER}); refusing to "
                               "overwrite it. Delete it or choose another folder.")
     staging = root.parent / f".{root.name}.partial"

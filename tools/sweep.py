@@ -1,27 +1,24 @@
 """Hyper-parameter sweep with Optuna: python tools/sweep.py --space S --trials N [--config X] [--set k=v ...] [--out DIR] [--seed S]
 
-The space file (see configs/sweeps/demo.yaml) is in Optuna's terms, and Optuna checks them: each swept
-config key is a distribution as ``optuna ask --search-space`` reads it; sampler and pruner are Optuna
-classes with their keyword arguments. The config loader tries every key at the ends of its range before
-the first trial. Each trial is a normal run trained by the engine in this process, pruned after any
-epoch; its value is the best of its epochs' metric, a validation column of history.csv (a sweep never
-selects on the test split). The sweep folder <runs_dir>/sweeps/<name>-<time>/ (or --out) holds a run
-folder per trial, optuna_journal.log (the study: --out DIR continues it), sweep.csv (a row per trial)
-and best.yaml (python train.py --config DIR/best.yaml).
+Each trial of the space file (in Optuna's terms, see configs/sweeps/demo.yaml) is a normal run trained by the
+engine in this process, pruned after any epoch. The sweep folder <runs_dir>/sweeps/<name>-<time>/ (or --out,
+which continues it) holds the trials' runs, optuna_journal.log, sweep.csv (a row per trial) and best.yaml.
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import glob
 import json
 import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterable, Optional, Sequence
 
 import optuna
 import pandas as pd
+import torch
 import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -29,7 +26,9 @@ from omegaconf.errors import OmegaConfBaseException
 from pylon import cli
 from pylon.config import ConfigError, load_config, resolve_config_path, to_yaml
 from pylon.data.sources import SOURCES
+from pylon.engine import fit
 from pylon.runs import check_writable, new_run
+from pylon.trainstate import PRUNED, TrainingDiverged
 
 SWEEP_DIR = Path(__file__).resolve().parent.parent / "configs" / "sweeps"  # where a bare --space name is looked up
 # history.csv's validation columns, besides each source's val_loss_<source>
@@ -67,9 +66,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise ConfigError("tools/sweep.py trains its trials one after another in one process: "
                           "start it with python, not torchrun")
     path, space = read_space(args.space)
-    sweep_dir, study = run_sweep(path, space, args.config or space.config, args.overrides, args.trials, args.out,
-                                 args.seed)
-    if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+    config, out = args.config or space.config, args.out
+    swept = {item.split("=", 1)[0].strip() for item in args.overrides} & set(space.parameters)
+    if swept:
+        raise ConfigError(f"--set {min(swept)} is swept by {path}; leave it out or change the file's set")
+    overrides = [*space.set, *args.overrides]
+    params = distributions(path, space, config, overrides)
+    base = load_config(config, overrides)
+    sampler_kwargs, pruner = search_policy(path, space, params, int(base.train.epochs))
+    check_writable(out or base.logging.runs_dir, "--out" if out else "logging.runs_dir")
+    sweep_dir = Path(out) if out else new_run(Path(base.logging.runs_dir) / "sweeps", base.name).root
+    setup = {"config": str(resolve_config_path(config).resolve()), "overrides": overrides,
+             "space": json.loads(json.dumps(vars(space)))}
+    study = open_study(sweep_dir, setup, pruner, "minimize" if "loss" in space.metric else "maximize")
+    # Seeded past the trials already run: a continued random search must not repeat them.
+    study.sampler = optuna_object(optuna.samplers, space.sampler, {**sampler_kwargs, "seed": args.seed + len(study.trials)})
+    trial_overrides = [*overrides, f"logging.group={sweep_dir.name}", f"logging.runs_dir={sweep_dir}"]
+    objective = functools.partial(run_trial, space.metric, params, config, trial_overrides, sweep_dir, base.name)
+    try:
+        study.optimize(objective, args.trials, callbacks=[functools.partial(report, space.metric)], gc_after_trial=True,
+                       catch=(TrainingDiverged, ConfigError, torch.OutOfMemoryError))  # each ends its trial only
+    finally:
+        write_results(study, space.metric, sweep_dir, base)
+    if not (sweep_dir / "best.yaml").is_file():
         print(f"no trial completed, so no best.yaml; see {sweep_dir / 'sweep.csv'}")
         return 1
     best = study.best_trial
@@ -128,45 +147,13 @@ def search_policy(path: Path, space: Space, params: dict[str, Any], epochs: int)
     return sampler_kwargs, optuna_object(optuna.pruners, space.pruner, {**pruner_kwargs, **space.pruner_kwargs})
 
 
-def run_sweep(path: Path, space: Space, config: str, overrides: list[str], trials: int, out: Optional[str] = None,
-              seed: int = 0) -> tuple[Path, Any]:
-    """Run ``trials`` more trials of ``space`` on ``config``; the sweep folder and its study."""
-    import torch
-
-    from pylon.trainstate import TrainingDiverged
-
-    swept = {item.split("=", 1)[0].strip() for item in overrides} & set(space.parameters)
-    if swept:
-        raise ConfigError(f"--set {min(swept)} is swept by {path}; leave it out or change the file's set")
-    base_overrides = [*space.set, *overrides]
-    params = distributions(path, space, config, base_overrides)
-    base = load_config(config, base_overrides)
-    sampler_kwargs, pruner = search_policy(path, space, params, int(base.train.epochs))
-    check_writable(out or base.logging.runs_dir, "--out" if out else "logging.runs_dir")
-    sweep_dir = Path(out) if out else new_run(Path(base.logging.runs_dir) / "sweeps", base.name).root
-    setup = {"config": str(resolve_config_path(config).resolve()), "overrides": base_overrides,
-             "space": json.loads(json.dumps(vars(space)))}
-    study = open_study(sweep_dir, setup, pruner, "minimize" if "loss" in space.metric else "maximize")
-    # Seeded past the trials already run: a continued random search must not repeat them.
-    study.sampler = optuna_object(optuna.samplers, space.sampler, {**sampler_kwargs, "seed": seed + len(study.trials)})
-    trial_overrides = [*base_overrides, f"logging.group={sweep_dir.name}", f"logging.runs_dir={sweep_dir}"]
-    objective = Objective(space.metric, params, config, trial_overrides, sweep_dir, base.name)
-    try:
-        study.optimize(objective, n_trials=trials, callbacks=[objective.report], gc_after_trial=True,
-                       catch=(TrainingDiverged, ConfigError, torch.OutOfMemoryError))  # each ends its trial only
-    finally:
-        write_results(study, space.metric, sweep_dir, base)
-    return sweep_dir, study
-
-
 def open_study(sweep_dir: Path, setup: dict[str, Any], pruner: Any, direction: str) -> Any:
     """The study in the sweep folder: new, or continued when it was started with the same setup."""
-    if sweep_dir.exists() and not (sweep_dir / JOURNAL).is_file() and (
-            not sweep_dir.is_dir() or any(sweep_dir.iterdir())):
+    if sweep_dir.is_dir() and any(sweep_dir.iterdir()) and not (sweep_dir / JOURNAL).is_file():
         raise ConfigError(f"--out {sweep_dir} is not a sweep folder (no {JOURNAL} in it)")
     sweep_dir.mkdir(parents=True, exist_ok=True)
     print(f"sweep folder: {sweep_dir}", flush=True)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line (Objective.report), no traceback
+    optuna.logging.set_verbosity(optuna.logging.ERROR)  # each trial gets one line (report), no traceback
     storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(sweep_dir / JOURNAL)))
     study = optuna.create_study(storage=storage, study_name="sweep", direction=direction, pruner=pruner,
                                 load_if_exists=True)
@@ -179,11 +166,18 @@ def open_study(sweep_dir: Path, setup: dict[str, Any], pruner: Any, direction: s
     return study
 
 
+def best_of(metric: str, values: Iterable[float]) -> Optional[float]:
+    """The best finite value an epoch reported (None: none was finite)."""
+    finite = [v for v in values if math.isfinite(v)]
+    return (min if "loss" in metric else max)(finite) if finite else None
+
+
 def write_results(study: Any, metric: str, sweep_dir: Path, base: Any) -> None:
     """sweep.csv (a row per trial) and best.yaml: the best run's config, named, placed and grouped like
     the base config, so that training it makes a normal run."""
-    rows = [{"number": t.number, "state": t.state.name, **t.params, f"best_{metric}": t.user_attrs.get("best"),
-             **{key: t.user_attrs.get(key) for key in ("epochs", "run", "error")}} for t in study.trials]
+    rows = [{"number": t.number, "state": t.state.name, **t.params,
+             f"best_{metric}": best_of(metric, t.intermediate_values.values()), "epochs": len(t.intermediate_values),
+             "run": t.user_attrs.get("run"), "error": t.user_attrs.get("error")} for t in study.trials]
     pd.DataFrame(rows).to_csv(sweep_dir / "sweep.csv", index=False)
     if any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
         best = load_config(Path(study.best_trial.user_attrs["run"]) / "config.yaml", [
@@ -192,52 +186,42 @@ def write_results(study: Any, metric: str, sweep_dir: Path, base: Any) -> None:
         (sweep_dir / "best.yaml").write_text(to_yaml(best))
 
 
-class Objective:
+def run_trial(metric: str, params: dict[str, Any], config: str, overrides: list[str], sweep_dir: Path,
+              sweep_name: str, trial: Any) -> float:
     """A trial: its config through the loader, a normal run by the engine, pruned on the metric."""
+    name = f"{sweep_name}-trial{trial.number:03d}"
+    sampled = [f"{key}={suggest(trial, key, dist)}" for key, dist in params.items()]
+    values: list[float] = []
 
-    def __init__(self, metric: str, params: dict[str, Any], config: str, overrides: list[str], sweep_dir: Path,
-                 name: str):
-        self.metric, self.params, self.config, self.overrides = metric, params, config, overrides
-        self.sweep_dir, self.name, self.pick = sweep_dir, name, min if "loss" in metric else max
+    def on_epoch(epoch: int, row: dict) -> bool:
+        values.append(float(row[metric]))
+        trial.report(values[-1], epoch)
+        return trial.should_prune()
 
-    def __call__(self, trial: Any) -> float:
-        from pylon.engine import fit
-        from pylon.trainstate import PRUNED
+    try:
+        summary = fit(load_config(config, [*overrides, *sampled, f"name={name}"]), on_epoch=on_epoch)
+    except Exception as err:
+        trial.set_user_attr("error", str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise
+    finally:
+        run = next(sweep_dir.glob(f"{glob.escape(name)}-*"), None)  # the run folder fit made, if it got that far
+        trial.set_user_attr("run", run and str(run))
+    if summary["stop_reason"] == PRUNED:
+        raise optuna.TrialPruned(f"pruned after epoch {len(values)}")
+    best = best_of(metric, values)
+    if best is None:
+        raise ConfigError(f"{metric} was never finite (e.g. AUROC on a one-class validation split)")
+    return best
 
-        name = f"{self.name}-trial{trial.number:03d}"
-        sampled = [f"{key}={suggest(trial, key, dist)}" for key, dist in self.params.items()]
-        values: list[float] = []
 
-        def on_epoch(epoch: int, row: dict) -> bool:
-            values.append(float(row[self.metric]))
-            trial.report(values[-1], epoch)
-            return trial.should_prune()
-
-        try:
-            summary = fit(load_config(self.config, [*self.overrides, *sampled, f"name={name}"]), on_epoch=on_epoch)
-        except Exception as err:
-            trial.set_user_attr("error", str(err).splitlines()[0] if str(err) else type(err).__name__)
-            raise
-        finally:
-            finite = [v for v in values if math.isfinite(v)]
-            runs = sorted(self.sweep_dir.glob(f"{glob.escape(name)}-*"))
-            trial.set_user_attr("best", self.pick(finite) if finite else None)
-            trial.set_user_attr("epochs", len(values))
-            trial.set_user_attr("run", str(runs[0]) if runs else None)
-        if summary["stop_reason"] == PRUNED:
-            raise optuna.TrialPruned(f"pruned after epoch {len(values)}")
-        if not finite:
-            raise ConfigError(f"{self.metric} was never finite (e.g. AUROC on a one-class validation split)")
-        return self.pick(finite)
-
-    def report(self, study: Any, trial: Any) -> None:
-        """One line per finished trial, as the study records it."""
-        params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
-        best, epochs = trial.user_attrs.get("best"), trial.user_attrs.get("epochs", 0)
-        value = "" if best is None else f": {self.metric} {best:.4f}"
-        error = f": {trial.user_attrs['error']}" if trial.user_attrs.get("error") else ""
-        print(f"trial {trial.number} {trial.state.name}{value} after {epochs} epoch{'s' * (epochs != 1)} "
-              f"({params}){error}", flush=True)
+def report(metric: str, study: Any, trial: Any) -> None:
+    """One line per finished trial, as the study records it."""
+    params = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.params.items())
+    best, epochs = best_of(metric, trial.intermediate_values.values()), len(trial.intermediate_values)
+    value = "" if best is None else f": {metric} {best:.4f}"
+    error = f": {trial.user_attrs['error']}" if trial.user_attrs.get("error") else ""
+    print(f"trial {trial.number} {trial.state.name}{value} after {epochs} epoch{'s' * (epochs != 1)} ({params}){error}",
+          flush=True)
 
 
 def suggest(trial: Any, key: str, dist: Any) -> Any:
