@@ -16,9 +16,11 @@ import pytest
 from PIL import Image
 from pydicom.data import get_testdata_file
 
+from dicom_files import write_dicom
+
 from pylon.data import cache as cache_module
 from pylon.data.cache import BUILDING_PREFIX, ImageCache, build_cache, cache_key, pixel_mean_std, resize_image
-from pylon.data.readers import read_image
+from pylon.data.readers import HEADER_TAGS, read_image
 from pylon.data.records import Box, Record
 
 SIZE = 48
@@ -183,7 +185,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(image_folder, monk
     records, cache_dir = image_folder
     readable = [r for r in records if r.id not in ("img10", "img11")]
     calls = {"n": 0}
-    real_read = cache_module.readers.read_image
+    real_read = cache_module.readers.read_image_with_header
 
     def read_then_interrupt(path):
         calls["n"] += 1
@@ -191,7 +193,7 @@ def test_interrupted_build_leaves_nothing_that_looks_complete(image_folder, monk
             raise KeyboardInterrupt
         return real_read(path)
 
-    monkeypatch.setattr(cache_module.readers, "read_image", read_then_interrupt)
+    monkeypatch.setattr(cache_module.readers, "read_image_with_header", read_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
         build_cache(readable, cache_dir, image_size=SIZE, workers=1, progress=False)
     assert list(cache_dir.iterdir()) == []  # the building folder was removed
@@ -217,7 +219,7 @@ def test_a_cache_the_disk_cannot_hold_is_refused_before_writing(image_folder, mo
     records, cache_dir = image_folder
     usage = shutil.disk_usage(cache_dir.parent)
     monkeypatch.setattr(cache_module.shutil, "disk_usage", lambda path: usage._replace(free=10 * 2**20))
-    monkeypatch.setattr(cache_module.readers, "read_image", lambda path: pytest.fail("an image was read"))
+    monkeypatch.setattr(cache_module.readers, "read_image_with_header", lambda path: pytest.fail("an image was read"))
     with pytest.raises(cache_module.CacheWriteError) as err:
         build_cache(records, cache_dir, image_size=SIZE, workers=1, progress=False)
     message = str(err.value)
@@ -249,6 +251,42 @@ def test_a_malformed_dicom_is_reported_and_skipped(image_folder):
     with open(cache.path / "report.csv", newline="") as handle:
         (row,) = csv.DictReader(handle)
     assert row["id"] == "img12" and row["path"] == bad.path and "'1A'" in row["reason"]
+
+
+def test_rows_keep_their_dicom_header_fields_and_complete_gets_them(image_folder, phantom):
+    records, cache_dir = image_folder
+    dicom = write_dicom(cache_dir.parent / "film.dcm", phantom(40, 30), transfer_syntax="explicit-little",
+                        ViewPosition="AP", PatientAge="58", PatientSex="F")
+    records = [records[0], _record(20, dicom), records[2]]  # a JPEG, a DICOM, a corrupt JPEG
+    seen = []
+
+    def complete(rows, headers, sizes):
+        seen.append((headers, sizes))
+        return [Record(**{**r.__dict__, "view": h["ViewPosition"] or None}) for r, h in zip(rows, headers)]
+
+    cache = build_cache(records, cache_dir, image_size=SIZE, workers=1, progress=False, complete=complete)
+    no_header = dict.fromkeys(HEADER_TAGS, "")
+    assert seen == [([no_header, {**no_header, "ViewPosition": "AP", "PatientAge": "58", "PatientSex": "F"}],
+                     [(60, 90), (40, 30)])]  # the unreadable row is not completed
+    assert [(r.id, r.view) for r in cache.records] == [("img0", None), ("img20", "AP")]
+    reused = build_cache(records, cache_dir, image_size=SIZE, workers=1, progress=False, complete=complete)
+    assert reused.path == cache.path and seen[1] == seen[0] and reused.records == cache.records
+
+
+def test_an_index_without_header_fields_is_rebuilt_in_place(image_folder):
+    records, cache_dir = image_folder
+    cache = build_cache(records, cache_dir, image_size=SIZE, workers=1, progress=False)
+    with open(cache.path / "index.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    with open(cache.path / "index.csv", "w", newline="") as handle:  # as caches were written before
+        writer = csv.DictWriter(handle, fieldnames=[k for k in rows[0] if k not in HEADER_TAGS], extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    rebuilt = build_cache(records, cache_dir, image_size=SIZE, workers=1, progress=False)
+    assert rebuilt.path == cache.path and list(cache_dir.iterdir()) == [cache.path]
+    with open(rebuilt.path / "index.csv", newline="") as handle:
+        assert set(HEADER_TAGS) <= set(next(csv.DictReader(handle)))
+    np.testing.assert_array_equal(np.asarray(rebuilt.images), np.asarray(cache.images))
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a named pipe to hold the build")
@@ -322,10 +360,11 @@ def test_key_depends_on_pixels_not_on_labels(image_folder):
 
 
 def test_real_rsna_dicoms_cache_with_their_boxes(rsna_sample, tmp_path):
-    from pylon.data.sources import rsna
+    from pylon.data.sources import complete_records, rsna
 
     records = rsna.index(rsna_sample)
-    cache = build_cache(records, tmp_path / "cache", image_size=64, resize="letterbox", workers=1, progress=False)
+    cache = build_cache(records, tmp_path / "cache", image_size=64, resize="letterbox", workers=1, progress=False,
+                        complete=complete_records)
     assert len(cache) == len(records) == 16 and not cache.unreadable
     boxed = [i for i, r in enumerate(cache.records) if r.boxes]
     assert sum(len(cache.records[i].boxes) for i in boxed) == 10

@@ -6,15 +6,19 @@ import logging
 import os
 import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
 
 from dicom_files import write_dicom
-from pylon.data.records import Box, DatasetLayoutError
-from pylon.data.sources import kaggle, nih, rsna
+from pylon.data.cache import ImageCache, build_cache
+from pylon.data.readers import ImageReadError, read_image_with_header
+from pylon.data.records import Box, DatasetLayoutError, Record
+from pylon.data.sources import complete_records, kaggle, nih, rsna
 from pylon.data.sources.kaggle import parse_patient
 from pylon.data.sources.rsna import parse_age
 
@@ -82,14 +86,23 @@ def rsna_tree(tmp_path, phantom) -> Path:
     return write_rsna_tree(tmp_path / "rsna", phantom(SIZE, SIZE))
 
 
+def index_and_cache(root: Path, cache_dir: Path) -> ImageCache:
+    """rsna.index, then the image cache, whose one read of each file completes the records (view,
+    age, sex, boxes clipped to the image), as prepare_data runs them."""
+    return build_cache(rsna.index(root), cache_dir, image_size=32, workers=1, progress=False, complete=complete_records)
+
+
 def problem_counts(caplog, logger: str) -> dict[str, int]:
-    """Kind -> count from the indexer's one warning."""
-    (message,) = [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
-    return {kind: int(n) for kind, n in re.findall(r"(\w+): (\d+) \(e\.g\. ", message)}
+    """Kind -> count from the source's warnings (RSNA's indexing and completing give one each):
+    every kind in one warning only."""
+    messages = [r.getMessage() for r in caplog.records if r.name == logger and r.levelno == logging.WARNING]
+    found = [(kind, int(n)) for message in messages for kind, n in re.findall(r"(\w+): (\d+) \(e\.g\. ", message)]
+    assert messages and len(found) == len(dict(found)), found
+    return dict(found)
 
 
-def test_rsna_records_boxes_and_header_fields(rsna_tree):
-    records = rsna.index(rsna_tree)
+def test_rsna_records_boxes_and_header_fields(rsna_tree, tmp_path):
+    records = index_and_cache(rsna_tree, tmp_path / "cache").records
     by_id = {r.id: r for r in records}
     assert set(by_id) == {"neg", "multi", "one", "nobox", "sizes", "clip", "outside", "negbox",
                           "dup", "badvalue", "incomplete", "old"}
@@ -122,9 +135,9 @@ def test_rsna_records_boxes_and_header_fields(rsna_tree):
     assert by_id["multi"].detail_class == "Lung Opacity" and by_id["clip"].detail_class is None
 
 
-def test_rsna_warning_counts_every_malformed_kind(rsna_tree, caplog):
-    with caplog.at_level(logging.WARNING, logger="pylon.data.sources.rsna"):
-        rsna.index(rsna_tree)
+def test_rsna_warning_counts_every_malformed_kind(rsna_tree, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING):
+        cache = index_and_cache(rsna_tree, tmp_path / "cache")
     assert problem_counts(caplog, "pylon.data.sources.rsna") == {
         "non_positive_box_size": 2,
         "box_clipped": 1,
@@ -138,17 +151,18 @@ def test_rsna_warning_counts_every_malformed_kind(rsna_tree, caplog):
         "incomplete_box": 1,
         "missing_patient_id": 1,
         "positive_without_box": 2,  # 'nobox' and 'incomplete'
-        "unreadable_header": 1,
         "implausible_age": 1,
         "image_without_label": 2,  # 'unlabelled', and 'badtarget' whose only row was dropped
         "detail_class_conflict": 1,  # 'negbox' is Target 0 but 'Lung Opacity'
     }
     assert "missing_image: 1 (e.g. gone)" in caplog.text and "conflicting_target: 1 (e.g. conflict)" in caplog.text
+    # a file that cannot be read is the image cache's to report, once, like any other source's
+    assert [u["id"] for u in cache.unreadable] == ["broken"] and caplog.text.count("skipped 1 unreadable image,") == 1
 
 
-def test_rsna_warning_says_what_became_of_each_kind(rsna_tree, caplog):
+def test_rsna_warning_says_what_became_of_each_kind(rsna_tree, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="pylon.data.sources.rsna"):
-        rsna.index(rsna_tree)
+        index_and_cache(rsna_tree, tmp_path / "cache")
     for said in ("conflicting_target: 1 (e.g. conflict) -> patient dropped", "missing_image: 1 (e.g. gone) -> patient "
                  "dropped", "box_clipped: 1 (e.g. clip (100, -10, 50, 30)) -> box clipped to the image",
                  "positive_without_box: 2 (e.g. incomplete, nobox) -> image kept, not scored for localization"):
@@ -162,13 +176,13 @@ def test_every_kind_of_indexing_problem_says_what_became_of_it(module):
     assert kinds and kinds <= set(module.EFFECTS), kinds - set(module.EFFECTS)
 
 
-def test_rsna_finds_upper_case_dcm_files_and_names_broken_links(rsna_tree, caplog):
+def test_rsna_finds_upper_case_dcm_files_and_names_broken_links(rsna_tree, tmp_path, caplog):
     images = rsna_tree / "stage_2_train_images"
     (images / "one.dcm").rename(images / "one.DCM")
     (images / "neg.dcm").unlink()
     (images / "neg.dcm").symlink_to(images / "moved-away.dcm")
     with caplog.at_level(logging.WARNING, logger="pylon.data.sources.rsna"):
-        by_id = {r.id: r for r in rsna.index(rsna_tree)}
+        by_id = {r.id: r for r in index_and_cache(rsna_tree, tmp_path / "cache").records}
     assert Path(by_id["one"].path).name == "one.DCM" and by_id["one"].boxes == (Box(5, 5, 50, 60),)
     counts = problem_counts(caplog, "pylon.data.sources.rsna")
     assert counts["broken_symlink"] == 1 and counts["missing_image"] == 1  # 'neg' is broken, 'gone' missing
@@ -183,37 +197,53 @@ def test_read_labels_gives_raw_boxes_by_patient(rsna_tree):
     assert "neg" not in boxes and boxes["badvalue"] == [(40, 40, 10, 10)]
 
 
-def test_rsna_header_cache_is_used_and_invalidated(rsna_tree, tmp_path):
-    cache = tmp_path / "cache" / "rsna_headers.csv"
-    first = rsna.index(rsna_tree, tmp_path / "cache")
-    assert cache.is_file()
+def test_rsna_dicoms_are_opened_once_by_a_cold_build_and_never_by_a_warm_one(rsna_tree, tmp_path, monkeypatch):
+    opened = []
+    dcmread = pydicom.dcmread
+    monkeypatch.setattr(pydicom, "dcmread", lambda path, *args, **kwargs: opened.append(Path(path).name)
+                        or dcmread(path, *args, **kwargs))
+    indexed = rsna.index(rsna_tree)
+    assert not opened  # indexing reads the label files only
+    cold = index_and_cache(rsna_tree, tmp_path / "cache")
+    assert Counter(opened) == Counter(Path(r.path).name for r in indexed)  # each file once, 'broken' too
+    assert all(n == 1 for n in Counter(opened).values()) and len(opened) == len(indexed) == len(cold) + 1
+    opened.clear()
+    warm = index_and_cache(rsna_tree, tmp_path / "cache")
+    assert not opened and warm.path == cold.path and warm.records == cold.records
+
+
+def test_rsna_header_fields_come_from_the_image_cache_until_a_file_changes(rsna_tree, tmp_path):
+    first = index_and_cache(rsna_tree, tmp_path / "cache")
     # Edit the cached view of one file: a second run must take it from the cache...
-    with open(cache, newline="") as handle:
+    with open(first.path / "index.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
     for row in rows:
-        if row["file"] == "neg.dcm":
-            row["view"] = "LL"
-    with open(cache, "w", newline="") as handle:
+        if row["id"] == "neg":
+            row["ViewPosition"] = "LL"
+    with open(first.path / "index.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    second = {r.id: r for r in rsna.index(rsna_tree, tmp_path / "cache")}
+    second = {r.id: r for r in index_and_cache(rsna_tree, tmp_path / "cache").records}
     assert second["neg"].view == "LL"
-    # ...until the file changes (new mtime), when the header is read again.
+    # ...until the file changes (new mtime), when it is read again.
     dicom = rsna_tree / "stage_2_train_images" / "neg.dcm"
     stat = dicom.stat()
     os.utime(dicom, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
-    third = {r.id: r for r in rsna.index(rsna_tree, tmp_path / "cache")}
+    third = {r.id: r for r in index_and_cache(rsna_tree, tmp_path / "cache").records}
     assert third["neg"].view == "PA"
-    assert [r.id for r in first] == sorted(third)
-    assert first == rsna.index(rsna_tree)  # with the header cache or without
+    assert [r.id for r in first.records] == sorted(third)
 
 
 def test_rsna_view_from_series_description(tmp_path, phantom):
     path = write_dicom(tmp_path / "a.dcm", phantom(8, 8), transfer_syntax="explicit-little", ViewPosition="",
                        SeriesDescription="view: ap", PatientAge="030Y", PatientSex="X")
-    assert rsna.read_header(path) == rsna.Header("AP", "030Y", None, "8", "8")
-    assert rsna.read_header(tmp_path / "missing.dcm") is None
+    image, header = read_image_with_header(path)
+    assert header == {"ViewPosition": "", "PatientAge": "030Y", "PatientSex": "X", "SeriesDescription": "view: ap"}
+    (record,) = rsna.complete([Record("a", "a", "rsna", str(path), 0)], [header], [image.shape])
+    assert (record.view, record.age, record.sex) == ("AP", 30, None)
+    with pytest.raises(ImageReadError, match="file not found"):
+        read_image_with_header(tmp_path / "missing.dcm")
 
 
 def test_rsna_layout_errors(tmp_path, rsna_tree):

@@ -1,13 +1,12 @@
 """Decode every radiograph once into a memory-mapped cache of square uint8 arrays.
 
-Decoding a 1024 x 1024 JPEG DICOM costs milliseconds, reading a row of a memory-mapped ``.npy``
-microseconds, so images are read and resized once and epochs only augment. ``<cache_dir>/<key>/``
-holds ``images.npy`` (N, S, S), ``index.csv`` (each row's id, path and geometry), ``report.csv``
-(unreadable files and why) and ``meta.json`` (written last: it marks a complete cache). The key
-hashes the settings and every record's id, path, size and mtime: same inputs reuse the cache
-without opening an image. A build writes into a hidden folder of its own (``.building-<key>-*``)
-renamed into place when complete, so a cache is only ever read whole; the folder of a killed
-build is never read (delete it to get the space back).
+Decoding a 1024 x 1024 JPEG DICOM costs milliseconds, reading a row of a memory-mapped ``.npy`` microseconds, so
+images are read and resized once and epochs only augment. ``<cache_dir>/<key>/`` holds ``images.npy`` (N, S, S),
+``index.csv`` (each row's id, path, geometry and, from the same read, its DICOM header's readers.HEADER_TAGS),
+``report.csv`` (unreadable files and why) and ``meta.json`` (written last: it marks a complete cache). The key
+hashes the settings and every record's id, path, size and mtime: same inputs reuse the cache without opening a file.
+A build writes into a hidden folder of its own (``.building-<key>-*``) renamed into place when complete, so a cache
+is only ever read whole; the folder of a killed build is never read (delete it to get the space back).
 
 Resize: ``"stretch"`` (default, as the reference implementation) scales each axis to S;
 ``"letterbox"`` keeps the aspect ratio and pads with black. Letterbox bars would mark the
@@ -31,7 +30,7 @@ import time
 import uuid
 from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -127,14 +126,15 @@ class ImageCache:
 
 
 def build_cache(records: Sequence[Record], cache_dir: Path, *, image_size: int, resize: str = "stretch",
-                workers: int = 2, progress: bool = True) -> ImageCache:
-    """The cache of `records` at `image_size`, built only if it does not exist yet. Unreadable
-    files are skipped and listed in its report.csv; the cache holds the rest, in order."""
+                workers: int = 2, progress: bool = True, complete: Callable = lambda rows, *_: rows) -> ImageCache:
+    """The cache of `records` at `image_size`, built only if it does not exist yet. Unreadable files are skipped and
+    listed in report.csv; its rows: the rest, as ``complete(rows, headers, sizes)`` returns them (given each one's
+    readers.HEADER_TAGS as a dict and its original (height, width))."""
     assert records and len({r.id for r in records}) == len(records), "records must be non-empty, ids unique"
     cache_dir = Path(cache_dir)
     key, fingerprint = cache_key(records, image_size=image_size, resize=resize)
     final = cache_dir / key
-    cache = _open(final, records)
+    cache = _open(final, records, complete)
     if cache is None:
         started = time.perf_counter()
         shutil.rmtree(final, ignore_errors=True)  # a folder without meta.json is not a finished build
@@ -154,7 +154,7 @@ def build_cache(records: Sequence[Record], cache_dir: Path, *, image_size: int, 
                                   "space there or point data.cache_dir at another folder") from error
         finally:
             shutil.rmtree(building, ignore_errors=True)
-        cache = _open(final, records)
+        cache = _open(final, records, complete)
         log.info("built image cache %s (%d images) in %.1f s", final, len(cache), time.perf_counter() - started)
     else:
         log.info("reusing image cache %s (%d images)", final, len(cache))
@@ -200,22 +200,19 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
     tasks = [(i, r.path) for i, r in enumerate(records)]
     chunk = max(1, min(64, math.ceil(n / (max(1, workers) * 8))))
     chunks = [tasks[s : s + chunk] for s in range(0, n, chunk)]
-    outcome: dict[int, object] = {}  # row -> Geometry, or the reason it could not be read
+    outcome: dict[int, object] = {}  # row -> its index.csv columns from geometry on, or why it could not be read
     work = functools.partial(_cache_chunk, images_path, image_size, resize)
-    # spawn, not fork: a process that already ran multithreaded OpenCV or torch code can deadlock
-    # the children it forks
-    context = multiprocessing.get_context("spawn")
-    with (futures.ProcessPoolExecutor(workers, mp_context=context) if workers > 1
+    # spawn, not fork: a process that already ran multithreaded OpenCV or torch code can deadlock its children
+    with (futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) if workers > 1
           else contextlib.nullcontext()) as pool, \
             tqdm(total=n, desc=f"caching images at {image_size}px", unit="img", disable=not progress) as bar:
         for result in (pool.map(work, chunks) if pool else map(work, chunks)):
             outcome.update(result)
             bar.update(len(result))
-    ok = [i for i in range(n) if isinstance(outcome[i], Geometry)]
+    ok = [i for i in range(n) if isinstance(outcome[i], list)]
     if len(ok) < n:  # drop the rows of unreadable files, a block of rows at a time
         source = np.load(images_path, mmap_mode="r")
-        target = np.lib.format.open_memmap(folder / "compact.npy", mode="w+", dtype=np.uint8,
-                                           shape=(len(ok), image_size, image_size))
+        target = np.lib.format.open_memmap(folder / "compact.npy", "w+", np.uint8, (len(ok), image_size, image_size))
         for start in range(0, len(ok), 1024):
             target[start : start + 1024] = source[ok[start : start + 1024]]
         target.flush()
@@ -223,45 +220,48 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
         os.replace(folder / "compact.npy", images_path)
     with open(folder / "index.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["row", "id", "path", *GEOMETRY_FIELDS])
-        writer.writerows([row, records[i].id, records[i].path, *astuple(outcome[i])] for row, i in enumerate(ok))
-    failed = [i for i in range(n) if not isinstance(outcome[i], Geometry)]
+        writer.writerow(["row", "id", "path", *GEOMETRY_FIELDS, *readers.HEADER_TAGS])
+        writer.writerows([row, records[i].id, records[i].path, *outcome[i]] for row, i in enumerate(ok))
+    failed = [i for i in range(n) if not isinstance(outcome[i], list)]
     with open(folder / "report.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "path", "reason"])
         writer.writerows([records[i].id, records[i].path, outcome[i]] for i in failed)
     meta = dict(fingerprint, n_images=len(ok), n_unreadable=len(failed), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    with open(folder / "meta.json", "w") as handle:  # last: its presence marks the cache complete
-        json.dump(meta, handle, indent=2)
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))  # last: its presence marks the cache complete
 
 
 def _cache_chunk(images_path: Path, image_size: int, resize: str, tasks: list[tuple[int, str]]) -> dict:
-    """Worker: read, resize and write a few rows; row -> Geometry, or the reason it failed."""
+    """Worker: read, resize and write a few rows; row -> its geometry and header values, or why it failed."""
     cv2.setNumThreads(1)  # the processes are the parallelism
     images = np.load(images_path, mmap_mode="r+")
     out: dict[int, object] = {}
     for i, path in tasks:
         try:
-            images[i], out[i] = resize_image(readers.read_image(path), image_size, resize)
+            image, header = readers.read_image_with_header(path)
+            images[i], geometry = resize_image(image, image_size, resize)
+            out[i] = [*astuple(geometry), *(header.get(tag, "") for tag in readers.HEADER_TAGS)]
         except readers.ImageReadError as error:
             out[i] = error.reason
     images.flush()
     return out
 
 
-def _open(folder: Path, records: list[Record]) -> Optional[ImageCache]:
-    """The cache in `folder` if a finished build left it there, else None."""
+def _open(folder: Path, records: list[Record], complete: Callable) -> Optional[ImageCache]:
+    """The cache a finished build left in `folder`, else None (so too for an index.csv without header fields)."""
     try:
         meta = json.loads((folder / "meta.json").read_text())
         with open(folder / "index.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
         with open(folder / "report.csv", newline="") as handle:
             unreadable = list(csv.DictReader(handle))
+        headers = [{tag: r[tag] for tag in readers.HEADER_TAGS} for r in rows]
     except (OSError, ValueError, KeyError):
         return None
     by_id = {r.id: r for r in records}
     geometry = [Geometry(int(r["orig_h"]), int(r["orig_w"]), *(float(r[k]) for k in GEOMETRY_FIELDS[2:])) for r in rows]
-    return ImageCache(folder, [by_id[r["id"]] for r in rows], geometry, int(meta["image_size"]), unreadable)
+    found = complete([by_id[r["id"]] for r in rows], headers, [(g.orig_h, g.orig_w) for g in geometry])
+    return ImageCache(folder, found, geometry, int(meta["image_size"]), unreadable)
 
 
 def pixel_mean_std(cache: ImageCache, rows: Optional[Sequence[int]] = None, *, chunk_rows: int = 256

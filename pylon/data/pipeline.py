@@ -20,7 +20,7 @@ from pylon import ConfigError
 from pylon.data.cache import ImageCache, build_cache, pixel_mean_std
 from pylon.data.dataset import CxrDataset, collate, eval_transform, reseed, seed_worker, train_transform
 from pylon.data.records import Record, with_patient_map
-from pylon.data.sources import SOURCES
+from pylon.data.sources import SOURCES, complete_records
 from pylon.data.splits import split_records
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
                               f"--set data.{key}=/path/to/it")
         if not (Path(root) / source.MARKER).exists():
             raise _missing(name, key, Path(root), source.MARKER)
-        indexed = source.index(Path(root), Path(data_cfg.cache_dir))
+        indexed = source.index(Path(root))
         if not indexed:
             raise ConfigError(f"data.{key}: no {name} images found under {root}")
         if name in data_cfg.patient_maps:
@@ -95,7 +95,7 @@ def prepare_data(data_cfg: Any, *, progress: bool = True, split: bool = True,
     data.mean and data.std, or by the training split's with data.normalize_from_train."""
     records = index_sources(data_cfg, split=split)
     cache = build_cache(records, Path(data_cfg.cache_dir), image_size=data_cfg.image_size, resize=data_cfg.resize,
-                        workers=max(1, data_cfg.num_workers), progress=progress)
+                        workers=max(1, data_cfg.num_workers), progress=progress, complete=complete_records)
     rows = {ALL: np.arange(len(cache))}
     if split:
         split_of = np.array([r.split for r in cache.records])

@@ -6,6 +6,7 @@ cannot honestly become a single grey radiograph raises ImageReadError naming the
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -21,10 +22,10 @@ from pydicom.uid import JPEGBaseline8Bit
 from pylon import PylonError
 
 log = logging.getLogger(__name__)
-# pydicom logs whole tracebacks for files that read_image then reports in one line
-logging.getLogger("pydicom").setLevel(logging.CRITICAL)
+logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # not its tracebacks: read_image says why in one line
 _warned: set[str] = set()  # kinds of warning already given in this process
 DATA_RANGE_PERCENTILES = (0.5, 99.5)  # what a DICOM without a window is scaled by
+HEADER_TAGS = ("ViewPosition", "PatientAge", "PatientSex", "SeriesDescription")  # what sources take from a DICOM
 
 
 class ImageReadError(PylonError, ValueError):
@@ -39,18 +40,21 @@ class ImageReadError(PylonError, ValueError):
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """The image at `path` as a 2-D np.uint8 array (H, W) in MONOCHROME2 sense; any problem with
-    the file raises ImageReadError."""
+    """The image at `path` as a 2-D np.uint8 array (H, W), MONOCHROME2 sense; a bad file raises ImageReadError."""
+    return read_image_with_header(path)[0]
+
+
+def read_image_with_header(path: str | Path) -> tuple[np.ndarray, dict[str, str]]:
+    """read_image's array and, from the same read, a DICOM's HEADER_TAGS ("" where absent; {} for JPEG, PNG)."""
     path = Path(path)
     try:
         with open(path, "rb") as handle:
             head = handle.read(132)
+    except FileNotFoundError:
+        missing = f"broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "file not found"
+        raise ImageReadError(path, missing) from None
     except OSError as error:
-        if isinstance(error, FileNotFoundError):
-            reason = f"broken symbolic link to {os.readlink(path)}" if path.is_symlink() else "file not found"
-        else:
-            reason = f"cannot open file ({error})"
-        raise ImageReadError(path, reason) from None
+        raise ImageReadError(path, f"cannot open file ({error})") from None
     if not head:
         raise ImageReadError(path, "file is empty (0 bytes)")
     pillow_magic = head.startswith((b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n"))
@@ -59,7 +63,7 @@ def read_image(path: str | Path) -> np.ndarray:
     try:
         with warnings.catch_warnings(record=True) as caught:  # pydicom warns where it could raise: not shown,
             warnings.simplefilter("always")  # kept to explain missing pixels
-            return _read_dicom(path, head[128:132] == b"DICM", caught) if dicom else _read_with_pillow(path)
+            return _read_dicom(path, head[128:132] == b"DICM", caught) if dicom else (_read_with_pillow(path), {})
     except ImageReadError:
         raise
     except Exception as error:  # corrupt data, a malformed header value, ...: one line naming the file
@@ -78,15 +82,14 @@ def _warn_once(kind: str, message: str, *args) -> None:
         log.warning(message + " (said once per process)", *args)
 
 
-def _read_dicom(path: Path, has_preamble: bool, caught: list) -> np.ndarray:
+def _read_dicom(path: Path, has_preamble: bool, caught: list) -> tuple[np.ndarray, dict[str, str]]:
     ds = pydicom.dcmread(path, force=not has_preamble)
     if "PixelData" not in ds:
         truncation = [str(w.message) for w in caught if "end of file" in str(w.message).lower()]
         if truncation:
             raise ImageReadError(path, f"DICOM file is truncated ({truncation[0]})")
-        if not has_preamble:
-            raise ImageReadError(path, "not a DICOM file (no 'DICM' signature and no pixel data)")
-        raise ImageReadError(path, "DICOM file has no pixel data")
+        raise ImageReadError(path, "DICOM file has no pixel data" if has_preamble else
+                             "not a DICOM file (no 'DICM' signature and no pixel data)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames != 1:
         raise ImageReadError(path, f"multi-frame DICOM ({frames} frames); expected a single radiograph")
@@ -112,7 +115,7 @@ def _read_dicom(path: Path, has_preamble: bool, caught: list) -> np.ndarray:
                                    f"{_describe(error)})") from error
     if colour:
         _warn_once("colour", "%s: colour DICOM (%s) converted to grey by luminance", path, photometric)
-    return grey
+    return grey, {tag: str(ds.get(tag, "") or "").strip() for tag in HEADER_TAGS}
 
 
 def _colour_to_grey(pixels: np.ndarray, ds: pydicom.Dataset, photometric: str) -> np.ndarray:
@@ -127,10 +130,8 @@ def _colour_to_grey(pixels: np.ndarray, ds: pydicom.Dataset, photometric: str) -
 
 def _decode_pixels(ds: pydicom.Dataset, syntax) -> np.ndarray:
     if syntax == JPEGBaseline8Bit:
-        try:  # Pillow's libjpeg-turbo decodes RSNA-size images ~3x faster than pylibjpeg
-            return pixel_array(ds, decoding_plugin="pillow")
-        except Exception:
-            pass  # pydicom's other plugins report their own error
+        with contextlib.suppress(Exception):  # else pydicom's other plugins try, and report their own error
+            return pixel_array(ds, decoding_plugin="pillow")  # libjpeg-turbo: RSNA films ~3x faster than pylibjpeg
     return ds.pixel_array
 
 
@@ -139,8 +140,7 @@ def _dicom_to_uint8(values: np.ndarray, ds: pydicom.Dataset, inverted: bool) -> 
     has_voi = "WindowCenter" in ds or "VOILUTSequence" in ds
     if values.dtype == np.uint8 and not has_modality and not has_voi:  # all RSNA files: nothing to map
         return (255 - values) if inverted else values
-    if has_modality:
-        values = apply_modality_lut(values, ds)
+    values = apply_modality_lut(values, ds) if has_modality else values
     if has_voi:
         values, (low, high) = apply_voi_lut(values, ds, index=0), _voi_output_range(ds)
     else:

@@ -6,8 +6,11 @@ OFFICIAL_TEST (True when it ships its own test split, which the splitter then ke
 name films rather than people, so that a run without ``data.patient_maps`` says so),
 REPORT_VIEWS (the views evaluation also reports its images by, e.g. RSNA's AP and PA; () for
 none), EXCLUDES (source name -> why the two cannot be in ``data.sources`` together; {} for none)
-and ``index(root: Path, cache_dir: Optional[Path]) -> list[Record]``. Adding a source is one
-module plus one line here. Importing this package loads neither torch nor OpenCV.
+and ``index(root: Path) -> list[Record]``, which opens no image; optionally
+``complete(records, headers, sizes) -> list[Record]``, which adds what only the files tell (RSNA:
+view, age and sex from the DICOM headers, boxes clipped to the image) from what the image cache
+read in its one pass over them (``complete_records``). Adding a source is one module plus one
+line here. Importing this package loads neither torch nor OpenCV.
 """
 from __future__ import annotations
 
@@ -17,6 +20,20 @@ from pylon.data.records import Record
 from pylon.data.sources import kaggle, nih, rsna
 
 SOURCES = {"kaggle": kaggle, "rsna": rsna, "nih": nih}
+
+
+def complete_records(records: Sequence[Record], headers: Sequence[dict[str, str]],
+                     sizes: Sequence[tuple[int, int]]) -> list[Record]:
+    """An image cache's rows as their sources complete them: each source's ``complete``, where it has
+    one, gets its own rows' records, DICOM header fields (readers.HEADER_TAGS) and (height, width)."""
+    done = list(records)
+    for name, module in SOURCES.items():
+        rows = [i for i, r in enumerate(records) if r.source == name]
+        if rows and hasattr(module, "complete"):
+            own = ([column[i] for i in rows] for column in (records, headers, sizes))
+            for i, record in zip(rows, module.complete(*own)):
+                done[i] = record
+    return done
 
 
 def report_group(record: Record) -> str:

@@ -43,7 +43,7 @@ def parse_patient(stem: str) -> tuple[Optional[str], Optional[str]]:
     return (f"kaggle-{match.group(1).upper()}", None) if match else (None, None)
 
 
-def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
+def index(root: Path) -> list[Record]:
     """Every Kaggle image under `root`, ordered by split, folder and file name."""
     root = Path(root).resolve()
     base = next((c for c in (root / "chest_xray", root) if any((c / s).is_dir() for s in SPLITS)), None)

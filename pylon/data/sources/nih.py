@@ -13,7 +13,6 @@ import csv
 import math
 from collections import defaultdict
 from pathlib import Path
-from typing import Optional
 
 from pylon.data.records import SCORED_FINDING, Box, DatasetLayoutError, Record, label_file, warn_problems
 from pylon.data.sources.rsna import MAX_PLAUSIBLE_AGE, parse_age
@@ -33,7 +32,7 @@ EFFECTS = {  # what indexing does with each kind of problem, said in its warning
 ENTRY_COLUMNS = ("Image Index", "Finding Labels", "Patient ID", "Patient Age", "Patient Gender", "View Position")
 
 
-def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
+def index(root: Path) -> list[Record]:
     """Every image listed in Data_Entry_2017.csv that is on disk, in the file's order."""
     root = Path(root).resolve()
     if not (root / ENTRIES).is_file():

@@ -3,8 +3,8 @@
 Layout: root/stage_2_train_labels.csv (patientId,x,y,width,height,Target; one row per box,
 negatives have empty coordinates), optional root/stage_2_detailed_class_info.csv
 (patientId,class) and root/stage_2_train_images/<patientId>.dcm (or .DCM). One Record per
-image with all its boxes; view, age and sex come from the DICOM headers, read without pixels and kept in
-<cache_dir>/rsna_headers.csv keyed by file name, size and mtime (26,684 headers take minutes).
+image with all its boxes. Indexing opens no image: ``complete`` then takes view, age and sex from
+the DICOM headers the image cache read with the pixels, and cleans the boxes with each image's size.
 """
 from __future__ import annotations
 
@@ -12,14 +12,10 @@ import csv
 import math
 import os
 import re
-import warnings
 from collections import defaultdict
-from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from pathlib import Path
-from typing import NamedTuple, Optional
-
-import pydicom
-from tqdm import tqdm
+from typing import Optional, Sequence
 
 from pylon.data.records import Box, DatasetLayoutError, Record, label_file, warn_problems
 
@@ -39,24 +35,17 @@ EFFECTS = {  # what indexing does with each kind of problem, said in its warning
     "missing_patient_id": "label row ignored", "bad_target": "label row ignored",
     "incomplete_box": "box ignored", "bad_box_value": "box ignored", "image_without_label": "image not used",
     "conflicting_target": "patient dropped", "missing_image": "patient dropped", "broken_symlink": "patient dropped",
-    "unreadable_header": "patient dropped", "implausible_age": "age unknown", "detail_class_conflict": "Target kept",
+    "implausible_age": "age unknown", "detail_class_conflict": "Target kept",
     "negative_with_box": "boxes ignored, image kept as negative", "non_positive_box_size": "box dropped",
     "box_outside_image": "box dropped", "box_clipped": "box clipped to the image", "duplicate_box": "copy dropped",
     "positive_without_box": "image kept, not scored for localization",
 }
 
 
-class Header(NamedTuple):
-    view: Optional[str]
-    age: Optional[str]  # the raw Age String, parsed by parse_age
-    sex: Optional[str]
-    rows: Optional[str]
-    columns: Optional[str]
-
-
-def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
-    """The RSNA training images under `root`, sorted by patientId; malformed rows, boxes and
-    images are counted per kind and reported in one warning."""
+def index(root: Path) -> list[Record]:
+    """The RSNA training images under `root`, sorted by patientId, with the label file's boxes as
+    they are (``complete`` cleans them); malformed rows and images are counted per kind and
+    reported in one warning."""
     root = Path(root).resolve()
     images_dir = root / "stage_2_train_images"
     if not (root / MARKER).is_file():
@@ -68,37 +57,43 @@ def index(root: Path, cache_dir: Optional[Path] = None) -> list[Record]:
     detail = _read_detail_classes(root / "stage_2_detailed_class_info.csv")
     on_disk, broken = _dicom_files(images_dir)
     problems["image_without_label"] += sorted(on_disk.keys() - targets.keys())
-    present = []
+    records = []
     for patient in sorted(targets):
         if len(targets[patient]) > 1:
             problems["conflicting_target"].append(patient)
-        elif patient not in on_disk:
+            continue
+        if patient not in on_disk:
             problems["broken_symlink" if patient in broken else "missing_image"].append(patient)
-        else:
-            present.append(patient)
-
-    paths = [on_disk[patient] for patient in present]
-    headers = read_headers(paths, None if cache_dir is None else Path(cache_dir) / "rsna_headers.csv")
-    records = []
-    for patient, path in zip(present, paths):
-        header = headers[path.name]
-        if header is None:
-            problems["unreadable_header"].append(patient)
             continue
         (label,) = targets[patient]
-        size = (int(header.rows or 1024), int(header.columns or 1024))  # every challenge image is 1024 x 1024
-        boxes = _clean_boxes(patient, label, raw_boxes.get(patient, []), size, problems)
-        age = parse_age(header.age)
-        if age is not None and age > MAX_PLAUSIBLE_AGE:
-            problems["implausible_age"].append(f"{patient} ({header.age})")
-            age = None
         detail_class = detail.get(patient)
         if detail_class is not None and (detail_class == "Lung Opacity") != (label == 1):
             problems["detail_class_conflict"].append(f"{patient} ({detail_class}, Target {label})")
-        records.append(Record(id=patient, patient_id=patient, source="rsna", path=str(path), label=label,
-                              boxes=boxes, view=header.view, age=age, sex=header.sex, detail_class=detail_class))
+        records.append(Record(id=patient, patient_id=patient, source="rsna", path=str(on_disk[patient]), label=label,
+                              boxes=tuple(Box(*b) for b in raw_boxes.get(patient, [])), detail_class=detail_class))
     warn_problems(__name__, problems, EFFECTS)
     return records
+
+
+def complete(records: list[Record], headers: list[dict[str, str]], sizes: list[tuple[int, int]]) -> list[Record]:
+    """`records` once the image cache has read their files: view, age and sex from each one's DICOM
+    header (readers.HEADER_TAGS as text), boxes cleaned and clipped to its (height, width); the
+    problems met are reported in one warning."""
+    problems: Problems = defaultdict(list)
+    done = []
+    for record, header, size in zip(records, headers, sizes):
+        view, sex = header["ViewPosition"].upper(), header["PatientSex"].upper()
+        described = re.search(r"view:\s*(\w+)", header["SeriesDescription"], re.IGNORECASE)
+        if not view and described:  # some exports carry the view only in the description, e.g. 'view: PA'
+            view = described.group(1).upper()
+        age = parse_age(header["PatientAge"])
+        if age is not None and age > MAX_PLAUSIBLE_AGE:
+            problems["implausible_age"].append(f"{record.id} ({header['PatientAge']})")
+            age = None
+        done.append(replace(record, boxes=_clean_boxes(record.id, record.label, record.scored_boxes, size, problems),
+                            view=view or None, age=age, sex=sex if sex in ("M", "F", "O") else None))
+    warn_problems(__name__, problems, EFFECTS)
+    return done
 
 
 def _dicom_files(folder: Path) -> tuple[dict[str, Path], set[str]]:
@@ -165,7 +160,7 @@ def _read_detail_classes(path: Path) -> dict[str, str]:
     return {row["patientId"].strip(): row["class"].strip() for row in reader}  # one row per box row
 
 
-def _clean_boxes(patient: str, label: int, raw: list, size: tuple[int, int], problems: Problems) -> tuple[Box, ...]:
+def _clean_boxes(patient: str, label: int, raw: Sequence, size: tuple[int, int], problems: Problems) -> tuple[Box, ...]:
     """Positive images' boxes: empty ones dropped, clipped to the image, duplicates dropped."""
     if label == 0:
         if raw:
@@ -194,52 +189,6 @@ def _clean_boxes(patient: str, label: int, raw: list, size: tuple[int, int], pro
     if not kept:
         problems["positive_without_box"].append(patient)
     return tuple(kept)
-
-
-_HEADER_TAGS = ["ViewPosition", "PatientAge", "PatientSex", "Rows", "Columns", "SeriesDescription"]
-
-
-def read_headers(paths: list[Path], cache: Optional[Path] = None) -> dict[str, Optional[Header]]:
-    """Header per file name (None where unreadable), reusing the CSV `cache` for unchanged files."""
-    stamps = {p.name: (s.st_size, s.st_mtime_ns) for p in paths for s in [p.stat()]}
-    known = {}
-    if cache is not None and cache.is_file():
-        with open(cache, newline="", encoding="utf-8") as handle:
-            known = {row["file"]: ((int(row["size"]), int(row["mtime_ns"])),
-                                   Header(*(row[f] or None for f in Header._fields))) for row in csv.DictReader(handle)}
-    result = {p.name: known[p.name][1] for p in paths if p.name in known and known[p.name][0] == stamps[p.name]}
-    to_read = [p for p in paths if p.name not in result]
-    if to_read:
-        with ThreadPoolExecutor(max_workers=8) as pool:  # light parsing: threads overlap file-open latency
-            headers = tqdm(pool.map(read_header, to_read), total=len(to_read), disable=len(to_read) < 500,
-                           desc="reading RSNA DICOM headers")
-            result.update(zip([p.name for p in to_read], headers))
-        if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-            with open(partial, "w", newline="", encoding="utf-8") as handle:
-                writer = csv.writer(handle)
-                writer.writerow(["file", "size", "mtime_ns", *Header._fields])
-                writer.writerows([name, *stamps[name], *(v or "" for v in header)]  # unreadable: retried next time
-                                 for name, header in sorted(result.items()) if header)
-            os.replace(partial, cache)
-    return result
-
-
-def read_header(path: Path) -> Optional[Header]:
-    """The indexing fields of one DICOM file, or None when its header cannot be parsed."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # bare RSNA ages ('58') trigger validation warnings
-            ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            view, age, sex, rows, columns, description = (str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS)
-    except Exception:  # corrupt files raise many different types
-        return None
-    if not view:  # some exports carry the view only in the description, e.g. 'view: PA'
-        match = re.search(r"view:\s*(\w+)", description, re.IGNORECASE)
-        view = match.group(1) if match else ""
-    sex = sex.upper() if sex.upper() in ("M", "F", "O") else ""
-    return Header(*(v or None for v in (view.upper(), age, sex, rows, columns)))
 
 
 def parse_age(text: Optional[str]) -> Optional[int]:
