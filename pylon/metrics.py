@@ -60,9 +60,6 @@ def jsonable(obj: Any) -> Any:
     return None if isinstance(obj, float) and not math.isfinite(obj) else obj
 
 
-# ============================================================================ classification
-
-
 def _ratios(tp: Any, fp: Any, tn: Any, fn: Any) -> dict:
     """The threshold metrics from confusion counts (ints, or arrays with one entry per
     bootstrap resample); ``nan`` where the denominator is 0."""
@@ -112,8 +109,8 @@ def classification_rows(labels: np.ndarray, probs: np.ndarray, threshold: float 
 
 
 def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_boot: int = 1000,
-                 seed: int = 0, alpha: float = 0.05, groups: Optional[Any] = None) -> dict[str, list[float]]:
-    """Percentile bootstrap ``{name: [low, high]}`` for every value ``statistic`` returns.
+                 seed: int = 0, groups: Optional[Any] = None) -> dict[str, list[float]]:
+    """Percentile bootstrap 95% intervals ``{name: [low, high]}`` for every value ``statistic`` returns.
 
     The ``arrays`` (equal length n) are resampled together; ``statistic`` receives them as
     (resamples, n) arrays, one resample per row, and returns ``{name: one value per row}``
@@ -137,10 +134,9 @@ def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_bo
         blocks.append(stats)
     intervals = {}
     for name in blocks[0]:
-        values = np.concatenate([np.asarray(b[name], dtype=np.float64).reshape(-1) for b in blocks])
+        values = np.concatenate([b[name] for b in blocks]).astype(np.float64)
         values = values[np.isfinite(values)]
-        bounds = np.quantile(values, [alpha / 2.0, 1.0 - alpha / 2.0]) if values.size else [math.nan] * 2
-        intervals[name] = [float(v) for v in bounds]
+        intervals[name] = np.quantile(values, [0.025, 0.975]).tolist() if values.size else [math.nan] * 2
     return intervals
 
 
@@ -245,9 +241,6 @@ def classification_section(labels: np.ndarray, probs: np.ndarray, patients: np.n
             **{f"by_{name}": by_group(block, values, labels, probs, patients) for name, values in groups.items()}}
 
 
-# ============================================================================ localization
-
-
 def _points_and_boxes(points_xy: Any, boxes: Boxes) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The (N, 2) points; all boxes as one (M, 4) array of ``(x0, y0, x1, y1)`` and the image each belongs to."""
     pts = _numpy(points_xy).astype(np.float64).reshape(-1, 2)
@@ -256,11 +249,6 @@ def _points_and_boxes(points_xy: Any, boxes: Boxes) -> tuple[np.ndarray, np.ndar
     xywh = np.concatenate(per_image) if per_image else np.zeros((0, 4))
     owner = np.repeat(np.arange(len(pts)), [len(b) for b in per_image])
     return pts, np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1), owner
-
-
-def _heatmap_tensor(heatmaps: Any) -> torch.Tensor:
-    maps = torch.as_tensor(_numpy(heatmaps))
-    return maps if maps.dtype == torch.float64 else maps.float()
 
 
 def upsample(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -275,7 +263,8 @@ def argmax_points(heatmaps: Any, image_size: Sequence[int]) -> np.ndarray:
     upsampling to ``image_size = (H, W)``, ``(nan, nan)`` for a constant map; in chunks, so the
     upsampled maps never all sit in memory."""
     height, width = (int(v) for v in image_size)
-    maps = _heatmap_tensor(heatmaps)
+    maps = torch.as_tensor(_numpy(heatmaps))
+    maps = maps.to(torch.promote_types(maps.dtype, torch.float32))  # float64 stays float64
     chunk = max(1, _CHUNK_PIXELS // (height * width))
     flat = torch.cat([upsample(part, height, width).flatten(1).argmax(dim=1).cpu() for part in maps.split(chunk)])
     rows, cols = np.divmod(flat.numpy(), width)
@@ -299,19 +288,17 @@ def pointing_game(points_xy: Any, boxes: Boxes, tolerance: float = 0.0) -> np.nd
     boxes, else 0.0; nan for images without boxes. ``tolerance=0`` is containment, edges
     inclusive; Zhang et al. 2016 (TorchRay) use 15 px in the original image frame."""
     pts, corners, owner = _points_and_boxes(points_xy, boxes)
-    px, py = pts[owner, 0], pts[owner, 1]
     # Distance from a point to a closed rectangle: per axis, how far outside it lies.
-    dx = np.maximum(np.maximum(corners[:, 0] - px, px - corners[:, 2]), 0.0)
-    dy = np.maximum(np.maximum(corners[:, 1] - py, py - corners[:, 3]), 0.0)
-    n_hits = np.bincount(owner, weights=np.hypot(dx, dy) <= tolerance, minlength=len(pts))
+    gap = np.maximum(np.maximum(corners[:, :2] - pts[owner], pts[owner] - corners[:, 2:]), 0.0)
+    n_hits = np.bincount(owner, weights=np.hypot(gap[:, 0], gap[:, 1]) <= tolerance, minlength=len(pts))
     hits = (n_hits > 0).astype(np.float64)
     hits[np.bincount(owner, minlength=len(pts)) == 0] = np.nan
     return hits
 
 
-def point_accuracy(heatmaps: Any, boxes: Boxes, image_size: Sequence[int], tolerance: float = 0.0) -> float:
-    """Share of the boxed images whose heatmap peak hits a box (``argmax_points`` + ``pointing_game``)."""
-    hits = pointing_game(argmax_points(heatmaps, image_size), boxes, tolerance)
+def point_accuracy(heatmaps: Any, boxes: Boxes, image_size: Sequence[int]) -> float:
+    """Share of the boxed images whose heatmap peak lies in a box (``argmax_points`` + ``pointing_game``)."""
+    hits = pointing_game(argmax_points(heatmaps, image_size), boxes)
     return float(np.mean(hits[np.isfinite(hits)])) if np.isfinite(hits).any() else math.nan
 
 
@@ -320,7 +307,7 @@ def energy_in_box(heatmaps: Any, boxes: Boxes, image_size: Sequence[int]) -> np.
     pointing game of Score-CAM, Wang et al. 2020). Maps are upsampled and min-max scaled to
     [0, 1], so a constant offset carries no energy; a constant map counts as uniform."""
     height, width = (int(v) for v in image_size)
-    maps = _heatmap_tensor(heatmaps).double()
+    maps = torch.as_tensor(_numpy(heatmaps)).double()
     shares = np.full(len(maps), np.nan)
     for i, image_boxes in enumerate(boxes):
         if image_boxes is None or len(image_boxes) == 0:
@@ -340,11 +327,8 @@ def laterality_hits(points_xy: Any, boxes: Boxes, width: float) -> np.ndarray:
     pts, corners, owner = _points_and_boxes(points_xy, boxes)
     midline, n = float(width) / 2.0, len(pts)
     centre_x = (corners[:, 0] + corners[:, 2]) / 2.0
-    n_boxes = np.bincount(owner, minlength=n)
-    n_left = np.bincount(owner, weights=centre_x < midline, minlength=n)
-    n_right = np.bincount(owner, weights=centre_x > midline, minlength=n)
-    hits = np.full(n, np.nan)
-    left, right = (n_boxes > 0) & (n_left == n_boxes), (n_boxes > 0) & (n_right == n_boxes)
-    hits[left] = pts[left, 0] < midline
-    hits[right] = pts[right, 0] > midline
+    n_boxes, hits = np.bincount(owner, minlength=n), np.full(n, np.nan)
+    for side in (np.less, np.greater):
+        one_sided = (n_boxes > 0) & (np.bincount(owner, weights=side(centre_x, midline), minlength=n) == n_boxes)
+        hits[one_sided] = side(pts[one_sided, 0], midline)
     return hits
