@@ -2,9 +2,8 @@
 heatmap overlays. Every ``plot_*`` function writes one PNG and returns its path.
 
 Figures are made without pyplot, so importing this module never changes the matplotlib
-backend of an interactive session. Overlays follow ``pylon.metrics``' conventions:
-boxes ``(x, y, w, h)`` in image pixels, continuous points ``(x, y)``, heatmaps upsampled
-bilinearly with half-pixel centres.
+backend of an interactive session. Overlays draw boxes, points and heatmaps in ``pylon.metrics``'
+pixel conventions.
 """
 from __future__ import annotations
 
@@ -40,13 +39,9 @@ def _save(fig: Figure, path: PathLike) -> Path:
     return path
 
 
-# ============================================================================ classification
-
-
 def plot_roc(curves: Curves, path: PathLike, title: str = "ROC") -> Path:
     """ROC curve per group (``{name: (labels, probs)}``); the legend gives AUROC and n."""
-    fig = _figure(5.2, 5.0)
-    ax = fig.add_subplot()
+    ax = _figure(5.2, 5.0).add_subplot()
     ax.plot([0, 1], [0, 1], linestyle="--", color="0.6", linewidth=1, label="chance")
     for name, (labels, probs) in curves.items():
         y, p = binary_inputs(labels, probs)
@@ -59,13 +54,12 @@ def plot_roc(curves: Curves, path: PathLike, title: str = "ROC") -> Path:
            ylabel="sensitivity (true positive rate)", title=title, aspect="equal")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _save(fig, path)
+    return _save(ax.figure, path)
 
 
 def plot_pr(curves: Curves, path: PathLike, title: str = "Precision-recall") -> Path:
     """Precision-recall curve per group; the legend gives average precision, prevalence and n."""
-    fig = _figure(5.2, 5.0)
-    ax = fig.add_subplot()
+    ax = _figure(5.2, 5.0).add_subplot()
     for name, (labels, probs) in curves.items():
         y, p = binary_inputs(labels, probs)
         if not y.any():
@@ -79,7 +73,7 @@ def plot_pr(curves: Curves, path: PathLike, title: str = "Precision-recall") -> 
     ax.set(xlim=(0, 1), ylim=(0, 1.01), xlabel="recall (sensitivity)", ylabel="precision", title=title)
     ax.grid(alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    return _save(fig, path)
+    return _save(ax.figure, path)
 
 
 def plot_confusion(labels: Any, preds: Any, path: PathLike, title: str = "Confusion matrix") -> Path:
@@ -89,17 +83,15 @@ def plot_confusion(labels: Any, preds: Any, path: PathLike, title: str = "Confus
     rows = counts.sum(axis=1, keepdims=True)
     shares = np.divide(counts, rows, out=np.zeros_like(counts, dtype=float), where=rows > 0)
     names = ["normal", "pneumonia"]
-    fig = _figure(4.6, 4.0)
-    ax = fig.add_subplot()
+    ax = _figure(4.6, 4.0).add_subplot()
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
-    for i in range(2):
-        for j in range(2):
-            ax.text(j, i, f"{counts[i, j]}\n({shares[i, j]:.1%})", ha="center", va="center",
-                    color="white" if shares[i, j] > 0.6 else "black", fontsize=11)
+    for i, j in np.ndindex(2, 2):
+        ax.text(j, i, f"{counts[i, j]}\n({shares[i, j]:.1%})", ha="center", va="center",
+                color="white" if shares[i, j] > 0.6 else "black", fontsize=11)
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=names, yticklabels=names,
            xlabel="predicted", ylabel="true", title=f"{title} (n={y.size})")
-    fig.colorbar(image, ax=ax, label="share of true class")
-    return _save(fig, path)
+    ax.figure.colorbar(image, ax=ax, label="share of true class")
+    return _save(ax.figure, path)
 
 
 def plot_calibration(labels: Any, probs: Any, path: PathLike, title: str = "Calibration") -> Path:
@@ -190,9 +182,6 @@ def plot_embedding(points: np.ndarray, colourings: Mapping[str, Sequence[str]], 
         ax.legend(fontsize=8, markerscale=1.5, loc="best")
     fig.suptitle(title)
     return _save(fig, path)
-
-
-# ============================================================================ overlays
 
 
 def _line_width(height: int, width: int) -> int:
@@ -305,11 +294,10 @@ def plot_failure_gallery(shown: Sequence[GalleryImage], path: PathLike, *, n_fai
     n_cols = min(4, len(shown))
     n_rows = math.ceil(len(shown) / n_cols)
     fig = _figure(2.8 * n_cols, 2.9 * n_rows + 0.4)
-    for k, ax in enumerate(fig.subplots(n_rows, n_cols, squeeze=False).flat):
-        if k < len(shown):
-            one = shown[k]
-            _show(ax, overlay(one.image, one.heatmap, one.boxes, one.point), one.caption)
-        else:
-            ax.axis("off")
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, one in zip(axes, shown):
+        _show(ax, overlay(one.image, one.heatmap, one.boxes, one.point), one.caption)
+    for ax in axes[len(shown):]:
+        ax.axis("off")
     fig.suptitle(f"{prefix}{len(shown)} of {n_failures} shown, out of {n_images} images")
     return _save(fig, path)
