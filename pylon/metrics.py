@@ -123,12 +123,11 @@ def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_bo
     data = [_numpy(a) for a in arrays]
     n = len(data[0])
     rng = np.random.default_rng(seed)
-    members = None if groups is None else _members(groups)
     per_block = max(1, _BOOT_BLOCK // n)  # blocks bound memory; the draws equal one (n_boot, n) call
     blocks = []
     for start in range(0, n_boot, per_block):
         size = (min(per_block, n_boot - start), n)
-        index = rng.integers(0, n, size=size) if members is None else _group_resamples(rng, members, size)
+        index = rng.integers(0, n, size=size) if groups is None else _group_resamples(rng, groups, size)
         stats = statistic(*(a[index] for a in data))
         assert all(np.shape(v) == (len(index),) for v in stats.values()), "statistic must return one value per row"
         blocks.append(stats)
@@ -140,19 +139,12 @@ def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_bo
     return intervals
 
 
-def _members(groups: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The item indices sorted by group, and each group's start and size in that order."""
-    _, inverse, sizes = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
-    order = np.argsort(inverse, kind="stable")
-    return order, np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes
-
-
-def _group_resamples(rng: np.random.Generator, members: tuple[np.ndarray, np.ndarray, np.ndarray],
-                     size: tuple[int, int]) -> np.ndarray:
+def _group_resamples(rng: np.random.Generator, groups: Any, size: tuple[int, int]) -> np.ndarray:
     """(resamples, n) item indices of a cluster bootstrap: groups drawn with replacement, each
     bringing all its items, until n items (the last group cut short): a person's films move
     together, so that intervals allow for their correlation."""
-    order, starts, sizes = members
+    _, inverse, sizes = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
+    order, starts = np.argsort(inverse, kind="stable"), np.cumsum(sizes) - sizes  # items by group; where each starts
     rows, n = size
     drawn = rng.integers(0, len(sizes), size=size)  # n groups always hold at least n items
     per_group, per_row = sizes[drawn].ravel(), sizes[drawn].sum(1)
