@@ -15,10 +15,9 @@ An ``Ensemble`` (the fold models of a cross-validation) gets its members' method
 its maps is the mean of its members' maps.
 
 PYLON's forward pass runs at the caller's precision (``pylon.device``; its head stays fp32), the
-CAM-style maps always in fp32. The model runs in eval mode, and every submodule's train/eval flag
-is restored afterwards.
-Gradient methods work under ``torch.no_grad``/``inference_mode`` and leave every ``.grad``
-None: do not call them between a training step's backward and its step.
+CAM-style maps always in fp32, all in eval mode. Gradient methods work under ``torch.no_grad``/
+``inference_mode`` and leave every ``.grad`` None: do not call them between a training step's
+backward and its step.
 """
 from __future__ import annotations
 
@@ -118,9 +117,8 @@ def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, method: str) -> to
 def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optional[torch.Tensor] = None,
              precision: Optional[Precision] = None) -> torch.Tensor:
     """(N, h, w) CPU heatmaps of ``images`` (N, n_in, H, W), normalised as for the model, by
-    ``method``, one of ``methods_for(model)`` (see the module docstring); ``prior``: the run's
-    ``box_prior``, needed by the "prior" method only; ``precision``: PYLON's forward pass's
-    (default fp32; CAM-style maps are always fp32)."""
+    ``method``, one of ``methods_for(model)``; ``prior``: the run's ``box_prior``, needed by the
+    "prior" method only; ``precision``: PYLON's forward pass's (default fp32)."""
     model = unwrap(model)
     assert method in methods_for(model), (method, type(model).__name__)
     n, _, height, width = images.shape
