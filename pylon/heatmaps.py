@@ -60,9 +60,8 @@ def resolve_methods(model: nn.Module, requested: Sequence[str], has_prior: bool 
 def center_map(n: int, height: int, width: int) -> torch.Tensor:
     """(n, H, W) maps falling linearly from 1 at the image centre to 0 at the corners; the
     first maximum is the pixel whose centre is nearest the image centre."""
-    ys = torch.arange(height, dtype=torch.float32) + 0.5
-    xs = torch.arange(width, dtype=torch.float32) + 0.5
-    dist = torch.hypot(ys[:, None] - height / 2.0, xs[None, :] - width / 2.0)
+    ys, xs = (torch.arange(size, dtype=torch.float32) + 0.5 - size / 2.0 for size in (height, width))
+    dist = torch.hypot(ys[:, None], xs[None, :])
     cone = 1.0 - dist / dist.max().clamp_min(1e-12)
     return cone.expand(n, height, width).clone()
 
