@@ -49,6 +49,11 @@ def localization_table(report: Mapping[str, Any]) -> str:
             laterality = f"{_fmt_ci(b, 'laterality_acc')} ({b['n_laterality']})"
             lines.append(f"{method:<10} {view:<4} {b['n']:>4} | {_fmt_ci(b, 'point_acc'):<21} | {_fmt_ci(b, POINTING_KEY):<21} | "
                          f"{_fmt_ci(b, 'energy_in_box'):<21} | {laterality:<27}")
+    gaps = [(method, entry["minus_prior"]) for method, entry in report.items() if "minus_prior" in entry]
+    if gaps:
+        lines += ["", "minus the prior, paired on the same images (95% CI over patients; above 0 = beats the floor)"]
+        lines += [f"{method + ' - prior':<18} point_acc {_fmt_ci(g, 'point_acc')}, energy_in_box {_fmt_ci(g, 'energy_in_box')}"
+                  for method, g in gaps]
     return "\n".join(lines)
 
 

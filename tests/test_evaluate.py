@@ -175,6 +175,17 @@ def test_localization_scores_pylon_and_the_image_blind_baselines_in_both_frames(
     pylon_rows = frame[frame.method == "pylon"]
     assert pylon_rows.point_acc_hit.mean() == pytest.approx(loc["pylon"]["point_acc"])
 
+    # Each map minus the prior, paired image by image: the difference of the means, and an interval
+    # over resampled patients that moves both together.
+    for method in ("pylon", "center"):
+        gap = loc[method]["minus_prior"]
+        assert gap["n"] == len(boxed)
+        for key in ("point_acc", "energy_in_box"):
+            assert gap[key] == pytest.approx(loc[method][key] - loc["prior"][key])
+            low, high = gap["ci"][key]
+            assert low <= gap[key] <= high
+    assert "minus_prior" not in loc["prior"]
+
 
 def test_evaluation_continues_the_runs_wandb_run(pylon_eval):
     run, _ = pylon_eval
