@@ -1,4 +1,4 @@
-"""Processes: one, or one of a torchrun launch (NCCL on GPUs, gloo on CPU), and seeding."""
+"""Processes: one, or one of a torchrun launch (NCCL on GPUs, gloo on CPU), and what they share."""
 from __future__ import annotations
 
 import os
