@@ -18,19 +18,16 @@ from pylon import cli
 # What --set may change when a run is resumed; the rest (learning rate, data, model, ...) is held
 # by the checkpoint's optimizer state or shaped what was trained, and would only be recorded.
 RESUMABLE = ("train.epochs", "train.early_stop_patience", "train.device", "logging.")
+# How the best-epoch line names the val loss that train.select_on chose it by.
+SELECTED = {"pooled": "pooled val loss", "mean_sources": "mean of the sources' val losses"}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_config_args(parser, required=False)
-    parser.add_argument(
-        "--resume",
-        nargs="?",
-        const="latest",
-        metavar="RUN_DIR",
-        help="continue a run from its checkpoints/last.pt (default: the latest run under runs/); "
-        "--set may change e.g. train.epochs",
-    )
+    parser.add_argument("--resume", nargs="?", const="latest", metavar="RUN_DIR",
+                        help="continue a run from its checkpoints/last.pt (default: the latest run under runs/); "
+                        "--set may change e.g. train.epochs")
     args = parser.parse_args(argv)
     if args.resume and args.config:
         parser.error("--resume continues a run with its own config.yaml; change values with --set, not --config")
@@ -53,6 +50,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from pylon.distributed import is_main_process, shutdown_distributed
     from pylon.engine import fit
+    from pylon.metrics import jsonable
 
     try:
         summary = fit(cfg, run)
@@ -60,7 +58,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         shutdown_distributed()
     if is_main_process():
         print(format_summary(summary))
-        print(json.dumps(_json_safe(summary)))
+        print(json.dumps(jsonable(summary)))  # NaN (AUROC on a one-class split) as null
     return 0
 
 
@@ -70,7 +68,9 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("best_epoch", -1) > 0:
         auroc = summary.get("best_val_auroc")
         auroc_text = "n/a" if auroc is None or not math.isfinite(auroc) else f"{auroc:.4f}"
-        lines.append(f"best epoch {summary['best_epoch']} of {summary['epochs']}: {_selected(summary)} "
+        select_on = summary.get("select_on", "pooled")
+        selected = SELECTED.get(select_on, f"{select_on} val loss")
+        lines.append(f"best epoch {summary['best_epoch']} of {summary['epochs']}: {selected} "
                      f"{summary['best_val_loss']:.4f}, val AUROC {auroc_text}")
     if summary.get("stop_reason"):
         lines.append(f"stopped: {summary['stop_reason']}")
@@ -81,18 +81,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     if summary.get("wandb"):
         lines.append(summary["wandb"])
     return "\n".join(lines)
-
-
-def _selected(summary: dict[str, Any]) -> str:
-    """Which val loss chose the best epoch (train.select_on), as the best-epoch line names it."""
-    select_on = summary.get("select_on", "pooled")
-    names = {"pooled": "pooled val loss", "mean_sources": "mean of the sources' val losses"}
-    return names.get(select_on, f"{select_on} val loss")
-
-
-def _json_safe(summary: dict[str, Any]) -> dict[str, Any]:
-    """NaN/inf (e.g. AUROC on a one-class split) as null: strict JSON readers reject NaN."""
-    return {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in summary.items()}
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ from torch import nn
 from pylon import PylonError
 
 PathLike = Union[str, os.PathLike]
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 
 
 class CheckpointError(PylonError, ValueError):
@@ -65,7 +64,7 @@ def load_checkpoint(path: PathLike) -> dict:
 def strip_wrapper_prefixes(weights: Mapping[str, Any]) -> dict[str, Any]:
     """State-dict keys without the ``module.`` / ``_orig_mod.`` prefixes that wrappers add."""
     out = dict(weights)
-    for prefix in _WRAPPER_PREFIXES:
+    for prefix in ("module.", "_orig_mod."):  # DistributedDataParallel, torch.compile
         if out and all(key.startswith(prefix) for key in out):
             out = {key[len(prefix):]: value for key, value in out.items()}
     return out

@@ -1,18 +1,13 @@
-"""Where the model runs and at what precision: one decision shared by training, validation,
-evaluation, prediction and the tools, plus seeding and the progress-bar policy.
+"""Where the model runs and at what precision (``choose_precision``): one decision shared by
+training, validation, evaluation, prediction and the tools, plus seeding and the progress-bar policy.
 
-``train.amp`` (the default) takes the fastest precision that trains as well as fp32:
-
-* CUDA: autocast in bf16 where the GPU supports it, else fp16 with loss scaling
-  (``train.amp_dtype`` chooses); ``train.channels_last`` sets the memory layout.
-* A CPU with native bf16 arithmetic (AVX512-BF16 or AMX tiles): bf16 autocast, and the
-  channels_last layout unless ``train.channels_last=false``; about 4x fp32 on such CPUs
-  (``bench/model_speed.py``).
-* Any other CPU: fp32, since emulated bf16 is slower than fp32 there.
-
-``train.amp=false`` is fp32 everywhere, on CPU in the default contiguous layout (the
-reference path). Under autocast BatchNorm statistics, the loss and PYLON's sigmoid stay in
-float32 or wider; bf16 needs no loss scaling.
+``train.amp`` (the default) takes the fastest precision that trains as well as fp32: on CUDA,
+autocast in bf16 where the GPU supports it, else fp16 with loss scaling (``train.amp_dtype``
+chooses); on a CPU with native bf16 (AVX512-BF16 or AMX tiles), bf16 autocast, about 4x fp32
+(``bench/model_speed.py``); on any other CPU fp32, since emulated bf16 is slower. ``train.amp=false``
+is fp32 everywhere. ``train.channels_last`` sets the layout, on a CPU only under bf16 (fp32 there is
+the reference path). Under autocast BatchNorm statistics, the loss and PYLON's sigmoid stay in
+float32 or wider.
 """
 from __future__ import annotations
 
@@ -71,11 +66,7 @@ class Precision:
 
     def layout(self, value: T) -> T:
         """A model or an image batch in this precision's memory layout (unchanged when contiguous)."""
-        if not self.channels_last:
-            return value
-        if isinstance(value, torch.Tensor):
-            return value.contiguous(memory_format=torch.channels_last)
-        return value.to(memory_format=torch.channels_last)
+        return value.to(memory_format=torch.channels_last) if self.channels_last else value
 
 
 def choose_precision(device: torch.device, cfg_train: Any) -> Precision:

@@ -1,9 +1,9 @@
-"""Processes: one, or one of a torchrun launch (NCCL on GPUs, gloo on CPU), and seeding."""
+"""Processes: one, or one of a torchrun launch (NCCL on GPUs, gloo on CPU), and what they share."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -79,8 +79,7 @@ def main_first(d: Dist, build: Callable[[], T]) -> T:
     passed on so that no process waits forever."""
     if d.world_size == 1:
         return build()
-    failure: Optional[BaseException] = None
-    result = None
+    result, failure = None, None
     if d.is_main:
         try:
             result = build()

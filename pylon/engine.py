@@ -208,8 +208,7 @@ def fit(cfg: Any, run: Optional[RunPaths] = None, on_epoch: Optional[OnEpoch] = 
         state = LoopState()
         if saved is not None:
             state = restore(saved, run.last, cfg.train, model, optimizer, scheduler, scaler)
-            why_not = state.finished(cfg.train.epochs)
-            if why_not is not None:
+            if why_not := state.finished(cfg.train.epochs):
                 return summary(run, state, None, started, f"nothing to resume in {run.root}: {why_not}")
             state.stop_reason = None  # a finished run whose train.epochs was raised goes on
 
@@ -303,20 +302,19 @@ def _stage(f: Fitting, epoch: int) -> nn.Module:
 def _save_epoch(f: Fitting, epoch: int, val: dict[str, Any], metrics: dict[str, Any], select: float,
                 improved: bool) -> None:
     """last.pt after every epoch; best.pt when the epoch improved train.select_on's val loss."""
-    weights, config = unwrap(f.model).state_dict(), to_dict(f.cfg)
+    shared = {"model": unwrap(f.model).state_dict(), "config": to_dict(f.cfg), "wandb_run_id": f.tracker.id,
+            **f.recorded}
     if improved:
         # What evaluating or predicting needs without the training data: the input normalisation, the operating
         # point chosen on val, the box prior and the loss's class weight (the val loss that chose this used it).
         both = 0 < int(val["labels"].sum()) < len(val["labels"])
         save_checkpoint(f.run.best, {
-            "model": weights, "config": config, "epoch": epoch + 1, "val_loss": val["loss"],
-            "select_on": f.cfg.train.select_on, "val_select_loss": select,
-            "val_metrics": metrics, "normalization": {"mean": float(f.data.mean), "std": float(f.data.std)},
+            **shared, "epoch": epoch + 1, "val_loss": val["loss"], "select_on": f.cfg.train.select_on,
+            "val_select_loss": select, "val_metrics": metrics,
+            "normalization": {"mean": float(f.data.mean), "std": float(f.data.std)},
             "threshold_youden": youden_threshold(val["labels"], val["probs"]) if both else None,
-            "prior": f.prior, "wandb_run_id": f.tracker.id, **f.recorded,
-            "pos_weight": None if f.loss_fn.pos_weight is None else float(f.loss_fn.pos_weight)})
-    save_last(f.run.last, weights, f.optimizer, f.scheduler, f.scaler, f.state,
-              {"config": config, "wandb_run_id": f.tracker.id, **f.recorded})
+            "prior": f.prior, "pos_weight": None if f.loss_fn.pos_weight is None else float(f.loss_fn.pos_weight)})
+    save_last(f.run.last, f.optimizer, f.scheduler, f.scaler, f.state, shared)
 
 
 def _report_epoch(f: Fitting, epoch: int, row: dict[str, Any], improved: bool, bar: tqdm) -> None:
@@ -336,9 +334,8 @@ def _report_epoch(f: Fitting, epoch: int, row: dict[str, Any], improved: bool, b
 
 def validation_images(model: nn.Module, data: PreparedData, n: int, cfg_train: Any) -> list[tuple[np.ndarray, str]]:
     """A few val images (boxed first, then positives) overlaid with the model's own heatmap."""
-    rows = list(data.rows["val"])
     records = data.cache.records
-    order = sorted(rows, key=lambda r: (not records[r].scored_boxes, records[r].label != 1))[:n]
+    order = sorted(data.rows["val"], key=lambda r: (not records[r].scored_boxes, records[r].label != 1))[:n]
     captions = [f"{records[r].source} {records[r].id} label={records[r].label}" for r in order]
     return overlays(unwrap(model), [data.cache.image(r) for r in order],
                     [data.cache.boxes_in_cache_frame(r) for r in order], captions, data.mean, data.std,

@@ -121,8 +121,8 @@ class Tracker:
 
     def log_images(self, key: str, images: Sequence[tuple[np.ndarray, str]], step: Optional[int] = None) -> None:
         """RGB uint8 images with captions (heatmap overlays are drawn by pylon.plots.overlay)."""
-        payload = lambda: {key: [self._wandb.Image(image, caption=caption) for image, caption in images]}  # noqa: E731
-        self._call(lambda: self.run.log(payload() if step is None else {**payload(), STEP: step}))
+        at = {} if step is None else {STEP: step}
+        self._call(lambda: self.run.log({key: [self._wandb.Image(image, caption=c) for image, c in images], **at}))
 
     def log_table(self, key: str, frame: pd.DataFrame) -> None:
         self._call(lambda: self.run.log({key: self._wandb.Table(dataframe=frame)}))
@@ -136,7 +136,7 @@ class Tracker:
             artifact = self._wandb.Artifact(name, type="model")
             artifact.add_file(str(path))
             self.run.log_artifact(artifact, aliases=["best"])
-        if self.run is not None and self.mode == "online":
+        if self.mode == "online":
             self._call(upload)
 
     def finish(self, exit_code: int = 0) -> None:

@@ -43,29 +43,27 @@ class EpochLosses:
 
     def __init__(self, epoch: int, last_good: str) -> None:
         self.epoch, self.last_good = epoch, last_good
-        self.pending: list[tuple[torch.Tensor, int]] = []  # (loss, images) of the steps not read yet
-        self.steps_read, self.total, self.images, self.latest = 0, 0.0, 0, math.nan
+        self.losses: list[torch.Tensor] = []  # every step's, on the device
+        self.images: list[int] = []  # every step's batch size
+        self.values: list[float] = []  # the losses read so far, each checked
 
     def add(self, loss: torch.Tensor, images: int) -> None:
-        self.pending.append((loss, images))
+        self.losses.append(loss)
+        self.images.append(images)
 
     def read(self) -> float:
         """The latest step's loss, once every loss since the last read passed ``check_loss``."""
-        if self.pending:
-            values = torch.stack([loss for loss, _ in self.pending]).tolist()
-            for value, (_, images) in zip(values, self.pending):
-                self.steps_read += 1
-                check_loss(value, f"training (epoch {self.epoch + 1}, step {self.steps_read})", self.last_good)
-                self.total += value * images
-                self.images += images
-                self.latest = value
-            self.pending = []
-        return self.latest
+        unread = self.losses[len(self.values):]
+        if unread:
+            for value in torch.stack(unread).tolist():
+                where = f"training (epoch {self.epoch + 1}, step {len(self.values) + 1})"
+                self.values.append(check_loss(value, where, self.last_good))
+        return self.values[-1]
 
     def mean(self) -> float:
         """The epoch's loss per image."""
         self.read()
-        return self.total / self.images
+        return sum(value * images for value, images in zip(self.values, self.images)) / sum(self.images)
 
 
 def selection_loss(val: dict[str, Any], select_on: str) -> float:
@@ -122,12 +120,11 @@ class LoopState:
         return None
 
 
-def save_last(path: Path, weights: dict, optimizer: torch.optim.Optimizer, scheduler: Optional[Any],
-              scaler: torch.amp.GradScaler, state: LoopState, extra: dict[str, Any]) -> None:
-    """last.pt: what ``restore`` needs to go on exactly where this epoch ended, and ``extra``."""
-    save_checkpoint(path, {"model": weights, "optimizer": optimizer.state_dict(),
-                           "scheduler": None if scheduler is None else scheduler.state_dict(),
-                           "scaler": scaler.state_dict(), "loop": asdict(state), **extra})
+def save_last(path: Path, optimizer: torch.optim.Optimizer, scheduler: Optional[Any], scaler: torch.amp.GradScaler,
+              state: LoopState, extra: dict[str, Any]) -> None:
+    """last.pt: ``extra`` (the weights among it) and what ``restore`` needs to go on where this epoch ended."""
+    save_checkpoint(path, {**extra, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+                           "scheduler": None if scheduler is None else scheduler.state_dict(), "loop": asdict(state)})
 
 
 def restore(saved: dict, path: Path, cfg_train: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
