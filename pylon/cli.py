@@ -11,20 +11,10 @@ from pylon import PylonError
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
-    parser.add_argument(
-        "--config",
-        required=required,
-        help="a YAML file, or a bare name looked up in configs/ (e.g. pylon_r50.yaml)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override config values, e.g. --set train.epochs=5 data.image_size=512",
-    )
+    parser.add_argument("--config", required=required,
+                        help="a YAML file, or a bare name looked up in configs/ (e.g. pylon_r50.yaml)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override config values, e.g. --set train.epochs=5 data.image_size=512")
 
 
 def _interrupt(signum: int, frame: object) -> None:
