@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -49,10 +50,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _, boxes = read_labels(args.boxes_csv)
     trained = load_run(run, device=args.device)
     results = predict_files(trained, args.images, out, method=args.method, boxes_by_id=boxes)
-    table = pd.DataFrame([{"file": r.path, "id": r.id, "probability": r.probability, "peak_x": r.peak_x,
-                           "peak_y": r.peak_y, "method": r.method, "overlay": r.overlay or "", "error": r.error or ""}
-                          for r in results])
-    table.to_csv(out / "predictions.csv", index=False)
+    table = pd.DataFrame(map(asdict, results)).rename(columns={"path": "file"})
+    table.fillna({"overlay": "", "error": ""}).to_csv(out / "predictions.csv", index=False)
     print(f"{'file':<40} {'P(pneumonia)':>12}  {'peak (x, y) px':<18} overlay")
     for r in results:
         name = Path(r.path).name if len(Path(r.path).name) <= 40 else "..." + Path(r.path).name[-37:]
