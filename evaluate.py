@@ -23,8 +23,7 @@ from pylon import cli
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", metavar="RUN_DIR", help="the run folder (default: the most recent run in --runs-dir)")
-    parser.add_argument("--runs-dir", default="runs", help="where runs live when --run is not given (default: runs)")
+    cli.add_run_args(parser)
     parser.add_argument("--localization", action="store_true",
                         help="also score heatmaps against the boxes (every method the model supports, or eval.methods)")
     parser.add_argument("--embeddings", action="store_true",

@@ -18,8 +18,7 @@ from pylon import cli
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="DICOM, JPEG or PNG files")
-    parser.add_argument("--run", metavar="RUN_DIR", help="the run folder (default: the most recent run in --runs-dir)")
-    parser.add_argument("--runs-dir", default="runs", help="where runs live when --run is not given (default: runs)")
+    cli.add_run_args(parser)
     parser.add_argument("--out", type=Path, help="output folder (default: <run>/predict)")
     parser.add_argument("--method", help="heatmap method (default: the model's own: pylon, or cam for baselines)")
     parser.add_argument("--boxes-csv", type=Path, metavar="CSV",
