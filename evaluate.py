@@ -2,13 +2,11 @@
 
 With no --run, the most recent run. Rebuilds the run's data (same split and cache), loads
 checkpoints/best.pt and writes <run>/eval/ (or --out DIR): metrics.json (classification at 0.5
-and at the Youden threshold chosen on val, with bootstrap 95% intervals, per source and per
-view where the source reports views (RSNA); with --localization, point_acc, pointing_game_15px, energy_in_box and
-laterality_acc per heatmap method, overall and per view, beside the image-blind prior and
-center baselines), predictions.csv and figures; with --embeddings, t-SNE and UMAP maps of the
-encoder embeddings, embeddings.csv and the shortcut probe (what the features predict besides
-pneumonia: view within RSNA, source; beside the model's AUROC within each view and source).
-Change evaluation settings with --set eval.key=value (e.g. eval.methods=[pylon]).
+and at val's Youden threshold with bootstrap 95% intervals, per source and per reported view;
+with --localization, each heatmap method's localization metrics, listed in the README, beside
+the image-blind prior and center baselines), predictions.csv and figures; with --embeddings,
+the embedding maps and the shortcut probe (pylon/embeddings.py). Change evaluation settings
+with --set eval.key=value (e.g. eval.methods=[pylon]).
 
 Score a trained run on another data set, with the run's stored normalisation, threshold and
 box prior (nothing is estimated from the new data):
@@ -25,8 +23,7 @@ from pylon import cli
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--run", metavar="RUN_DIR", help="the run folder (default: the most recent run in --runs-dir)")
-    parser.add_argument("--runs-dir", default="runs", help="where runs live when --run is not given (default: runs)")
+    cli.add_run_args(parser)
     parser.add_argument("--localization", action="store_true",
                         help="also score heatmaps against the boxes (every method the model supports, or eval.methods)")
     parser.add_argument("--embeddings", action="store_true",
@@ -51,10 +48,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"evaluating {run.root}")
     result = evaluate_run(run, overrides=overrides, localization=args.localization,
                           embeddings=args.embeddings, out=args.out)
-    print()
-    print(result.text)
-    print()
-    print("outputs:")
+    print(f"\n{result.text}\n\noutputs:")
     for path in result.outputs:
         print(f"  {path}")
     return 0

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import re
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -17,8 +18,7 @@ from pylon import cli
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="DICOM, JPEG or PNG files")
-    parser.add_argument("--run", metavar="RUN_DIR", help="the run folder (default: the most recent run in --runs-dir)")
-    parser.add_argument("--runs-dir", default="runs", help="where runs live when --run is not given (default: runs)")
+    cli.add_run_args(parser)
     parser.add_argument("--out", type=Path, help="output folder (default: <run>/predict)")
     parser.add_argument("--method", help="heatmap method (default: the model's own: pylon, or cam for baselines)")
     parser.add_argument("--boxes-csv", type=Path, metavar="CSV",
@@ -49,10 +49,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         _, boxes = read_labels(args.boxes_csv)
     trained = load_run(run, device=args.device)
     results = predict_files(trained, args.images, out, method=args.method, boxes_by_id=boxes)
-    table = pd.DataFrame([{"file": r.path, "id": r.id, "probability": r.probability, "peak_x": r.peak_x,
-                           "peak_y": r.peak_y, "method": r.method, "overlay": r.overlay or "", "error": r.error or ""}
-                          for r in results])
-    table.to_csv(out / "predictions.csv", index=False)
+    table = pd.DataFrame(map(asdict, results)).rename(columns={"path": "file"})
+    table.fillna({"overlay": "", "error": ""}).to_csv(out / "predictions.csv", index=False)
     print(f"{'file':<40} {'P(pneumonia)':>12}  {'peak (x, y) px':<18} overlay")
     for r in results:
         name = Path(r.path).name if len(Path(r.path).name) <= 40 else "..." + Path(r.path).name[-37:]

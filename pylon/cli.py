@@ -1,4 +1,4 @@
-"""What the three scripts share: config arguments and turning user mistakes into one line."""
+"""What the scripts share: config and run arguments, and turning user mistakes into one line."""
 from __future__ import annotations
 
 import argparse
@@ -11,20 +11,16 @@ from pylon import PylonError
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
-    parser.add_argument(
-        "--config",
-        required=required,
-        help="a YAML file, or a bare name looked up in configs/ (e.g. pylon_r50.yaml)",
-    )
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        nargs="+",
-        action="extend",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override config values, e.g. --set train.epochs=5 data.image_size=512",
-    )
+    parser.add_argument("--config", required=required,
+                        help="a YAML file, or a bare name looked up in configs/ (e.g. pylon_r50.yaml)")
+    parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override config values, e.g. --set train.epochs=5 data.image_size=512")
+
+
+def add_run_args(parser: argparse.ArgumentParser) -> None:
+    """The trained run evaluate.py and predict.py work on (``runs.find_run``)."""
+    parser.add_argument("--run", metavar="RUN_DIR", help="the run folder (default: the most recent run in --runs-dir)")
+    parser.add_argument("--runs-dir", default="runs", help="where runs live when --run is not given (default: runs)")
 
 
 def _interrupt(signum: int, frame: object) -> None:

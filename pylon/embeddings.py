@@ -1,14 +1,12 @@
 """Embedding maps and the shortcut probe (``evaluate.py --embeddings``).
 
-Both architectures read the encoder's deepest feature map; its global average is each image's
-embedding. The maps project the evaluated split's embeddings to 2-D with t-SNE and UMAP,
-coloured by label, source and view. The probe asks what else those features know: a logistic
-regression, cross-validated with the folds grouped by patient, predicts the view (within each
-source that reports views: RSNA's AP vs PA) and the source (where two are present) from them. Its AUROC sits beside the
-model's own pneumonia AUROC within each view and source, and beside what the view or source
-alone would score (each group's positive rate in the training split as the prediction). On
-merged data a probe near 1 with a pneumonia AUROC that falls within each view says the features
-can tell the hospital, and that the merged figure leans on it.
+Each image's embedding is the global average of the encoder's deepest feature map. The maps
+project the evaluated split's embeddings to 2-D (t-SNE, UMAP), coloured by label, source and
+view. The probe, a logistic regression cross-validated with folds grouped by patient, predicts
+the view (within each source that reports views: RSNA's AP vs PA) and the source from them,
+beside the model's pneumonia AUROC within each view and source and what the view or source
+alone would score (its positive rate in the training split). A probe near 1 with a pneumonia
+AUROC that falls within each view says the merged figure leans on the hospital.
 """
 from __future__ import annotations
 
@@ -88,11 +86,10 @@ def probe(features: np.ndarray, target: np.ndarray, patients: np.ndarray, n_boot
     return {**_auroc(target, scores, n_boot, seed), "folds": folds}
 
 
-def _train_rate(records: list, key: str) -> dict[str, float]:
+def _train_rate(records: list, key: str) -> pd.Series:
     """Each group's positive rate in the training ``records``: the prediction of a shortcut that
     knows only the group."""
-    frame = pd.DataFrame([(getattr(r, key), r.label) for r in records], columns=["group", "label"])
-    return frame.groupby("group")["label"].mean().to_dict()
+    return pd.Series([r.label for r in records]).groupby([getattr(r, key) for r in records]).mean()
 
 
 def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: Mapping[str, Any],
@@ -101,60 +98,55 @@ def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: M
     the model's pneumonia AUROC per group (from ``classification``, the report of the same
     split), and what view or source alone would score."""
     y, patients = frame["label"].to_numpy(), frame["patient_id"].to_numpy()
+
+    def ask(keep: np.ndarray, target: np.ndarray) -> dict[str, Any]:
+        return probe(features[keep], target[keep], patients[keep], n_boot, seed)
+
     reported = reported_views()  # RSNA: AP and PA
-    viewed = {s: (frame["source"] == s).to_numpy() & frame["view"].isin(views).to_numpy() for s, views in reported.items()}
-    probes = {}
-    for s, views in reported.items():
-        for a, b in itertools.combinations(views, 2):
-            keep = viewed[s] & frame["view"].isin([a, b]).to_numpy()
-            probes[f"view_{a}_vs_{b}_in_{s}"] = probe(features[keep], (frame["view"][keep] == a).to_numpy(),
-                                                      patients[keep], n_boot, seed)
-    for a, b in itertools.combinations(sorted(set(frame["source"])), 2):
-        pair = frame["source"].isin([a, b]).to_numpy()
-        probes[f"source_{b}_vs_{a}"] = probe(features[pair], (frame["source"][pair] == b).to_numpy(), patients[pair],
-                                             n_boot, seed)
-    groups = {"all": np.ones(len(frame), dtype=bool)}
-    groups.update({s: (frame["source"] == s).to_numpy() for s in sorted(set(frame["source"]))})
-    groups.update({f"{s}/{v}": viewed[s] & (frame["view"] == v).to_numpy() for s, views in reported.items() for v in views})
+    sources, source, view = sorted(set(frame["source"])), frame["source"], frame["view"]
+    viewed = {s: (source == s).to_numpy() & view.isin(views).to_numpy() for s, views in reported.items()}
+    probes = {f"view_{a}_vs_{b}_in_{s}": ask(viewed[s] & view.isin([a, b]).to_numpy(), (view == a).to_numpy())
+              for s, views in reported.items() for a, b in itertools.combinations(views, 2)}
+    probes.update({f"source_{b}_vs_{a}": ask(source.isin([a, b]).to_numpy(), (source == b).to_numpy())
+                   for a, b in itertools.combinations(sources, 2)})
+    groups = {"all": np.ones(len(frame), dtype=bool), **{s: (source == s).to_numpy() for s in sources},
+              **{f"{s}/{v}": viewed[s] & (view == v).to_numpy() for s, views in reported.items() for v in views}}
     groups = {name: keep for name, keep in groups.items() if keep.any()}
     # What the features know of pneumonia itself, in the same groups as the model's AUROC.
-    probes.update({f"pneumonia_in_{name}": probe(features[keep], y[keep], patients[keep], n_boot, seed)
-                   for name, keep in groups.items()})
+    probes.update({f"pneumonia_in_{name}": ask(keep, y) for name, keep in groups.items()})
     blocks = {"all": classification, **classification["by_source"],
               **{f"{s}/{v}": classification["by_view"].get(v) for s, views in reported.items() for v in views}}
-    model = {name: _auroc_entry(blocks[name]) for name in groups}
 
     alone: dict[str, Any] = {}
     if len(data.rows.get("train", [])):
-        source_rate = _train_rate(data.records("train"), "source")
-        if len(set(frame["source"])) > 1:
-            alone["source_only"] = _auroc(y, frame["source"].map(source_rate).fillna(0.5).to_numpy(),
-                                                  n_boot, seed)
+        train = data.records("train")
+        if len(sources) > 1:
+            rate = _train_rate(train, "source")
+            alone["source_only"] = _auroc(y, source.map(rate).fillna(0.5).to_numpy(), n_boot, seed)
         for s, keep in viewed.items():
             if keep.any():
-                view_rate = _train_rate([r for r in data.records("train") if r.source == s], "view")
-                alone[f"view_only_in_{s}"] = _auroc(
-                    y[keep], frame["view"][keep].map(view_rate).fillna(0.5).to_numpy(), n_boot, seed)
-    return {"features_predict": probes, "model_pneumonia_auroc": model, "shortcut_alone_pneumonia_auroc": alone,
-            "classifier": f"standardised features, L2 logistic regression, up to {PROBE_FOLDS}-fold CV grouped by patient"}
+                rate = _train_rate([r for r in train if r.source == s], "view")
+                alone[f"view_only_in_{s}"] = _auroc(y[keep], view[keep].map(rate).fillna(0.5).to_numpy(), n_boot, seed)
+    classifier = f"standardised features, L2 logistic regression, up to {PROBE_FOLDS}-fold CV grouped by patient"
+    return {"features_predict": probes, "model_pneumonia_auroc": {name: _auroc_entry(blocks[name]) for name in groups},
+            "shortcut_alone_pneumonia_auroc": alone, "classifier": classifier}
 
 
 def embedding_maps(data: PreparedData, evaluated: SplitPredictions, classification: Mapping[str, Any], out: Path,
                    n_boot: int, seed: int) -> tuple[dict, list[Path], str]:
     """What ``--embeddings`` adds for the evaluated split, given its predictions and classification
     report: (metrics.json section, figures, printed table), and embeddings.csv."""
-    features = evaluated.embeddings
-    frame = evaluated.frame(data)
+    features, frame, split = evaluated.embeddings, evaluated.frame(data), evaluated.split
     points = project(features, seed)
-    figures = []
+    colourings = {"label": frame["label"].map({0: "negative", 1: "pneumonia"}), "source": frame["source"],
+                  "view": frame["view"].fillna(NO_VIEW)}
+    figures = [plots.plot_embedding(points[name], colourings, out / f"embeddings_{name}.png",
+                                    title=f"{title} of the encoder embeddings ({split}, n={len(frame)})")
+               for name, title in PROJECTIONS.items()]
     for name in PROJECTIONS:
         frame[f"{name}_x"], frame[f"{name}_y"] = points[name][:, 0], points[name][:, 1]
-        colourings = {"label": frame["label"].map({0: "negative", 1: "pneumonia"}), "source": frame["source"],
-                      "view": frame["view"].fillna(NO_VIEW)}
-        figures.append(plots.plot_embedding(points[name], colourings, out / f"embeddings_{name}.png",
-                                            title=f"{PROJECTIONS[name]} of the encoder embeddings ({evaluated.split}, n={len(frame)})"))
     frame.to_csv(out / "embeddings.csv", index=False)
     report = shortcut_report(features, frame, classification, data, n_boot, seed)
-    section = {"split": evaluated.split, "n": len(frame), "dim": int(features.shape[1]),
-               "projections": list(PROJECTIONS), "shortcut_probe": report}
-    return section, figures, shortcut_table(report, evaluated.split, features.shape[1])
+    section = {"split": split, "n": len(frame), "dim": int(features.shape[1]), "projections": list(PROJECTIONS),
+               "shortcut_probe": report}
+    return section, figures, shortcut_table(report, split, features.shape[1])

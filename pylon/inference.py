@@ -6,15 +6,18 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
+import cv2
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -75,8 +78,7 @@ def predict_loader(model: nn.Module, loader: Any, precision: Precision,
 
 @dataclass
 class SplitPredictions:
-    """``predict_loader`` over one split, with what each image is; evaluation and the embedding
-    maps both read it, so it lives beneath them."""
+    """``predict_loader`` over one split, with what each image is (read by evaluation and the embedding maps)."""
 
     split: str
     rows: np.ndarray  # cache rows
@@ -100,8 +102,8 @@ def predict_split(trained: TrainedRun, data: PreparedData, split: str, embedding
         raise ConfigError(f"the {split} split is empty: nothing to evaluate")
     loader = split_loader(data, split, trained.cfg.data, trained.cfg.eval.batch_size, train=False)
     weight = trained.info.get("pos_weight")  # training's: val's loss is then the one best.pt was chosen on
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=None if weight is None else torch.tensor([weight], device=trained.device))
-    out = predict_loader(trained.model, loader, trained.precision, loss_fn,
+    pos_weight = None if weight is None else torch.tensor([weight], device=trained.precision.device)
+    out = predict_loader(trained.model, loader, trained.precision, nn.BCEWithLogitsLoss(pos_weight=pos_weight),
                          desc=f"{split} predictions", embeddings=embeddings)
     records = [data.cache.records[r] for r in out["rows"]]
     return SplitPredictions(split, out["rows"], out["labels"], out["probs"].astype(np.float64),
@@ -122,10 +124,6 @@ class TrainedRun:
     mean_std: tuple[float, float]  # the input normalisation the model was trained with
     prior: Optional[torch.Tensor]  # the training boxes' prior (None if that split had no boxes)
     info: dict  # the rest of best.pt: epoch, threshold_youden, wandb_run_id, ...
-
-    @property
-    def device(self) -> torch.device:
-        return self.precision.device
 
 
 def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str] = None) -> TrainedRun:
@@ -222,6 +220,8 @@ def overlays(model: nn.Module, images: Sequence[np.ndarray], boxes: Sequence[Any
 
 @dataclass
 class FilePrediction:
+    """One row of predict.py's predictions.csv, in its column order (``path`` is its "file")."""
+
     path: str
     id: str
     probability: Optional[float] = None
@@ -242,10 +242,9 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
         why = "its training split had no boxes, so it stored no prior" if method == "prior" else \
             f"not available for this {trained.cfg.model.arch} model"
         raise ConfigError(f"--method {method}: {why}; use one of {supported}")
-    size = int(trained.cfg.data.image_size)
+    size, batch_size = int(trained.cfg.data.image_size), int(trained.cfg.eval.batch_size)
     out.mkdir(parents=True, exist_ok=True)
-    results, taken = [], set()
-    batch_size = int(trained.cfg.eval.batch_size)
+    results, named = [], Counter()
     for start in tqdm(range(0, len(paths), batch_size), desc="predict", leave=False, disable=bar_disabled(True)):
         loaded = []
         for path in paths[start:start + batch_size]:
@@ -269,13 +268,10 @@ def predict_files(trained: TrainedRun, paths: Sequence[Path], out: Path, *, meth
         for (item, original, _, geometry, _), prob, heat in zip(loaded, probs, maps):
             cut, peak = _on_original(heat, geometry, size)
             item.probability, item.peak_x, item.peak_y, item.method = float(prob), float(peak[0]), float(peak[1]), method
-            name, n = f"{item.id}_{method}", 1
-            while out / f"{name}.png" in taken:
-                n += 1
-                name = f"{item.id}_{method}-{n}"
-            taken.add(out / f"{name}.png")
-            item.overlay = _save_overlay(out / f"{name}.png", original, cut, list((boxes_by_id or {}).get(item.id, [])),
-                                         peak)
+            named[item.id] += 1  # the same stem twice: the second overlay is <id>_<method>-2.png
+            suffix = f"-{named[item.id]}" if named[item.id] > 1 else ""
+            item.overlay = _save_overlay(out / f"{item.id}_{method}{suffix}.png", original, cut,
+                                         list((boxes_by_id or {}).get(item.id, [])), peak)
     return results
 
 
@@ -283,17 +279,12 @@ def _on_original(heatmap: torch.Tensor, geometry: Geometry, size: int) -> tuple[
     """The network-frame map cut to the part covering the original (drops letterbox padding), and
     its peak in original pixels: a peak on the padding would point outside the film."""
     full = upsample(heatmap[None], size, size)[0]  # pylon's float64 kept, as for evaluation
-    x0, y0 = int(round(geometry.pad_x)), int(round(geometry.pad_y))
-    w = max(1, int(round(geometry.orig_w * geometry.scale_x)))
-    h = max(1, int(round(geometry.orig_h * geometry.scale_y)))
-    cut = full[y0:y0 + h, x0:x0 + w].numpy()
+    x0, y0, w, h = (int(round(v)) for v in geometry.boxes_to_cache([0, 0, geometry.orig_w, geometry.orig_h])[0])
+    cut = full[y0:y0 + max(1, h), x0:x0 + max(1, w)].numpy()
     return cut, geometry.points_to_original(argmax_points(cut[None], cut.shape) + [x0, y0])[0]
 
 
 def _save_overlay(path: Path, image: np.ndarray, heatmap: np.ndarray, boxes: list, point: Sequence[float]) -> Path:
-    import cv2
-    from PIL import Image
-
     scale = min(1.0, MAX_OVERLAY_SIDE / max(image.shape))
     if scale < 1.0:
         size = (max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale)))

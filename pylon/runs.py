@@ -35,11 +35,9 @@ def new_run(runs_dir: Union[str, Path], name: str) -> RunPaths:
     base.parent.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
         root = base if n == 1 else base.with_name(f"{base.name}-{n}")
-        try:
+        with contextlib.suppress(FileExistsError):
             root.mkdir()  # atomic: of two runs started together, one gets the next name
             return RunPaths(root)
-        except FileExistsError:
-            continue
     raise ConfigError(f"cannot find a free run folder name next to {base}")
 
 
@@ -48,7 +46,8 @@ def find_run(run: Optional[Union[str, Path]], runs_dir: Union[str, Path] = "runs
     if run is None:
         runs = {p.parent.parent for p in Path(runs_dir).glob("*/checkpoints/*.pt")}
         if not runs:
-            raise ConfigError(f"no trained runs in {runs_dir}/: train one first (python train.py --config ...) or pass --run")
+            raise ConfigError(f"no trained runs in {runs_dir}/: train one first (python train.py --config ...) "
+                              "or pass --run")
         return RunPaths(max(runs, key=lambda p: (p.joinpath("config.yaml").stat().st_mtime, p.name)))
     if not (Path(run) / "config.yaml").is_file():
         raise ConfigError(f"{run} is not a run folder (no config.yaml in it)")
@@ -122,8 +121,8 @@ def check_splits(path: Path, data: Any, splits: Sequence[str], sources: Sequence
     """Stop unless ``splits`` of ``data`` hold exactly the images (and labels) of ``sources`` that
     the run was trained with."""
     with open(path, newline="") as handle:
-        stored = [row for row in csv.DictReader(handle) if row["split"] in splits and row["source"] in sources]
-    want = {(row["id"], row["split"], int(row["label"])) for row in stored}
+        want = {(row["id"], row["split"], int(row["label"])) for row in csv.DictReader(handle)
+                if row["split"] in splits and row["source"] in sources}
     have = {(r.id, split, r.label) for split in splits for r in data.records(split)}
     if want != have:
         missing, extra = sorted(want - have), sorted(have - want)

@@ -113,10 +113,8 @@ def read_state_dict(path: Path, key: str) -> dict:
     except Exception as err:  # noqa: BLE001 - pickle, zip and safetensors errors differ
         detail = " ".join(str(err).split())[:300]
         raise WeightsFileError(f"cannot read {key}={str(path)!r}: {type(err).__name__}: {detail}") from err
-    for wrapper in ("model", "state_dict", "model_state_dict"):
-        if isinstance(data, dict) and isinstance(data.get(wrapper), dict):
-            data = data[wrapper]
-            break
+    data = next((data[k] for k in ("model", "state_dict", "model_state_dict")
+                 if isinstance(data, dict) and isinstance(data.get(k), dict)), data)
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise WeightsFileError(f"{key}={str(path)!r} holds no state dict (names -> tensors, maybe under 'model')")
     return dict(data)
@@ -141,14 +139,6 @@ def load_matching(module: nn.Module, state: dict, prefixes: tuple[str, ...]) -> 
     return list(fits), [k for k in wanted if k not in fits]
 
 
-def describe_init(weights: WeightsSpec, parts: str, not_loaded: list[str]) -> str:
-    """The one line a run prints about what ``model.weights`` gave the model."""
-    run = source_run(weights)
-    origin = f"run {run.name} ({weights_file(weights)})" if run is not None else str(weights_file(weights))
-    missing = f"; not loaded: {', '.join(not_loaded[:6])}{' ...' if len(not_loaded) > 6 else ''}" if not_loaded else ""
-    return f"model.weights: {parts} from {origin}{missing}"
-
-
 def read_run_state(weights: WeightsSpec) -> Optional[dict]:
     """The tensors of the trained run's checkpoint ``weights`` names (see ``source_run``), else None."""
     return None if source_run(weights) is None else read_state_dict(weights_file(weights), "model.weights")
@@ -167,14 +157,18 @@ def weights_origin(weights: WeightsSpec, note: Optional[str] = None) -> Optional
 def init_beyond_encoder(model: nn.Module, weights: WeightsSpec, run_state: Optional[dict],
                         prefixes: tuple[str, ...]) -> Optional[str]:
     """Give ``model`` the tensors under ``prefixes`` (its head) that fit from a run's checkpoint,
-    after the encoder got its weights; the line that says what ``model.weights`` loaded."""
+    after the encoder got its weights; the one line a run prints about what ``model.weights`` loaded."""
     if weights is None or str(weights) == "imagenet":
         return None
-    if run_state is None:
-        return describe_init(weights, "encoder", [])
-    loaded, missing = load_matching(model, run_state, prefixes)
-    part = "/".join(prefix.rstrip(".") for prefix in prefixes)
-    return describe_init(weights, f"encoder + {len(loaded)} of {len(loaded) + len(missing)} {part} tensors", missing)
+    parts, missing = "encoder", []
+    if run_state is not None:
+        loaded, missing = load_matching(model, run_state, prefixes)
+        head = "/".join(prefix.rstrip(".") for prefix in prefixes)
+        parts = f"encoder + {len(loaded)} of {len(loaded) + len(missing)} {head} tensors"
+    run = source_run(weights)
+    origin = f"run {run.name} ({weights_file(weights)})" if run is not None else str(weights_file(weights))
+    more = f"; not loaded: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}" if missing else ""
+    return f"model.weights: {parts} from {origin}{more}"
 
 
 class EncoderModel(nn.Module):
@@ -183,7 +177,7 @@ class EncoderModel(nn.Module):
     encoder: nn.Module
     frozen_encoder: bool = False
     frozen_encoder_bn: bool = False
-    init_note: Optional[str] = None  # what a local model.weights file gave the model (describe_init)
+    init_note: Optional[str] = None  # what a local model.weights file gave the model (init_beyond_encoder)
 
     def apply_freeze(self, mode: Optional[str]) -> None:
         """``model.freeze``: 'enc' freezes the encoder, 'bn' only its BatchNorm statistics, None nothing."""
