@@ -24,7 +24,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pylon import cli
-from pylon.config import ConfigError, load_config, resolve_config_path, to_yaml
+from pylon.config import ConfigError, load_config, to_yaml
+from pylon.configfile import resolve_config_path
 from pylon.data.sources import SOURCES
 from pylon.engine import fit
 from pylon.runs import check_writable, new_run
