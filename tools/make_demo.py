@@ -26,7 +26,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import ComputedRadiographyImageStorage as CR_STORAGE, JPEGBaseline8Bit, generate_uid
 from tqdm import tqdm
 
-GENERATOR_VERSION = 3  # bump when the files change, so older demo sets are rebuilt
+GENERATOR_VERSION = 4  # bump when the files change, so older demo sets are rebuilt
 MARKER = "demo_complete.json"  # written last: its presence means the set is complete
 RSNA_SIZE = 512
 JPEG_QUALITY = 90
@@ -100,7 +100,7 @@ def render(film: Film, *, with_opacities: bool = True) -> tuple[np.ndarray, list
             ou, ov = side * (lung_x + a * lung_w), lung_y + b * lung_h
             if a * a + b * b < 0.3 and lungs_and_centre(ou, ov)[1] < 0.05:
                 break
-        ru, rv, amp = rng.uniform([0.11, 0.14, 0.16], [0.18, 0.24, 0.3])
+        ru, rv, amp = rng.uniform([0.11, 0.14, 0.30], [0.18, 0.24, 0.45])
         e = ((u - ou) / ru) ** 2 + ((v - ov) / rv) ** 2
         opacity = amp * np.exp(-1.5 * e * np.exp(0.25 * _waves(rng, u, v, 4, (4.0, 10.0)))) * lungs
         y, x = np.nonzero(opacity >= 0.1 * opacity.max())
