@@ -141,6 +141,7 @@ def tiny_overrides(data_root: Path, runs_dir: Path, *extra: str) -> list[str]:
         "data.num_workers=0",
         "train.epochs=2",
         "train.batch_size=8",
+        "train.scheduler=plateau",  # the reference schedule (demo.yaml has none): resume and stop tests check its state
         "logging.wandb_mode=disabled",
         f"logging.runs_dir={runs_dir}",
         *extra,

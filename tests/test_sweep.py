@@ -254,7 +254,7 @@ LR_TOO_LOW = {"train.lr": {"type": "float", "low": 1.0e-6, "high": 1.0e-2, "log"
     ({"sampler": "GridSampler"}, [], "a GridSampler needs every parameter categorical"),
     ({"controller": {"type": "local"}}, [], "space.yaml: Key 'controller' not in 'Space'"),
     ({"config": None}, [], "missing mandatory value: config"),
-    ({"parameters": LR_TOO_LOW}, [], "train.lr=1e-06 is below train.min_lr=1e-05"),
+    ({"parameters": LR_TOO_LOW, "set": ["train.scheduler=plateau"]}, [], "train.lr=1e-06 is below train.min_lr=1e-05"),
     ({}, ["--set", "train.lr=0.1"], "--set train.lr is swept by"),
     ({}, ["--trials", "0"], "--trials must be at least 1, got 0"),
     ({}, ["--space", "no_such_sweep"], "sweep file not found: no_such_sweep (configs/sweeps/ has: demo.yaml"),
