@@ -272,8 +272,7 @@ def test_early_stopping_ends_the_run_and_cannot_be_extended(tiny_data, tmp_path,
 
 def test_learning_rate_below_min_lr_ends_the_run(tiny_data, tmp_path):
     runs = tmp_path / "runs"
-    extra = ("train.epochs=8", "train.scheduler=plateau", "train.plateau_patience=0", "train.plateau_factor=0.1",
-             "train.min_lr=5e-4")
+    extra = ("train.epochs=8", "train.plateau_patience=0", "train.plateau_factor=0.1", "train.min_lr=5e-4")
     assert train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, *extra)) == 0
     run = only_run(runs)
     history = pd.read_csv(run.history)
