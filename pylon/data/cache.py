@@ -1,17 +1,14 @@
-"""Decode every radiograph once into a memory-mapped cache of square uint8 arrays.
+"""Decode every radiograph once into a memory-mapped cache of square uint8 arrays, so epochs only augment.
 
-Decoding a 1024 x 1024 JPEG DICOM costs milliseconds, reading a row of a memory-mapped ``.npy`` microseconds, so
-images are read and resized once and epochs only augment. ``<cache_dir>/<key>/`` holds ``images.npy`` (N, S, S),
-``index.csv`` (each row's id, path, geometry and, from the same read, its DICOM header's readers.HEADER_TAGS),
-``report.csv`` (unreadable files and why) and ``meta.json`` (written last: it marks a complete cache). The key
-hashes the settings and every record's id, path, size and mtime: same inputs reuse the cache without opening a file.
-A build writes into a hidden folder of its own (``.building-<key>-*``) renamed into place when complete, so a cache
-is only ever read whole; the folder of a killed build is never read (delete it to get the space back).
+``<cache_dir>/<key>/`` holds ``images.npy`` (N, S, S), ``index.csv`` (each row's id, path, geometry and, from the
+same read, its DICOM header's readers.HEADER_TAGS), ``report.csv`` (unreadable files and why) and ``meta.json``. The
+key hashes the settings and every record's id, path, size and mtime: same inputs reuse the cache without opening a
+file. A build writes into a hidden folder of its own (``.building-<key>-*``) renamed into place when complete, so a
+cache is only ever read whole; the folder of a killed build is never read (delete it to get the space back).
 
-Resize: ``"stretch"`` (default, as the reference implementation) scales each axis to S;
-``"letterbox"`` keeps the aspect ratio and pads with black. Letterbox bars would mark the
-non-square Kaggle images only, a label-correlated shortcut. INTER_AREA when shrinking (cubic
-aliases ribs and noise at 4x), INTER_CUBIC when growing.
+Resize: ``"stretch"`` (default, as the reference implementation) scales each axis to S; ``"letterbox"`` keeps the
+aspect ratio and pads with black (its bars would mark the non-square Kaggle images only, a label-correlated
+shortcut). INTER_AREA when shrinking (cubic aliases ribs and noise at 4x), INTER_CUBIC when growing.
 """
 from __future__ import annotations
 
@@ -28,9 +25,8 @@ import os
 import shutil
 import time
 import uuid
-from dataclasses import astuple, dataclass
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import cv2
 import numpy as np
@@ -42,15 +38,13 @@ from pylon.data.records import Record
 
 log = logging.getLogger(__name__)
 BUILDING_PREFIX = ".building-"
-GEOMETRY_FIELDS = ("orig_h", "orig_w", "scale_x", "scale_y", "pad_x", "pad_y")
 
 
 class CacheWriteError(PylonError):
     """The image cache cannot be written where data.cache_dir points (a full disk, no permission)."""
 
 
-@dataclass(frozen=True)
-class Geometry:
+class Geometry(NamedTuple):
     """How one original image maps onto its S x S cache row: x' = x * scale_x + pad_x, w' = w * scale_x."""
 
     orig_h: int
@@ -70,8 +64,7 @@ class Geometry:
 
 
 def resize_image(image: np.ndarray, image_size: int, mode: str = "stretch") -> tuple[np.ndarray, Geometry]:
-    """A 2-D uint8 image resized to image_size x image_size exactly as the cache does (also for
-    images that never pass through a cache, e.g. single-image prediction)."""
+    """A 2-D uint8 image resized exactly as the cache does (also for images that never pass through one)."""
     h, w = image.shape
     if mode == "stretch":
         new_w, new_h = image_size, image_size
@@ -87,9 +80,9 @@ def resize_image(image: np.ndarray, image_size: int, mode: str = "stretch") -> t
 
 
 class ImageCache:
-    """A built cache: ``records[i]`` describes ``image(i)``, ``geometry[i]`` maps between its
-    original and cache frames; ``unreadable`` holds report.csv's rows (id, path, reason).
-    Picklable for DataLoader workers: each process reopens the memory map, pixels are not copied."""
+    """A built cache: ``records[i]`` describes ``image(i)``, ``geometry[i]`` maps between its original and cache
+    frames; ``unreadable`` holds report.csv's rows (id, path, reason). Picklable for DataLoader workers: each
+    process reopens the memory map, pixels are not copied."""
 
     def __init__(self, path: Path, records: list[Record], geometry: list[Geometry], image_size: int,
                  unreadable: list[dict[str, str]]):
@@ -113,7 +106,7 @@ class ImageCache:
         return len(self.records)
 
     def image(self, i: int) -> np.ndarray:
-        """Row i as a writable (S, S) uint8 array (a copy; the cache itself is read-only)."""
+        """Row i as a writable (S, S) uint8 copy."""
         return np.array(self.images[i])
 
     def boxes_in_cache_frame(self, i: int) -> np.ndarray:
@@ -142,7 +135,13 @@ def build_cache(records: Sequence[Record], cache_dir: Path, *, image_size: int, 
         building = cache_dir / f"{BUILDING_PREFIX}{key}-{uuid.uuid4().hex}"
         try:
             building.mkdir(parents=True)
-            _check_free_space(cache_dir, len(records) * image_size * image_size)
+            # The images are written through a memory map, and a full disk kills a process that writes one with
+            # SIGBUS ("Bus error"), not an OSError: refuse a build the disk cannot hold (images, index and report).
+            needed, free = len(records) * image_size**2 + 16 * 2**20, shutil.disk_usage(cache_dir).free
+            if free < needed:
+                raise CacheWriteError(f"not enough free space for the image cache in {cache_dir}: it needs "
+                                      f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; free space there "
+                                      "or point data.cache_dir at another folder")
             _build_into(building, records, fingerprint, image_size, resize, workers, progress)
             try:
                 os.rename(building, final)
@@ -162,17 +161,6 @@ def build_cache(records: Sequence[Record], cache_dir: Path, *, image_size: int, 
         n = len(cache.unreadable)
         log.warning("skipped %d unreadable image%s, see %s", n, "" if n == 1 else "s", final / "report.csv")
     return cache
-
-
-def _check_free_space(cache_dir: Path, image_bytes: int) -> None:
-    """Refuse a build the disk cannot hold: the images are written through a memory map, and a
-    full disk kills a process that writes one with SIGBUS ("Bus error"), not an OSError."""
-    needed = image_bytes + 16 * 2**20  # and the index, report and meta files
-    free = shutil.disk_usage(cache_dir).free
-    if free < needed:
-        raise CacheWriteError(f"not enough free space for the image cache in {cache_dir}: it needs "
-                              f"{needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB are free; free space there "
-                              "or point data.cache_dir at another folder")
 
 
 def cache_key(records: Sequence[Record], *, image_size: int, resize: str) -> tuple[str, dict]:
@@ -210,7 +198,8 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
             outcome.update(result)
             bar.update(len(result))
     ok = [i for i in range(n) if isinstance(outcome[i], list)]
-    if len(ok) < n:  # drop the rows of unreadable files, a block of rows at a time
+    failed = [i for i in range(n) if not isinstance(outcome[i], list)]
+    if failed:  # drop the rows of unreadable files, a block of rows at a time
         source = np.load(images_path, mmap_mode="r")
         target = np.lib.format.open_memmap(folder / "compact.npy", "w+", np.uint8, (len(ok), image_size, image_size))
         for start in range(0, len(ok), 1024):
@@ -219,16 +208,13 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
         del source, target
         os.replace(folder / "compact.npy", images_path)
     with open(folder / "index.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["row", "id", "path", *GEOMETRY_FIELDS, *readers.HEADER_TAGS])
-        writer.writerows([row, records[i].id, records[i].path, *outcome[i]] for row, i in enumerate(ok))
-    failed = [i for i in range(n) if not isinstance(outcome[i], list)]
+        csv.writer(handle).writerows([["row", "id", "path", *Geometry._fields, *readers.HEADER_TAGS], *(
+            [row, records[i].id, records[i].path, *outcome[i]] for row, i in enumerate(ok))])
     with open(folder / "report.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["id", "path", "reason"])
-        writer.writerows([records[i].id, records[i].path, outcome[i]] for i in failed)
+        csv.writer(handle).writerows([["id", "path", "reason"], *([records[i].id, records[i].path, outcome[i]]
+                                                                   for i in failed)])
     meta = dict(fingerprint, n_images=len(ok), n_unreadable=len(failed), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2))  # last: its presence marks the cache complete
+    (folder / "meta.json").write_text(json.dumps(meta, indent=2))
 
 
 def _cache_chunk(images_path: Path, image_size: int, resize: str, tasks: list[tuple[int, str]]) -> dict:
@@ -240,7 +226,7 @@ def _cache_chunk(images_path: Path, image_size: int, resize: str, tasks: list[tu
         try:
             image, header = readers.read_image_with_header(path)
             images[i], geometry = resize_image(image, image_size, resize)
-            out[i] = [*astuple(geometry), *(header.get(tag, "") for tag in readers.HEADER_TAGS)]
+            out[i] = [*geometry, *(header.get(tag, "") for tag in readers.HEADER_TAGS)]
         except readers.ImageReadError as error:
             out[i] = error.reason
     images.flush()
@@ -259,15 +245,16 @@ def _open(folder: Path, records: list[Record], complete: Callable) -> Optional[I
     except (OSError, ValueError, KeyError):
         return None
     by_id = {r.id: r for r in records}
-    geometry = [Geometry(int(r["orig_h"]), int(r["orig_w"]), *(float(r[k]) for k in GEOMETRY_FIELDS[2:])) for r in rows]
+    geometry = [Geometry(int(r["orig_h"]), int(r["orig_w"]), *(float(r[k]) for k in Geometry._fields[2:]))
+                for r in rows]
     found = complete([by_id[r["id"]] for r in rows], headers, [(g.orig_h, g.orig_w) for g in geometry])
     return ImageCache(folder, found, geometry, int(meta["image_size"]), unreadable)
 
 
 def pixel_mean_std(cache: ImageCache, rows: Optional[Sequence[int]] = None, *, chunk_rows: int = 256
                    ) -> tuple[float, float]:
-    """Mean and standard deviation of the pixels of `rows` (default: all) on the [0, 1] scale,
-    exact (a 256-bin histogram) and streamed a chunk of rows at a time."""
+    """Exact mean and standard deviation of the pixels of `rows` (default: all) on the [0, 1] scale, from a
+    256-bin histogram streamed a chunk of rows at a time."""
     rows = np.arange(len(cache)) if rows is None else np.sort(np.asarray(rows, dtype=np.int64))
     counts = np.zeros(256, dtype=np.int64)
     for start in range(0, rows.size, chunk_rows):

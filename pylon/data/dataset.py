@@ -1,11 +1,10 @@
 """Augmentation, the Dataset over cache rows, its collate function and per-worker seeding.
 
-The training recipe is the reference implementation's (rotate, random resized crop, flip,
-brightness/contrast, all cubic; then (x / 255 - mean) / std as a (1, S, S) float tensor). Boxes
-('coco' x, y, w, h) move with the image: clipped at the border, dropped when less than half
-survives a crop (the reference's ``min_visibility``). A forked DataLoader worker would inherit
-the transform's generator unchanged, so each item reseeds it, on first use in a worker, from
-torch's per-worker seed, which a seeded loader generator fixes: same seeds, same batches.
+The training recipe is the reference implementation's (rotate, random resized crop, flip, brightness/contrast, all
+cubic; then (x / 255 - mean) / std). Boxes ('coco' x, y, w, h) move with the image: clipped at the border, dropped
+when less than half survives a crop (the reference's ``min_visibility``). A forked DataLoader worker would inherit
+the transform's generator unchanged, so a worker's first item reseeds it from torch's per-worker seed, which a seeded
+loader generator fixes: same seeds, same batches.
 """
 from __future__ import annotations
 
@@ -28,11 +27,9 @@ def train_transform(image_size: int, augment_cfg: Any, *, mean: float, std: floa
     if a.rotate_limit > 0 and a.p_rotate > 0:
         steps.append(A.Rotate(limit=a.rotate_limit, interpolation=cubic, border_mode=cv2.BORDER_CONSTANT, fill=0,
                               p=a.p_rotate))
-    if a.crop_scale[0] < 1.0:
-        steps.append(A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(a.crop_scale),
-                                         ratio=tuple(a.crop_ratio), interpolation=cubic, p=1.0))
-    else:
-        steps.append(A.Resize(image_size, image_size, interpolation=cubic))
+    steps.append(A.RandomResizedCrop(size=(image_size, image_size), scale=tuple(a.crop_scale),
+                                     ratio=tuple(a.crop_ratio), interpolation=cubic, p=1.0)
+                 if a.crop_scale[0] < 1.0 else A.Resize(image_size, image_size, interpolation=cubic))
     if a.hflip > 0:
         steps.append(A.HorizontalFlip(p=a.hflip))
     if (a.brightness > 0 or a.contrast > 0) and a.p_brightness_contrast > 0:
@@ -49,15 +46,15 @@ def eval_transform(image_size: int, *, mean: float, std: float) -> A.Compose:
 
 
 def reseed(transform: A.Compose, seed: int) -> None:
-    """Give the whole pipeline one seeded random stream (``Compose.set_random_seed`` would seed
-    every step with the same seed, correlating e.g. rotation and flip decisions)."""
+    """Give the whole pipeline one seeded random stream (``Compose.set_random_seed`` would seed every step with
+    the same seed, correlating e.g. rotation and flip decisions)."""
     seed = int(seed) % 2**32
     transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
 
 
 class CxrDataset(Dataset):
-    """Items from an ImageCache: ``image`` (1, S, S) float, ``label`` (1,) float, ``boxes`` (k, 4)
-    float (x, y, w, h) in the transformed image's pixels, plus ``row``, ``id`` and ``source``."""
+    """Items from an ImageCache: ``image`` (1, S, S) float, ``label`` (1,) float, ``boxes`` (k, 4) float
+    (x, y, w, h) in the transformed image's pixels, plus ``row``, ``id`` and ``source``."""
 
     def __init__(self, cache: ImageCache, rows: Sequence[int], transform: Callable[..., dict]):
         self.cache, self.transform = cache, transform
@@ -75,14 +72,10 @@ class CxrDataset(Dataset):
         row = int(self.rows[index])
         boxes = self.cache.boxes_in_cache_frame(row)
         out = self.transform(image=self.cache.image(row), bboxes=boxes)
-        return {
-            "image": out["image"],
-            "label": torch.tensor([self.cache.labels[row]], dtype=torch.float32),
-            "boxes": torch.from_numpy(np.asarray(out.get("bboxes", boxes), dtype=np.float32).reshape(-1, 4)),
-            "row": row,
-            "id": self.cache.records[row].id,
-            "source": self.cache.records[row].source,
-        }
+        record = self.cache.records[row]
+        return {"image": out["image"], "label": torch.tensor([self.cache.labels[row]], dtype=torch.float32),
+                "boxes": torch.from_numpy(np.asarray(out.get("bboxes", boxes), dtype=np.float32).reshape(-1, 4)),
+                "row": row, "id": record.id, "source": record.source}
 
 
 def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -94,8 +87,7 @@ def collate(batch: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def seed_worker(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: keep OpenCV and torch single-threaded (the workers are the
-    parallelism). The seeds need nothing here: torch seeds random and numpy in each worker, and
-    CxrDataset seeds its transform."""
+    """DataLoader ``worker_init_fn``: keep OpenCV and torch single-threaded (the workers are the parallelism).
+    Seeds need nothing here: torch seeds random and numpy in each worker, and CxrDataset its transform."""
     cv2.setNumThreads(1)
     torch.set_num_threads(1)

@@ -1,8 +1,5 @@
-"""From the ``data`` config section to DataLoaders: index -> split -> cache -> Dataset.
-
-train.py and evaluate.py both start here, so the split and the cached pixels a model is
-evaluated on are exactly the ones it was selected on.
-"""
+"""From the ``data`` config section to DataLoaders: index -> split -> cache -> Dataset. train.py and
+evaluate.py both start here, so a model is evaluated on exactly the split and pixels it was selected on."""
 from __future__ import annotations
 
 import logging
@@ -39,26 +36,13 @@ class PreparedData:
         return [self.cache.records[i] for i in self.rows[split]]
 
     def prevalence(self, split: str) -> float:
-        """Fraction of positive images in `split`."""
-        return float(np.mean([r.label for r in self.records(split)], dtype=np.float64))
+        return float(np.mean(self.cache.labels[self.rows[split]], dtype=np.float64))
 
     def summary(self) -> str:
-        parts = []
-        for split in self.rows:
-            records = self.records(split)
+        def one(split: str, records: list[Record]) -> str:
             sources = ", ".join(f"{name} {n}" for name, n in Counter(r.source for r in records).items())
-            parts.append(f"{split}: {len(records)} images ({sum(r.label for r in records)} positive; {sources})")
-        return "; ".join(parts)
-
-
-def _missing(name: str, key: str, root: Path, marker: str) -> ConfigError:
-    """A source root without its data, and how to get it. tools/make_demo.py writes the demo set
-    as <dir>/kaggle and <dir>/rsna of a folder named demo: that is made by a command, not downloaded."""
-    if root.parent.name == "demo" and root.name == name:
-        return ConfigError(f"data.{key}: {root} has no {marker} - the demo data is generated, not downloaded: "
-                           f"run python tools/make_demo.py --out {root.parent} (or make demo, which writes datasets/demo)")
-    return ConfigError(f"data.{key}: {root} has no {marker} - download the data as datasets/README.md describes, "
-                       f"or point at it with --set data.{key}=/path/to/it")
+            return f"{split}: {len(records)} images ({sum(r.label for r in records)} positive; {sources})"
+        return "; ".join(one(split, self.records(split)) for split in self.rows)
 
 
 def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
@@ -67,17 +51,22 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
     for name, source in SOURCES.items():  # registry order, whatever the config's order
         if name not in data_cfg.sources:
             continue
-        root, key = data_cfg.roots.get(name), f"roots.{name}"
+        root, key = data_cfg.roots.get(name), f"data.roots.{name}"
         if root is None:
-            raise ConfigError(f"data.{key} is not set but {name} is listed in data.sources; give its folder with "
-                              f"--set data.{key}=/path/to/it")
-        if not (Path(root) / source.MARKER).exists():
-            raise _missing(name, key, Path(root), source.MARKER)
-        indexed = source.index(Path(root))
+            raise ConfigError(f"{key} is not set but {name} is listed in data.sources; give its folder with "
+                              f"--set {key}=/path/to/it")
+        root = Path(root)
+        if not (root / source.MARKER).exists():
+            how = f"download the data as datasets/README.md describes, or point at it with --set {key}=/path/to/it"
+            if root.parent.name == "demo" and root.name == name:  # as tools/make_demo.py lays the demo set out
+                how = (f"the demo data is generated, not downloaded: run python tools/make_demo.py --out {root.parent} "
+                       "(or make demo, which writes datasets/demo)")
+            raise ConfigError(f"{key}: {root} has no {source.MARKER} - {how}")
+        indexed = source.index(root)
         if not indexed:
-            raise ConfigError(f"data.{key}: no {name} images found under {root}")
+            raise ConfigError(f"{key}: no {name} images found under {root}")
         if name in data_cfg.patient_maps:
-            indexed = with_patient_map(indexed, Path(root) / data_cfg.patient_maps[name], f"data.patient_maps.{name}")
+            indexed = with_patient_map(indexed, root / data_cfg.patient_maps[name], f"data.patient_maps.{name}")
         elif source.IDS_NAME_FILMS:
             log.info("%s: no data.patient_maps entry, so each image id counts as its own patient", name)
         records += indexed
@@ -89,10 +78,10 @@ def index_sources(data_cfg: Any, *, split: bool = True) -> list[Record]:
 
 def prepare_data(data_cfg: Any, *, progress: bool = True, split: bool = True,
                  normalization: Optional[tuple[float, float]] = None) -> PreparedData:
-    """The cached data of ``data_cfg``, split by patient; with ``split=False`` every readable
-    image is in one ``"all"`` split (scoring a trained run on another data set). Inputs are
-    normalised by ``normalization`` (mean, std) where given (a trained model's own), else by
-    data.mean and data.std, or by the training split's with data.normalize_from_train."""
+    """The cached data of ``data_cfg``, split by patient; with ``split=False`` every readable image is in one
+    ``"all"`` split (scoring a trained run on another data set). Inputs are normalised by ``normalization``
+    (mean, std) where given (a trained model's own), else by data.mean and data.std, or by the training
+    split's with data.normalize_from_train."""
     records = index_sources(data_cfg, split=split)
     cache = build_cache(records, Path(data_cfg.cache_dir), image_size=data_cfg.image_size, resize=data_cfg.resize,
                         workers=max(1, data_cfg.num_workers), progress=progress, complete=complete_records)
@@ -125,17 +114,19 @@ def _why_empty(split: str, cache: ImageCache, data_cfg: Any) -> str:
 
 def split_loader(data: PreparedData, split: str, data_cfg: Any, batch_size: int, *, train: bool, seed: int = 0,
                  rank: int = 0, world_size: int = 1) -> DataLoader:
-    """A loader over one split; call ``set_loader_epoch`` before each epoch for reproducible order.
-    Evaluation loaders shard rows across processes without padding (every image once)."""
+    """A loader over one split; call ``set_loader_epoch`` before each epoch for reproducible order. Evaluation
+    loaders shard rows across processes without padding (every image once). Training draws are shuffled or,
+    with data.source_shares or data.balanced_sampler, drawn with replacement as ``draw_weights`` says."""
     if not train:
         return rows_loader(data, data.rows[split][rank::world_size], data_cfg, batch_size, seed=seed + rank)
-    if data_cfg.augment.enabled:
-        transform = train_transform(data_cfg.image_size, data_cfg.augment, mean=data.mean, std=data.std)
-    else:
-        transform = eval_transform(data_cfg.image_size, mean=data.mean, std=data.std)
+    transform = (train_transform(data_cfg.image_size, data_cfg.augment, mean=data.mean, std=data.std)
+                 if data_cfg.augment.enabled else eval_transform(data_cfg.image_size, mean=data.mean, std=data.std))
     dataset = CxrDataset(data.cache, data.rows[split], transform)
-    sampler = _weighted_sampler(data, split, data_cfg, seed)
-    if sampler is None:
+    if data_cfg.balanced_sampler or data_cfg.source_shares:
+        weights = torch.as_tensor(draw_weights(data, split, data_cfg), dtype=torch.double)
+        sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True,
+                                        generator=torch.Generator().manual_seed(int(seed)))
+    else:
         sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                      drop_last=True)
     # Each process draws its own augmentations; the sampler already splits the images.
@@ -151,8 +142,8 @@ def rows_loader(data: PreparedData, rows: np.ndarray, data_cfg: Any, batch_size:
 def _loader(dataset: CxrDataset, sampler: Optional[Sampler], data_cfg: Any, batch_size: int, seed: int) -> DataLoader:
     """The DataLoader of both kinds: a training one has a sampler and drops its last partial batch."""
     if data_cfg.num_workers > 0:
-        # OpenCV's thread pool does not survive fork: a worker that reconfigures it (as
-        # seed_worker does) can wait forever on a condition copied mid-wait from a parent thread
+        # OpenCV's thread pool does not survive fork: a worker that reconfigures it (as seed_worker does)
+        # can wait forever on a condition copied mid-wait from a parent thread
         cv2.setNumThreads(1)
     else:
         reseed(dataset.transform, seed)  # main-process loading: one seeded stream (workers seed themselves)
@@ -162,9 +153,9 @@ def _loader(dataset: CxrDataset, sampler: Optional[Sampler], data_cfg: Any, batc
 
 
 def draw_weights(data: PreparedData, split: str, data_cfg: Any) -> np.ndarray:
-    """Each image's chance of a training draw: ``data.source_shares`` divides the draws between
-    the sources (normalised; {}: the split as one group) and, within each, ``data.balanced_sampler``
-    halves them between positives and negatives; a group's images share its part equally."""
+    """Each image's chance of a training draw: ``data.source_shares`` divides the draws between the sources
+    (normalised; {}: the split as one group) and, within each, ``data.balanced_sampler`` halves them between
+    positives and negatives; a group's images share its part equally."""
     rows = data.rows[split]
     labels = data.cache.labels[rows].astype(np.float64)
     sources = np.array([data.cache.records[r].source for r in rows])
@@ -183,16 +174,6 @@ def draw_weights(data: PreparedData, split: str, data_cfg: Any) -> np.ndarray:
         for group in classes:
             weights[group] = share / total / len(classes) / int(group.sum())
     return weights
-
-
-def _weighted_sampler(data: PreparedData, split: str, data_cfg: Any, seed: int) -> Optional[WeightedRandomSampler]:
-    """Draws with replacement as ``draw_weights`` says, as many as the split has images; None when
-    neither shares nor balancing are asked for (plain shuffling)."""
-    if not (data_cfg.balanced_sampler or data_cfg.source_shares):
-        return None
-    weights = draw_weights(data, split, data_cfg)
-    return WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), num_samples=weights.size,
-                                 replacement=True, generator=torch.Generator().manual_seed(int(seed)))
 
 
 def describe_draws(data: PreparedData, split: str, data_cfg: Any) -> str:

@@ -24,7 +24,6 @@ from pylon import PylonError
 log = logging.getLogger(__name__)
 logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # not its tracebacks: read_image says why in one line
 _warned: set[str] = set()  # kinds of warning already given in this process
-DATA_RANGE_PERCENTILES = (0.5, 99.5)  # what a DICOM without a window is scaled by
 HEADER_TAGS = ("ViewPosition", "PatientAge", "PatientSex", "SeriesDescription")  # what sources take from a DICOM
 
 
@@ -147,7 +146,7 @@ def _dicom_to_uint8(values: np.ndarray, ds: pydicom.Dataset, inverted: bool) -> 
         # No window: fit the display to the pixel data, as viewers do. BitsStored only bounds
         # the data (12-bit films declared 16 are common), and a few extreme pixels (markers,
         # collimator edges) must not set the contrast.
-        low, high = (float(v) for v in np.percentile(values, DATA_RANGE_PERCENTILES))
+        low, high = (float(v) for v in np.percentile(values, (0.5, 99.5)))
         if high <= low:
             low, high = float(np.min(values)), float(np.max(values))
         if high <= low:  # a flat image: black, as a flat PNG

@@ -10,6 +10,7 @@ from typing import Mapping, NamedTuple, Optional, Sequence
 
 from pylon import PylonError
 
+log = logging.getLogger(__name__)
 SCORED_FINDING = "pneumonia"  # the only finding whose boxes heatmaps are scored against
 
 
@@ -48,8 +49,8 @@ class DatasetLayoutError(PylonError, ValueError):
 
 
 def label_file(path: Path) -> io.StringIO:
-    """A label CSV's text, for the csv module; DatasetLayoutError naming the file when it is
-    not UTF-8 text or has no rows below its header."""
+    """A label CSV's text, for the csv module; DatasetLayoutError naming the file unless it is UTF-8 text with
+    rows below its header."""
     try:
         text = Path(path).read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as error:
@@ -61,8 +62,8 @@ def label_file(path: Path) -> io.StringIO:
 
 
 def warn_problems(module: str, problems: dict[str, list[str]], effects: Mapping[str, str]) -> None:
-    """One warning from a source module's logger: each kind of problem met, its count, a few
-    examples and, from ``effects`` (kind -> what indexing did about it), what became of them."""
+    """One warning from a source module's logger: each kind of problem met, its count, a few examples and, from
+    ``effects`` (kind -> what indexing did about it), what became of them."""
     kinds = "; ".join(f"{kind}: {len(examples)} (e.g. {', '.join(examples[:3])})"
                       + (f" -> {effects[kind]}" if kind in effects else "")
                       for kind, examples in sorted(problems.items()) if examples)
@@ -71,9 +72,9 @@ def warn_problems(module: str, problems: dict[str, list[str]], effects: Mapping[
 
 
 def with_patient_map(records: Sequence[Record], path: Path, key: str) -> list[Record]:
-    """``records`` with ``patient_id`` read from the CSV at ``path``: its first column is the image
-    id, its column ``patient`` (or ``*_patient``) the person; images missing from it, or with an
-    empty cell, stay their own patient. One line says how many people the films came from."""
+    """``records`` with ``patient_id`` read from the CSV at ``path``: its first column is the image id, its column
+    ``patient`` (or ``*_patient``) the person; images missing from it, or with an empty cell, stay their own
+    patient. One line says how many people the films came from."""
     if not Path(path).is_file():
         raise DatasetLayoutError(f"{key}: no such file {path} (a relative path is taken from the source's root); "
                                  f"give the CSV's path, or group by image id alone with --set {key.rsplit('.', 1)[0]}={{}}")
@@ -85,8 +86,6 @@ def with_patient_map(records: Sequence[Record], path: Path, key: str) -> list[Re
                                  f"patient or *_patient; its columns are {header}")
     person = {row[0].strip(): row[column].strip() for row in reader if len(row) > column and row[column].strip()}
     mapped = [replace(r, patient_id=f"{r.source}-person-{person[r.id]}") if r.id in person else r for r in records]
-    n_people = len({r.patient_id for r in mapped})
-    logging.getLogger(__name__).info(
-        "%s: %d images belong to %d people (%d images not in the map count as their own person)",
-        key, len(mapped), n_people, sum(r.id not in person for r in mapped))
+    log.info("%s: %d images belong to %d people (%d images not in the map count as their own person)", key,
+             len(mapped), len({r.patient_id for r in mapped}), sum(r.id not in person for r in mapped))
     return mapped

@@ -1,15 +1,12 @@
 """Patient-level, label-stratified, seeded train/val/test splits, and the leakage check.
 
-- A source with an official test split (OFFICIAL_TEST, e.g. Kaggle) keeps it; its official
-  train and val images are pooled and `val_fraction` of the pool's patients become val.
-  Patients the official split puts in test and outside it lose their non-test images.
-- Any other source: `test_fraction` of its patients become test, then `val_fraction` of the
-  remaining patients become val. With ``folds=(k, i)`` (cross-validation) the patients of each
-  label are cut into k folds instead and fold i is the test split: the k test splits of one seed
-  partition the source's patients, so that k runs score every image exactly once.
-- Within every source the patients of each label are ranked by a seeded hash of their id and
-  cut at the fraction: exactly stratified, identical on every machine for a given seed, and
-  stable (adding or removing patients moves few others).
+- A source with an official test split (OFFICIAL_TEST, e.g. Kaggle) keeps it; `val_fraction` of the patients of its
+  pooled official train and val become val. Patients in test and outside it lose their non-test images.
+- Any other source: `test_fraction` of its patients become test, then `val_fraction` of the rest val. With
+  ``folds=(k, i)`` (cross-validation) the patients of each label are cut into k folds and fold i is the test split
+  instead: the k test splits of one seed partition the source's patients, so k runs score every image once.
+- Within every source the patients of each label are ranked by a seeded hash of their id and cut at the fraction:
+  exactly stratified, identical on every machine for a given seed, and stable (adding patients moves few others).
 """
 from __future__ import annotations
 
@@ -31,8 +28,8 @@ class PatientLeakageError(ValueError):
 
 def split_records(records: Sequence[Record], *, val_fraction: float, test_fraction: float, seed: int,
                   folds: Optional[tuple[int, int]] = None) -> list[Record]:
-    """Every record with its split set, in the input order (less any dropped overlap images);
-    ``folds=(k, i)`` makes fold i of k the test split of sources without an official one."""
+    """Every record with its split set, in the input order (less any dropped overlap images); ``folds=(k, i)``
+    makes fold i of k the test split of sources without an official one."""
     by_source: dict[str, list[int]] = defaultdict(list)
     for i, record in enumerate(records):
         by_source[record.source].append(i)
@@ -61,20 +58,15 @@ def split_records(records: Sequence[Record], *, val_fraction: float, test_fracti
 
 def _stratified_patients(records: Sequence[Record], indices: list[int], fractions: list[float], seed: int,
                          folds: Optional[tuple[int, int]] = None) -> dict[str, int]:
-    """Patient -> part: parts 0..k-1 take fractions[j] of the patients of each label (each from
-    what the previous parts left); part k takes the rest. With ``folds=(n, i)`` fold i of n is
-    part 0 and the fractions number the parts from 1. A patient's label is its maximum."""
-    label_of: dict[str, int] = {}
-    for i in indices:
-        patient = records[i].patient_id
-        label_of[patient] = max(label_of.get(patient, 0), int(records[i].label))
-    strata: dict[int, list[str]] = defaultdict(list)
-    for patient, label in label_of.items():
-        strata[label].append(patient)
+    """Patient -> part: parts 0..k-1 take fractions[j] of the patients of each label (each from what the previous
+    parts left); part k takes the rest. With ``folds=(n, i)`` fold i of n is part 0 and the fractions number the
+    parts from 1. A patient with a positive image is positive."""
+    positive = {records[i].patient_id for i in indices if records[i].label}
+    patients = {records[i].patient_id for i in indices}
     part_of: dict[str, int] = {}
-    for patients in strata.values():
+    for stratum in (patients - positive, positive):
         # a cryptographic hash rather than hash(): identical across processes and machines
-        remaining = sorted(patients, key=lambda p: (hashlib.blake2b(f"{seed}:{p}".encode(), digest_size=8).digest(), p))
+        remaining = sorted(stratum, key=lambda p: (hashlib.blake2b(f"{seed}:{p}".encode(), digest_size=8).digest(), p))
         if folds:
             n, i = folds
             low, high = (round(j * len(remaining) / n) for j in (i, i + 1))

@@ -1,16 +1,13 @@
 """The data sources: one module each, registered in SOURCES by the name configs use.
 
-A source module exposes MARKER (a path under its root, ``data.roots.<name>``, that must exist),
-OFFICIAL_TEST (True when it ships its own test split, which the splitter then keeps; otherwise
-``data.test_fraction`` of its patients are held out), IDS_NAME_FILMS (True when its patient ids
-name films rather than people, so that a run without ``data.patient_maps`` says so),
-REPORT_VIEWS (the views evaluation also reports its images by, e.g. RSNA's AP and PA; () for
-none), EXCLUDES (source name -> why the two cannot be in ``data.sources`` together; {} for none)
-and ``index(root: Path) -> list[Record]``, which opens no image; optionally
-``complete(records, headers, sizes) -> list[Record]``, which adds what only the files tell (RSNA:
-view, age and sex from the DICOM headers, boxes clipped to the image) from what the image cache
-read in its one pass over them (``complete_records``). Adding a source is one module plus one
-line here. Importing this package loads neither torch nor OpenCV.
+A source module exposes MARKER (a path under its root, ``data.roots.<name>``, that must exist), OFFICIAL_TEST (True
+when it ships its own test split, which the splitter keeps; otherwise ``data.test_fraction`` of its patients are held
+out), IDS_NAME_FILMS (True when its patient ids name films, not people, so a run without ``data.patient_maps`` says
+so), REPORT_VIEWS (the views evaluation also reports its images by, e.g. RSNA's AP and PA), EXCLUDES (source name ->
+why the two cannot be in ``data.sources`` together) and ``index(root: Path) -> list[Record]``, which opens no image;
+optionally ``complete(records, headers, sizes) -> list[Record]``, which adds what only the files tell (RSNA: DICOM
+header fields, boxes clipped to the image) from the image cache's one read of them. Adding a source is one module
+plus one line here. Importing this package loads neither torch nor OpenCV.
 """
 from __future__ import annotations
 
@@ -24,8 +21,8 @@ SOURCES = {"kaggle": kaggle, "rsna": rsna, "nih": nih}
 
 def complete_records(records: Sequence[Record], headers: Sequence[dict[str, str]],
                      sizes: Sequence[tuple[int, int]]) -> list[Record]:
-    """An image cache's rows as their sources complete them: each source's ``complete``, where it has
-    one, gets its own rows' records, DICOM header fields (readers.HEADER_TAGS) and (height, width)."""
+    """An image cache's rows as their sources complete them: each source's ``complete``, where it has one, gets its
+    own rows' records, DICOM header fields (readers.HEADER_TAGS) and (height, width)."""
     done = list(records)
     for name, module in SOURCES.items():
         rows = [i for i, r in enumerate(records) if r.source == name]
@@ -37,9 +34,8 @@ def complete_records(records: Sequence[Record], headers: Sequence[dict[str, str]
 
 
 def report_group(record: Record) -> str:
-    """The view ``record`` is also reported under (metrics.json's ``by_view``, the tables, the
-    shortcut probe), or "" where its source reports none: views of sources that do not declare
-    them in REPORT_VIEWS never pool with another source's."""
+    """The view ``record`` is also reported under (metrics.json's ``by_view``, the tables, the shortcut probe), or
+    "" where its source declares no REPORT_VIEWS: so its views never pool with another source's."""
     return (record.view or "") if SOURCES[record.source].REPORT_VIEWS else ""
 
 

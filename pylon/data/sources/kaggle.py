@@ -1,10 +1,9 @@
 """The Kaggle "Chest X-Ray Images (Pneumonia)" set (Kermany et al.): pediatric JPEGs, no boxes.
 
-Layout: root/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg (root may be chest_xray
-itself). The label comes from the folder, the official split is kept in Record.split, and the
-patient is parsed from the file name so that a splitter keeps each child's images together:
-    person1_bacteria_1.jpeg -> kaggle-person1 (detail_class 'bacteria'), IM-0115-0001.jpeg ->
-    kaggle-IM-0115, NORMAL2-IM-1427-0001.jpeg -> kaggle-NORMAL2-IM-1427.
+Layout: root/chest_xray/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg (root may be chest_xray itself). The label comes
+from the folder, the official split is kept in Record.split, and the patient is parsed from the file name so that a
+splitter keeps each child's images together: person1_bacteria_1.jpeg -> kaggle-person1 (detail_class 'bacteria'),
+IM-0115-0001.jpeg -> kaggle-IM-0115, NORMAL2-IM-1427-0001.jpeg -> kaggle-NORMAL2-IM-1427.
 """
 from __future__ import annotations
 
@@ -53,19 +52,15 @@ def index(root: Path) -> list[Record]:
     problems: dict[str, list[str]] = defaultdict(list)
     records: list[Record] = []
     seen: set[str] = set()
-    for split in SPLITS:  # an absent split folder globs to nothing
-        for folder in sorted((base / split).glob("*")):
-            if folder.name.startswith(".") or not folder.is_dir():
-                continue
+    for split in SPLITS:  # an absent split folder globs to nothing; hidden entries (.DS_Store, ...) are skipped
+        for folder in sorted(f for f in (base / split).glob("*") if f.is_dir() and not f.name.startswith(".")):
             label = LABEL_FOLDERS.get(folder.name.upper())
             if label is None:
                 problems["unknown_folder"].append(f"{split}/{folder.name}")
                 continue
-            for entry in sorted(folder.glob("*")):
+            for entry in sorted(e for e in folder.glob("*") if not e.name.startswith(".")):
                 where = f"{split}/{folder.name}/{entry.name}"
                 stem, suffix = os.path.splitext(entry.name)
-                if entry.name.startswith("."):
-                    continue  # .DS_Store and friends
                 if entry.is_symlink() and not entry.exists():
                     problems["broken_symlink"].append(where)
                     continue
@@ -76,10 +71,9 @@ def index(root: Path) -> list[Record]:
                 if patient is None:
                     problems["unparseable_name"].append(where)
                     patient = f"kaggle-{stem}"
-                if label == 0:
-                    if detail is not None:
-                        problems["label_name_conflict"].append(where)
-                    detail = "normal"
+                if label == 0 and detail is not None:
+                    problems["label_name_conflict"].append(where)
+                detail = "normal" if label == 0 else detail
                 record_id = f"kaggle/{split}/{folder.name}/{stem}"
                 if record_id in seen:  # same stem, another extension
                     problems["duplicate_id"].append(where)

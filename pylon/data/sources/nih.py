@@ -1,11 +1,10 @@
 """NIH ChestX-ray14: adult PNGs with 14 finding labels, and boxes for a few of them.
 
-Layout: root/Data_Entry_2017.csv (Image Index, Finding Labels as 'Pneumonia|Effusion' or
-'No Finding', Patient ID, Patient Age, Patient Gender, View Position, ...),
-root/BBox_List_2017.csv (Image Index, Finding Label, then x, y, w, h in the 3rd to 6th
-columns, of which only the 3rd is named) and the PNGs in root/images*/ or
-root/images*/images/ (as the download unpacks). label = 1 when Pneumonia is among the
-findings. Every box is kept with its finding lower-cased; only pneumonia boxes are scored.
+Layout: root/Data_Entry_2017.csv (Image Index, Finding Labels as 'Pneumonia|Effusion' or 'No Finding', Patient ID,
+Patient Age, Patient Gender, View Position, ...), root/BBox_List_2017.csv (Image Index, Finding Label, then x, y, w, h
+in the 3rd to 6th columns, of which only the 3rd is named) and the PNGs in root/images*/ or root/images*/images/ (as
+the download unpacks). label = 1 when Pneumonia is among the findings. Every box is kept with its finding
+lower-cased; only pneumonia boxes are scored.
 """
 from __future__ import annotations
 

@@ -1,10 +1,9 @@
 """The RSNA Pneumonia Detection Challenge training set: adult DICOMs with pneumonia boxes.
 
-Layout: root/stage_2_train_labels.csv (patientId,x,y,width,height,Target; one row per box,
-negatives have empty coordinates), optional root/stage_2_detailed_class_info.csv
-(patientId,class) and root/stage_2_train_images/<patientId>.dcm (or .DCM). One Record per
-image with all its boxes. Indexing opens no image: ``complete`` then takes view, age and sex from
-the DICOM headers the image cache read with the pixels, and cleans the boxes with each image's size.
+Layout: root/stage_2_train_labels.csv (patientId,x,y,width,height,Target; one row per box, negatives have empty
+coordinates), optional root/stage_2_detailed_class_info.csv (patientId,class) and
+root/stage_2_train_images/<patientId>.dcm (or .DCM). One Record per image with all its boxes. Indexing opens no image:
+``complete`` takes view, age and sex from the DICOM headers the image cache read, and cleans the boxes with its size.
 """
 from __future__ import annotations
 
@@ -43,19 +42,26 @@ EFFECTS = {  # what indexing does with each kind of problem, said in its warning
 
 
 def index(root: Path) -> list[Record]:
-    """The RSNA training images under `root`, sorted by patientId, with the label file's boxes as
-    they are (``complete`` cleans them); malformed rows and images are counted per kind and
-    reported in one warning."""
+    """The RSNA training images under `root`, sorted by patientId, with the label file's boxes as they are
+    (``complete`` cleans them); malformed rows and images are counted per kind and reported in one warning."""
     root = Path(root).resolve()
-    images_dir = root / "stage_2_train_images"
+    images_dir, details = root / "stage_2_train_images", root / "stage_2_detailed_class_info.csv"
     if not (root / MARKER).is_file():
         raise DatasetLayoutError(f"RSNA label file not found: {root / MARKER}")
     if not images_dir.is_dir():
         raise DatasetLayoutError(f"RSNA image folder not found: {images_dir}")
     problems: Problems = defaultdict(list)
     targets, raw_boxes = read_labels(root / MARKER, problems)
-    detail = _read_detail_classes(root / "stage_2_detailed_class_info.csv")
-    on_disk, broken = _dicom_files(images_dir)
+    detail = {}
+    if details.is_file():
+        reader = csv.DictReader(label_file(details))
+        if not {"patientId", "class"} <= set(reader.fieldnames):
+            raise DatasetLayoutError(f"{details} lacks column(s) patientId and class")
+        detail = {row["patientId"].strip(): row["class"].strip() for row in reader}  # one row per box row
+    dicoms = [(stem, e) for e in os.scandir(images_dir) for stem, suffix in [os.path.splitext(e.name)]
+              if suffix.lower() == ".dcm"]  # <patientId>.dcm, any case of the extension
+    on_disk = {stem: Path(e.path) for stem, e in dicoms if e.is_file()}
+    broken = {stem for stem, e in dicoms if not e.is_file() and e.is_symlink()}
     problems["image_without_label"] += sorted(on_disk.keys() - targets.keys())
     records = []
     for patient in sorted(targets):
@@ -96,21 +102,6 @@ def complete(records: list[Record], headers: list[dict[str, str]], sizes: list[t
     return done
 
 
-def _dicom_files(folder: Path) -> tuple[dict[str, Path], set[str]]:
-    """patientId -> file of every <patientId>.dcm (any case of the extension), and the ids whose
-    file is a broken symbolic link."""
-    files, broken = {}, set()
-    for entry in os.scandir(folder):
-        stem, suffix = os.path.splitext(entry.name)
-        if suffix.lower() != ".dcm":
-            continue
-        if entry.is_file():
-            files[stem] = Path(entry.path)
-        elif entry.is_symlink():
-            broken.add(stem)
-    return files, broken
-
-
 def read_labels(path: Path, problems: Optional[Problems] = None
                 ) -> tuple[dict[str, set[int]], dict[str, list[tuple[float, float, float, float]]]]:
     """Targets seen per patientId, and the raw (x, y, w, h) of every row with four finite numbers."""
@@ -149,15 +140,6 @@ def read_labels(path: Path, problems: Optional[Problems] = None
             continue
         boxes.setdefault(patient, []).append(values)  # type: ignore[arg-type]
     return targets, boxes
-
-
-def _read_detail_classes(path: Path) -> dict[str, str]:
-    if not path.is_file():
-        return {}
-    reader = csv.DictReader(label_file(path))
-    if not {"patientId", "class"} <= set(reader.fieldnames):
-        raise DatasetLayoutError(f"{path} lacks column(s) patientId and class")
-    return {row["patientId"].strip(): row["class"].strip() for row in reader}  # one row per box row
 
 
 def _clean_boxes(patient: str, label: int, raw: Sequence, size: tuple[int, int], problems: Problems) -> tuple[Box, ...]:
