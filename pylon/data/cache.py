@@ -1,14 +1,12 @@
 """Decode every radiograph once into a memory-mapped cache of square uint8 arrays, so epochs only augment.
 
-``<cache_dir>/<key>/`` holds ``images.npy`` (N, S, S), ``index.csv`` (each row's id, path, geometry and, from the
-same read, its DICOM header's readers.HEADER_TAGS), ``report.csv`` (unreadable files and why) and ``meta.json``. The
-key hashes the settings and every record's id, path, size and mtime: same inputs reuse the cache without opening a
-file. A build writes into a hidden folder of its own (``.building-<key>-*``) renamed into place when complete, so a
-cache is only ever read whole; the folder of a killed build is never read (delete it to get the space back).
-
-Resize: ``"stretch"`` (default, as the reference implementation) scales each axis to S; ``"letterbox"`` keeps the
-aspect ratio and pads with black (its bars would mark the non-square Kaggle images only, a label-correlated
-shortcut). INTER_AREA when shrinking (cubic aliases ribs and noise at 4x), INTER_CUBIC when growing.
+``<cache_dir>/<key>/`` holds ``images.npy`` (N, S, S), ``index.csv`` (each row's id, path, geometry and DICOM
+readers.HEADER_TAGS), ``report.csv`` (unreadable files and why) and ``meta.json``; the key hashes the settings and
+every record's id, path, size and mtime, so same inputs reuse the cache without opening a file. A build writes into
+a hidden folder of its own (``.building-<key>-*``) renamed into place when complete, so a cache is only ever read
+whole; a killed build's folder is never read (delete it to get the space back). Resize "stretch" (the reference's)
+scales each axis, "letterbox" pads with black (bars that would mark the non-square Kaggle images only, a
+label-correlated shortcut); INTER_AREA when shrinking (cubic aliases ribs and noise at 4x), INTER_CUBIC when growing.
 """
 from __future__ import annotations
 
@@ -80,9 +78,8 @@ def resize_image(image: np.ndarray, image_size: int, mode: str = "stretch") -> t
 
 
 class ImageCache:
-    """A built cache: ``records[i]`` describes ``image(i)``, ``geometry[i]`` maps between its original and cache
-    frames; ``unreadable`` holds report.csv's rows (id, path, reason). Picklable for DataLoader workers: each
-    process reopens the memory map, pixels are not copied."""
+    """``records[i]`` describes ``image(i)``, ``geometry[i]`` maps between its original and cache frames;
+    ``unreadable`` holds report.csv's rows. Pickling (DataLoader workers) reopens the memory map, copies no pixels."""
 
     def __init__(self, path: Path, records: list[Record], geometry: list[Geometry], image_size: int,
                  unreadable: list[dict[str, str]]):
@@ -121,8 +118,8 @@ class ImageCache:
 def build_cache(records: Sequence[Record], cache_dir: Path, *, image_size: int, resize: str = "stretch",
                 workers: int = 2, progress: bool = True, complete: Callable = lambda rows, *_: rows) -> ImageCache:
     """The cache of `records` at `image_size`, built only if it does not exist yet. Unreadable files are skipped and
-    listed in report.csv; its rows: the rest, as ``complete(rows, headers, sizes)`` returns them (given each one's
-    readers.HEADER_TAGS as a dict and its original (height, width))."""
+    listed in report.csv; its rows are the rest, as ``complete(rows, headers, sizes)`` returns them (given each
+    one's readers.HEADER_TAGS as a dict and original (height, width))."""
     assert records and len({r.id for r in records}) == len(records), "records must be non-empty, ids unique"
     cache_dir = Path(cache_dir)
     key, fingerprint = cache_key(records, image_size=image_size, resize=resize)

@@ -30,11 +30,9 @@ def split_records(records: Sequence[Record], *, val_fraction: float, test_fracti
                   folds: Optional[tuple[int, int]] = None) -> list[Record]:
     """Every record with its split set, in the input order (less any dropped overlap images); ``folds=(k, i)``
     makes fold i of k the test split of sources without an official one."""
-    by_source: dict[str, list[int]] = defaultdict(list)
-    for i, record in enumerate(records):
-        by_source[record.source].append(i)
     assigned: dict[int, str] = {}
-    for source, indices in sorted(by_source.items()):
+    for source in sorted({r.source for r in records}):
+        indices = [i for i, r in enumerate(records) if r.source == source]
         if not SOURCES[source].OFFICIAL_TEST:
             fractions = [val_fraction] if folds else [test_fraction, val_fraction]
             part = _stratified_patients(records, indices, fractions, seed, folds)

@@ -1,13 +1,6 @@
-"""The data sources: one module each, registered in SOURCES by the name configs use.
-
-A source module exposes MARKER (a path under its root, ``data.roots.<name>``, that must exist), OFFICIAL_TEST (True
-when it ships its own test split, which the splitter keeps; otherwise ``data.test_fraction`` of its patients are held
-out), IDS_NAME_FILMS (True when its patient ids name films, not people, so a run without ``data.patient_maps`` says
-so), REPORT_VIEWS (the views evaluation also reports its images by, e.g. RSNA's AP and PA), EXCLUDES (source name ->
-why the two cannot be in ``data.sources`` together) and ``index(root: Path) -> list[Record]``, which opens no image;
-optionally ``complete(records, headers, sizes) -> list[Record]``, which adds what only the files tell (RSNA: DICOM
-header fields, boxes clipped to the image) from the image cache's one read of them. Adding a source is one module
-plus one line here. Importing this package loads neither torch nor OpenCV.
+"""The data sources: one module each, registered in SOURCES by the name configs use. What a source module
+declares (MARKER, OFFICIAL_TEST, IDS_NAME_FILMS, REPORT_VIEWS, EXCLUDES, ``index`` and optionally ``complete``) is
+the "A data source" recipe of docs/ARCHITECTURE.md. Importing this package loads neither torch nor OpenCV.
 """
 from __future__ import annotations
 
