@@ -1,12 +1,11 @@
 """Embedding maps and the shortcut probe (``evaluate.py --embeddings``).
 
-Each image's embedding is the global average of the encoder's deepest feature map. The maps
-project the evaluated split's embeddings to 2-D (t-SNE, UMAP), coloured by label, source and
-view. The probe, a logistic regression cross-validated with folds grouped by patient, predicts
-the view (within each source that reports views: RSNA's AP vs PA) and the source from them,
-beside the model's pneumonia AUROC within each view and source and what the view or source
-alone would score (its positive rate in the training split). A probe near 1 with a pneumonia
-AUROC that falls within each view says the merged figure leans on the hospital.
+An image's embedding is the global average of the encoder's deepest feature map. The maps project
+the split's embeddings to 2-D (t-SNE, UMAP) by label, source and view. The probe, a logistic regression
+with folds grouped by patient, predicts the view (within each source that reports views) and the source,
+beside the model's pneumonia AUROC within each group and what the group alone (its training positive
+rate) scores. A probe near 1 with an AUROC that falls within each view says the merged figure leans on
+the hospital.
 """
 from __future__ import annotations
 
@@ -38,8 +37,7 @@ NO_VIEW = "no view"  # Kaggle films carry none
 
 
 def project(features: np.ndarray, seed: int) -> dict[str, np.ndarray]:
-    """2-D t-SNE and UMAP of the standardised embeddings, each after PCA to at most 50
-    dimensions (the usual denoising step before either)."""
+    """2-D t-SNE and UMAP of the standardised embeddings after PCA to <= 50 dimensions (the usual denoising)."""
     import umap  # numba compiles on import: only when maps are asked for
 
     n = len(features)
@@ -56,8 +54,7 @@ def project(features: np.ndarray, seed: int) -> dict[str, np.ndarray]:
 
 
 def _auroc_entry(block: Mapping[str, Any]) -> dict[str, Any]:
-    """An AUROC entry (n, n_positive, auroc, its 95% interval) from a ``group_block`` of the
-    classification report: the model's own, or one made here for a probe or a shortcut."""
+    """An AUROC entry (n, n_positive, auroc, its 95% interval) from a ``group_block``."""
     entry = {"n": block["n"], "n_positive": block["n_pos"], "auroc": block["auroc"]}
     if not math.isfinite(entry["auroc"]):
         entry["auroc"], entry["note"] = None, "one class only"
@@ -86,17 +83,16 @@ def probe(features: np.ndarray, target: np.ndarray, patients: np.ndarray, n_boot
     return {**_auroc(target, scores, n_boot, seed), "folds": folds}
 
 
-def _train_rate(records: list, key: str) -> pd.Series:
-    """Each group's positive rate in the training ``records``: the prediction of a shortcut that
-    knows only the group."""
-    return pd.Series([r.label for r in records]).groupby([getattr(r, key) for r in records]).mean()
+def _alone(train: list, key: str, y: np.ndarray, groups: pd.Series, n_boot: int, seed: int) -> dict[str, Any]:
+    """AUROC of a shortcut that knows only each image's group: the group's positive rate in ``train``."""
+    rate = pd.Series([r.label for r in train]).groupby([getattr(r, key) for r in train]).mean()
+    return _auroc(y, groups.map(rate).fillna(0.5).to_numpy(), n_boot, seed)
 
 
 def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: Mapping[str, Any],
                     data: PreparedData, n_boot: int, seed: int) -> dict:
-    """The ``embeddings.shortcut_probe`` section: what the features predict besides pneumonia,
-    the model's pneumonia AUROC per group (from ``classification``, the report of the same
-    split), and what view or source alone would score."""
+    """``embeddings.shortcut_probe``: what the features predict besides pneumonia, the model's pneumonia
+    AUROC per group (from the same split's ``classification``), and what view or source alone scores."""
     y, patients = frame["label"].to_numpy(), frame["patient_id"].to_numpy()
 
     def ask(keep: np.ndarray, target: np.ndarray) -> dict[str, Any]:
@@ -121,12 +117,11 @@ def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: M
     if len(data.rows.get("train", [])):
         train = data.records("train")
         if len(sources) > 1:
-            rate = _train_rate(train, "source")
-            alone["source_only"] = _auroc(y, source.map(rate).fillna(0.5).to_numpy(), n_boot, seed)
+            alone["source_only"] = _alone(train, "source", y, source, n_boot, seed)
         for s, keep in viewed.items():
             if keep.any():
-                rate = _train_rate([r for r in train if r.source == s], "view")
-                alone[f"view_only_in_{s}"] = _auroc(y[keep], view[keep].map(rate).fillna(0.5).to_numpy(), n_boot, seed)
+                alone[f"view_only_in_{s}"] = _alone([r for r in train if r.source == s], "view", y[keep], view[keep],
+                                                    n_boot, seed)
     classifier = f"standardised features, L2 logistic regression, up to {PROBE_FOLDS}-fold CV grouped by patient"
     return {"features_predict": probes, "model_pneumonia_auroc": {name: _auroc_entry(blocks[name]) for name in groups},
             "shortcut_alone_pneumonia_auroc": alone, "classifier": classifier}
@@ -134,8 +129,7 @@ def shortcut_report(features: np.ndarray, frame: pd.DataFrame, classification: M
 
 def embedding_maps(data: PreparedData, evaluated: SplitPredictions, classification: Mapping[str, Any], out: Path,
                    n_boot: int, seed: int) -> tuple[dict, list[Path], str]:
-    """What ``--embeddings`` adds for the evaluated split, given its predictions and classification
-    report: (metrics.json section, figures, printed table), and embeddings.csv."""
+    """What ``--embeddings`` adds: (metrics.json section, figures, printed table), and embeddings.csv."""
     features, frame, split = evaluated.embeddings, evaluated.frame(data), evaluated.split
     points = project(features, seed)
     colourings = {"label": frame["label"].map({0: "negative", 1: "pneumonia"}), "source": frame["source"],

@@ -1,9 +1,7 @@
-"""Evaluate a trained run (``evaluate.py``): classification and, optionally, localization.
+"""Evaluate a trained run (``evaluate.py``) into ``<run>/eval/``: metrics.json, CSVs and figures.
 
-The run's data is built as in training (same split, checked against its splits.csv, and cache)
-and normalised as its model expects (the mean and std stored in best.pt), the best checkpoint
-loaded, and ``<run>/eval/`` written: ``metrics.json``, ``predictions.csv``, ``localization.csv``
-and figures. ``eval.split=all`` scores another data set with what the run stored at training time
+The data is rebuilt as in training (same split, checked against splits.csv) and normalised with the
+mean and std stored in best.pt; ``eval.split=all`` scores another data set with what the run stored
 (normalisation, threshold, prior). The README's evaluation protocol says what each number is.
 """
 from __future__ import annotations
@@ -35,27 +33,18 @@ from pylon.tracking import Tracker
 N_FAILURES = 16  # images per failure gallery
 
 
-# --------------------------------------------------------------------------- classification
-
-
-def classification_report(evaluated: SplitPredictions, youden: Optional[float],
-                          n_boot: int, seed: int) -> dict:
-    """The ``classification`` section of metrics.json: ``metrics.classification_section`` with the
-    split, its loss and where the Youden threshold was chosen."""
+def classification_report(evaluated: SplitPredictions, youden: Optional[float], n_boot: int, seed: int) -> dict:
+    """metrics.json's ``classification``: ``classification_section``, the split, its loss, where Youden was chosen."""
     groups = {"source": evaluated.sources, "view": evaluated.views}
     report = {"split": evaluated.split, "loss": evaluated.loss, **classification_section(
         evaluated.labels, evaluated.probs, evaluated.patients, groups, youden, n_boot, seed)}
+    entry = {"threshold": youden, "chosen_on": "val", **report.get("threshold_youden", {})}
     if youden is None:
-        report["threshold_youden"] = {"threshold": None, "chosen_on": "val",
-                                      "note": "no Youden threshold: the val split had one class"}
-    else:
-        report["threshold_youden"] = {"threshold": youden, "chosen_on": "val", **report["threshold_youden"]}
-        if evaluated.split == "val":
-            report["threshold_youden"]["note"] = "chosen and evaluated on the same (val) split: optimistic"
+        entry["note"] = "no Youden threshold: the val split had one class"
+    elif evaluated.split == "val":
+        entry["note"] = "chosen and evaluated on the same (val) split: optimistic"
+    report["threshold_youden"] = entry
     return report
-
-
-# --------------------------------------------------------------------------- localization
 
 
 @dataclass
@@ -120,8 +109,7 @@ def localization_block(values: Mapping[str, list], keep: np.ndarray, patients: n
 
 def localization_report(values: Mapping[str, Mapping[str, list]], views: Sequence[Optional[str]],
                         patients: Sequence[str], n_boot: int, seed: int) -> dict:
-    """The ``localization`` section of metrics.json, keyed by method: ``values`` holds each
-    method's per-image metric values, in the order of ``views`` and ``patients``."""
+    """metrics.json's ``localization`` by method, from each method's per-image values (ordered as ``views``)."""
     views, patients = np.array([v or "" for v in views]), np.asarray(patients)
     everyone = np.ones(len(views), dtype=bool)
     report = {}
@@ -152,12 +140,19 @@ def localization_frame(outcome: Localization, data: PreparedData) -> pd.DataFram
     return pd.DataFrame(rows)
 
 
-# --------------------------------------------------------------------------- figures
-
-
 def _heatmaps(trained: TrainedRun, data: PreparedData, images: Sequence[np.ndarray], method: str) -> np.ndarray:
     return image_heatmaps(trained.model, images, data.mean, data.std, method, trained.prior, trained.cfg.eval.batch_size,
                           trained.precision)
+
+
+def _gallery(trained: TrainedRun, data: PreparedData, rows: Sequence[int], method: str, captions: Sequence[str],
+             points: Optional[Sequence] = None) -> list[plots.GalleryImage]:
+    """Gallery entries of cache ``rows`` with their ``method`` heatmap, crossed at ``points`` (default: the peaks)."""
+    images = [data.cache.image(r) for r in rows]
+    maps = _heatmaps(trained, data, images, method)
+    points = argmax_points(maps, (data.cache.image_size,) * 2) if points is None else points
+    return [plots.GalleryImage(image, m, data.cache.boxes_in_cache_frame(r).tolist(), point, caption)
+            for image, m, r, point, caption in zip(images, maps, rows, points, captions)]
 
 
 def _caption(data: PreparedData, row: int, prob: float) -> str:
@@ -170,12 +165,9 @@ def misclassified_gallery(trained: TrainedRun, data: PreparedData, evaluated: Sp
     """The most confident errors at ``threshold``, with the model's own heatmap."""
     wrong = np.flatnonzero((evaluated.probs >= threshold) != evaluated.labels.astype(bool))
     chosen = wrong[np.argsort(-np.abs(evaluated.probs[wrong] - threshold), kind="stable")][:N_FAILURES]
-    rows = [int(r) for r in evaluated.rows[chosen]]
-    images = [data.cache.image(r) for r in rows]
-    maps = _heatmaps(trained, data, images, methods_for(trained.model)[0])
-    shown = [plots.GalleryImage(image, m, data.cache.boxes_in_cache_frame(r).tolist(),
-                                argmax_points(m[None], (data.cache.image_size,) * 2)[0], _caption(data, r, evaluated.probs[i]))
-             for image, m, r, i in zip(images, maps, rows, chosen)]
+    rows = evaluated.rows[chosen].tolist()
+    shown = _gallery(trained, data, rows, methods_for(trained.model)[0],
+                     [_caption(data, r, p) for r, p in zip(rows, evaluated.probs[chosen])])
     return plots.plot_failure_gallery(
         shown, out, n_failures=len(wrong), n_images=len(evaluated.probs),
         title=f"Misclassified at threshold {threshold:.3f} ({evaluated.split}, most confident first)")
@@ -202,17 +194,12 @@ def localization_figures(trained: TrainedRun, data: PreparedData, outcome: Local
             f"Heatmaps on boxed images (green: boxes, cross: argmax; {', '.join(methods)})")))
     misses = np.flatnonzero(~hit[primary])
     chosen = misses[:N_FAILURES].tolist()
-    rows = outcome.rows[chosen].tolist()
-    images = [cache.image(r) for r in rows]
-    shown = [plots.GalleryImage(image, m, cache.boxes_in_cache_frame(r).tolist(), outcome.points[primary][i], caption(i))
-             for image, m, r, i in zip(images, _heatmaps(trained, data, images, primary), rows, chosen)]
+    shown = _gallery(trained, data, outcome.rows[chosen].tolist(), primary, [caption(i) for i in chosen],
+                     [outcome.points[primary][i] for i in chosen])
     figures.append(plots.plot_failure_gallery(
         shown, out / "failures_localization.png", n_failures=len(misses), n_images=len(outcome.rows),
         title=f"Missed localizations ({primary}, point_acc)"))
     return figures
-
-
-# --------------------------------------------------------------------------- evaluate.py
 
 
 @dataclass
@@ -232,7 +219,8 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
         raise ConfigError(f"{run.root} is a cross-validation: its fold models together have seen every image of its "
                           "data, and have no one encoder to map; score the ensemble on other data (eval.split=all, "
                           "--out DIR), or evaluate one fold's run")
-    if out is None and _scores_other_data(trained):
+    roots = lambda data: {s: os.path.abspath(str(data.roots.get(s))) for s in data.sources}  # noqa: E731
+    if out is None and (split == ALL or roots(cfg.data) != roots(trained.trained_data)):  # not the run's own images
         raise ConfigError(f"eval.split={split} with these data.sources and roots is not the run's own test data: give "
                           f"--out DIR for its results, so that {run.eval_dir} stays the run's own evaluation")
     if out is not None and Path(out).is_dir() and any(Path(out).iterdir()) and not Path(out, "metrics.json").is_file():
@@ -261,17 +249,9 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     return EvaluationResult(metrics, outputs, text)
 
 
-def _scores_other_data(trained: TrainedRun) -> bool:
-    """Whether this evaluation scores other images than the run's own split: eval.split=all, or
-    data.sources or a source's root changed by --set."""
-    roots = lambda data: {s: os.path.abspath(str(data.roots.get(s))) for s in data.sources}  # noqa: E731
-    return trained.cfg.eval.split == ALL or roots(trained.cfg.data) != roots(trained.trained_data)
-
-
 def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunPaths, methods: Sequence[str],
                    embeddings: bool) -> tuple[dict, list[Path], list[Path], pd.DataFrame, str]:
-    """Predict, score and write ``out``: metrics.json's content, the files and figures written,
-    the per-image table and the printed tables."""
+    """Predict, score and write ``out``; returns (metrics, files, figures, per-image table, printed text)."""
     cfg = trained.cfg
     split, n_boot, seed = cfg.eval.split, int(cfg.eval.bootstrap), int(cfg.train.seed)
     val = None if split == ALL else predict_split(trained, data, "val", embeddings and split == "val")
@@ -313,8 +293,7 @@ def _evaluate_into(out: Path, trained: TrainedRun, data: PreparedData, run: RunP
 def _localization_into(out: Path, trained: TrainedRun, data: PreparedData, evaluated: SplitPredictions,
                        methods: Sequence[str], metrics: dict, per_image: pd.DataFrame
                        ) -> tuple[list[Path], list[Path], list[str]]:
-    """Score ``methods`` on the boxed images into ``metrics`` and ``per_image``; the figures, files
-    (localization.csv) and printed text it adds."""
+    """Score ``methods`` into ``metrics`` and ``per_image``; returns the figures, files and text it adds."""
     split, n_boot, seed = trained.cfg.eval.split, int(trained.cfg.eval.bootstrap), int(trained.cfg.train.seed)
     outcome = localize(trained, data, split, methods)
     if outcome.rows.size == 0:

@@ -1,21 +1,14 @@
-"""Every heatmap the project scores: ``heatmaps(model, images, method)`` -> (N, h, w) on the
-CPU, values in [0, 1], one map per image for class 0, at the method's own resolution.
+"""Every heatmap the project scores: ``heatmaps(model, images, method)`` -> (N, h, w) CPU maps in
+[0, 1] of class 0, at the method's own resolution, computed in eval mode:
 
-* ``pylon``: sigmoid (in float64) of PYLON's per-pixel logits; 1/4 size.
-* ``cam``: the baseline's class activation map, min-max normalised per image (a constant map
-  gives zeros); 1/32 size. Not a sigmoid: CAM values are uncalibrated logits, and an affine
-  rescale keeps the argmax of the upsampled map, on Grad-CAM's scale.
-* ``gradcam`` / ``gradcam++``: pytorch-grad-cam on the baseline's ``target_layer``, for the raw
-  class logit, whose gradient does not depend on its sign: images called negative still get the
-  evidence *for* the class. The library ReLUs, min-max normalises and resizes to the input.
-* ``center``: a cone peaking at the image centre (the "no model" baseline); input size.
-* ``prior``: the training split's mean box mask (``box_prior``), the same for every image.
+* ``pylon``: sigmoid of PYLON's logits, 1/4 size, at the caller's precision (its head stays fp32).
+* ``cam``: the baseline's class map, min-max scaled (not a sigmoid: CAM values are uncalibrated
+  logits, and an affine rescale keeps the upsampled argmax), 1/32 size, in fp32.
+* ``gradcam`` / ``gradcam++``: pytorch-grad-cam on ``target_layer`` for the raw logit, whose gradient
+  ignores its sign: images called negative still get the evidence *for* the class; input size.
+* ``center``: a cone peaking at the image centre; ``prior``: the training split's mean box mask.
 
-An ``Ensemble`` (the fold models of a cross-validation) gets its members' methods, and each of
-its maps is the mean of its members' maps.
-
-PYLON's forward pass runs at the caller's precision (``pylon.device``; its head stays fp32), the
-CAM-style maps always in fp32, all in eval mode. Gradient methods work under ``torch.no_grad``/
+An ``Ensemble``'s maps are its members' mean. Gradient methods work under ``torch.no_grad``/
 ``inference_mode`` and leave every ``.grad`` None: do not call them between a training step's
 backward and its step.
 """
@@ -57,22 +50,10 @@ def resolve_methods(model: nn.Module, requested: Sequence[str], has_prior: bool 
     return list(dict.fromkeys([*requested, *[m for m in ("prior", "center") if m in supported]])) if requested else supported
 
 
-def center_map(n: int, height: int, width: int) -> torch.Tensor:
-    """(n, H, W) maps falling linearly from 1 at the image centre to 0 at the corners; the
-    first maximum is the pixel whose centre is nearest the image centre."""
-    ys, xs = (torch.arange(size, dtype=torch.float32) + 0.5 - size / 2.0 for size in (height, width))
-    dist = torch.hypot(ys[:, None], xs[None, :])
-    cone = 1.0 - dist / dist.max().clamp_min(1e-12)
-    return cone.expand(n, height, width).clone()
-
-
 def box_prior(boxes: Sequence[Sequence[Sequence[float]]], image_size: int) -> Optional[torch.Tensor]:
-    """(S, S) float32 mean box mask of the images that have boxes (None if none has); ``boxes``:
-    one list of ``(x, y, w, h)`` per image, in the ``image_size`` input frame."""
+    """(S, S) float32 mean box mask of the images with boxes (None if none has), in the input frame."""
     masks = [box_mask(b, (image_size, image_size)) for b in boxes if len(b)]
-    if not masks:
-        return None
-    return torch.from_numpy(np.mean(masks, axis=0, dtype=np.float64).astype(np.float32))
+    return torch.from_numpy(np.mean(masks, axis=0, dtype=np.float64).astype(np.float32)) if masks else None
 
 
 def _minmax(maps: torch.Tensor) -> torch.Tensor:
@@ -101,8 +82,7 @@ def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, method: str) -> to
         # Inference tensors cannot enter a graph; a plain copy can.
         x = x.clone() if x.is_inference() else x.detach()
         cam = cam_class(model=_Logits(model), target_layers=[model.target_layer])
-        # Differentiate w.r.t. the input too, so that the target layer's output is in the
-        # graph even when the encoder is frozen.
+        # Differentiate w.r.t. the input too: the target layer's output is then in the graph with a frozen encoder.
         cam.compute_input_gradient = True
         try:
             maps = cam(input_tensor=x, targets=[ClassifierOutputTarget(0)] * x.shape[0])
@@ -115,14 +95,15 @@ def _gradient_cam(model: BaselineClassifier, x: torch.Tensor, method: str) -> to
 
 def heatmaps(model: nn.Module, images: torch.Tensor, method: str, prior: Optional[torch.Tensor] = None,
              precision: Optional[Precision] = None) -> torch.Tensor:
-    """(N, h, w) CPU heatmaps of ``images`` (N, n_in, H, W), normalised as for the model, by
-    ``method``, one of ``methods_for(model)``; ``prior``: the run's ``box_prior``, needed by the
-    "prior" method only; ``precision``: PYLON's forward pass's (default fp32)."""
+    """(N, h, w) CPU heatmaps of normalised ``images`` (N, n_in, H, W) by one of ``methods_for(model)``;
+    ``prior``: the run's ``box_prior`` ("prior" only); ``precision``: PYLON's forward pass's (default fp32)."""
     model = unwrap(model)
     assert method in methods_for(model), (method, type(model).__name__)
     n, _, height, width = images.shape
-    if method == "center":
-        return center_map(n, height, width)
+    if method == "center":  # a cone from 1 at the centre to 0 at the corners, peaking at the pixel nearest the centre
+        ys, xs = (torch.arange(size, dtype=torch.float32) + 0.5 - size / 2.0 for size in (height, width))
+        dist = torch.hypot(ys[:, None], xs[None, :])
+        return (1.0 - dist / dist.max().clamp_min(1e-12)).expand(n, height, width).clone()
     if method == "prior":
         if prior is None:
             raise ValueError("the 'prior' method needs the run's box prior (its training split had no boxes)")

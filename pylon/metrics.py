@@ -1,19 +1,14 @@
 """Classification and localization metrics, shared by training, evaluation and plots.
 
-Classification is binary: label 1 = pneumonia, ``probs`` = P(label 1), a probability
-``>= threshold`` is a positive call. Values undefined on the given data (AUROC with one
-class, sensitivity without positives, ...) are ``nan`` and explained under ``"note"``.
+Classification is binary (label 1 = pneumonia, ``probs`` = P(label 1), ``>= threshold`` calls positive);
+values undefined on the data (AUROC with one class, ...) are ``nan``, explained under ``"note"``.
 
-Localization conventions (the README's evaluation protocol):
-
-* Pixel (row ``r``, column ``c``) stands for its centre ``(x, y) = (c + 0.5, r + 0.5)``; a box
-  ``(x, y, w, h)`` is the closed rectangle ``[x, x + w] x [y, y + h]``. So an integer box holds
-  the pixels ``mask[y:y + h, x:x + w]``, and scaling points and boxes by one factor maps one
-  frame onto another (a 256 px input onto the 1024 px RSNA original).
-* Heatmaps are upsampled bilinearly (``align_corners=False``) to the image size; a map's
-  point is its first maximum in row-major order; a constant map (no evidence anywhere, e.g. an
-  all-zero Grad-CAM) has none, ``(nan, nan)``, which hits no box and no side. Images without
-  boxes score ``nan``.
+Localization (the README's evaluation protocol): pixel (row ``r``, column ``c``) stands for its centre
+``(c + 0.5, r + 0.5)`` and a box ``(x, y, w, h)`` is the closed rectangle ``[x, x + w] x [y, y + h]``, so an
+integer box holds ``mask[y:y + h, x:x + w]`` and one scale factor maps points and boxes between frames (a
+256 px input onto the 1024 px RSNA original). Heatmaps are upsampled bilinearly (``align_corners=False``);
+a map's point is its first maximum in row-major order, ``(nan, nan)`` for a constant map (no evidence,
+e.g. an all-zero Grad-CAM), which hits no box and no side. Images without boxes score ``nan``.
 """
 from __future__ import annotations
 
@@ -61,14 +56,10 @@ def jsonable(obj: Any) -> Any:
 
 
 def _ratios(tp: Any, fp: Any, tn: Any, fn: Any) -> dict:
-    """The threshold metrics from confusion counts (ints, or arrays with one entry per
-    bootstrap resample); ``nan`` where the denominator is 0."""
-
-    def ratio(num, den):
-        return np.where(den > 0, num / np.maximum(den, 1), np.nan)
-
-    return {"accuracy": ratio(tp + tn, tp + fp + tn + fn), "sensitivity": ratio(tp, tp + fn),
-            "specificity": ratio(tn, tn + fp), "precision": ratio(tp, tp + fp), "f1": ratio(2 * tp, 2 * tp + fp + fn)}
+    """Threshold metrics from confusion counts (ints, or one per bootstrap resample); nan for a 0 denominator."""
+    fractions = {"accuracy": (tp + tn, tp + fp + tn + fn), "sensitivity": (tp, tp + fn), "specificity": (tn, tn + fp),
+                 "precision": (tp, tp + fp), "f1": (2 * tp, 2 * tp + fp + fn)}
+    return {k: np.where(den > 0, num / np.maximum(den, 1), np.nan) for k, (num, den) in fractions.items()}
 
 
 def classification_metrics(labels: Any, probs: Any, threshold: float = 0.5) -> dict:
@@ -110,15 +101,12 @@ def classification_rows(labels: np.ndarray, probs: np.ndarray, threshold: float 
 
 def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_boot: int = 1000,
                  seed: int = 0, groups: Optional[Any] = None) -> dict[str, list[float]]:
-    """Percentile bootstrap 95% intervals ``{name: [low, high]}`` for every value ``statistic`` returns.
+    """Percentile bootstrap 95% intervals ``{name: [low, high]}`` of each value ``statistic`` returns.
 
-    The ``arrays`` (equal length n) are resampled together; ``statistic`` receives them as
-    (resamples, n) arrays, one resample per row, and returns ``{name: one value per row}``
-    (``classification_rows``, or e.g. ``lambda hits: {"point_acc": hits.mean(-1)}``): one
-    call per block of resamples instead of one per resample keeps 1,000 resamples fast.
-    Resamples whose value is nan are dropped per name; ``[nan, nan]`` when none is left.
-    With ``groups`` (e.g. the patient of each image) whole groups are resampled: see
-    ``_group_resamples``.
+    The equal-length ``arrays`` are resampled together and passed as (resamples, n) arrays, one resample
+    per row (one call per block of rows keeps 1,000 resamples fast); ``statistic`` returns ``{name: one
+    value per row}``, e.g. ``lambda hits: {"point_acc": hits.mean(-1)}``. nan values are dropped per name
+    (``[nan, nan]`` if none is left). With ``groups`` (e.g. each image's patient) whole groups are resampled.
     """
     data = [_numpy(a) for a in arrays]
     n = len(data[0])
@@ -140,9 +128,8 @@ def bootstrap_ci(statistic: Callable[..., Mapping[str, Any]], *arrays: Any, n_bo
 
 
 def _group_resamples(rng: np.random.Generator, groups: Any, size: tuple[int, int]) -> np.ndarray:
-    """(resamples, n) item indices of a cluster bootstrap: groups drawn with replacement, each
-    bringing all its items, until n items (the last group cut short): a person's films move
-    together, so that intervals allow for their correlation."""
+    """(resamples, n) item indices of a cluster bootstrap: groups drawn with replacement, with all their items, until
+    n items (the last group cut short): a person's films move together, so intervals allow for their correlation."""
     _, inverse, sizes = np.unique(np.asarray(groups, dtype=str), return_inverse=True, return_counts=True)
     order, starts = np.argsort(inverse, kind="stable"), np.cumsum(sizes) - sizes  # items by group; where each starts
     rows, n = size
@@ -155,8 +142,7 @@ def _group_resamples(rng: np.random.Generator, groups: Any, size: tuple[int, int
 
 
 def by_group(fn: Callable[..., Any], groups: Sequence[Hashable], *arrays: Any) -> dict:
-    """``{group: fn(*arrays of that group's samples)}`` per distinct group value, sorted;
-    samples whose group is ``None`` or ``""`` (e.g. no view recorded) are left out."""
+    """``{group: fn(*arrays of its samples)}`` per distinct group, sorted; ``None`` and ``""`` (no view) left out."""
     g = np.asarray(list(groups), dtype=object)
     data = [_numpy(a) for a in arrays]
     keys = sorted({v for v in g.tolist() if v is not None and v != ""})
@@ -164,8 +150,7 @@ def by_group(fn: Callable[..., Any], groups: Sequence[Hashable], *arrays: Any) -
 
 
 def youden_threshold(labels: Any, probs: Any) -> float:
-    """The threshold maximising Youden's J = sensitivity + specificity - 1; ties go to the
-    highest such threshold (the most specific operating point)."""
+    """The threshold maximising Youden's J = sensitivity + specificity - 1; ties go to the highest (most specific)."""
     y, p = binary_inputs(labels, probs)
     assert y.any() and not y.all(), "youden_threshold needs both classes present in labels"
     fpr, tpr, thresholds = roc_curve(y, p)
@@ -198,15 +183,13 @@ def expected_calibration_error(labels: Any, probs: Any, n_bins: int = 10) -> flo
     """ECE = sum over bins of (bin share of samples) * |fraction positive - mean probability|."""
     bins = calibration_bins(labels, probs, n_bins)
     filled = bins.count > 0
-    weights = bins.count[filled] / bins.count.sum()
-    return float(np.sum(weights * np.abs(bins.frac_pos[filled] - bins.mean_prob[filled])))
+    return float(np.sum(bins.count[filled] / bins.count.sum() * np.abs(bins.frac_pos[filled] - bins.mean_prob[filled])))
 
 
 def group_block(labels: np.ndarray, probs: np.ndarray, patients: Optional[np.ndarray], youden: Optional[float],
                 n_boot: int, seed: int) -> dict:
-    """One group's metrics at 0.5 and at the val-chosen Youden threshold (without AUROC, which no
-    threshold changes), with ECE; percentile-bootstrap 95% intervals, the same resamples for all,
-    that resample ``patients`` whole when given."""
+    """One group's metrics at 0.5 and at the val-chosen Youden threshold (without AUROC, which no threshold changes),
+    with ECE; bootstrap 95% intervals, the same resamples for all, resampling ``patients`` whole when given."""
 
     def at(threshold: float, auroc: bool) -> dict:
         result = classification_metrics(labels, probs, threshold)
@@ -225,9 +208,8 @@ def group_block(labels: np.ndarray, probs: np.ndarray, patients: Optional[np.nda
 
 def classification_section(labels: np.ndarray, probs: np.ndarray, patients: np.ndarray, groups: Mapping[str, Any],
                            youden: Optional[float], n_boot: int, seed: int) -> dict:
-    """The classification numbers of a metrics.json: ``group_block`` of all images with the
-    bootstrap's settings, then ``by_<name>``: a block per value of each of ``groups``
-    (``{"source": each image's source}`` gives ``by_source``)."""
+    """metrics.json's classification numbers: ``group_block`` of all images, the bootstrap's settings, then
+    ``by_<name>``: a block per value of each of ``groups`` (``{"source": each image's source}``: ``by_source``)."""
     block = partial(group_block, youden=youden, n_boot=n_boot, seed=seed)
     return {**block(labels, probs, patients), "bootstrap_resamples": n_boot, "bootstrap_unit": "patient",
             **{f"by_{name}": by_group(block, values, labels, probs, patients) for name, values in groups.items()}}
@@ -251,9 +233,8 @@ def upsample(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def argmax_points(heatmaps: Any, image_size: Sequence[int]) -> np.ndarray:
-    """(N, 2) ``(x, y)`` pixel centre of each (N, h, w) map's first maximum, after bilinear
-    upsampling to ``image_size = (H, W)``, ``(nan, nan)`` for a constant map; in chunks, so the
-    upsampled maps never all sit in memory."""
+    """(N, 2) ``(x, y)`` pixel centre of each (N, h, w) map's first maximum once upsampled to ``image_size``
+    (H, W), ``(nan, nan)`` for a constant map; in chunks, so the upsampled maps never all sit in memory."""
     height, width = (int(v) for v in image_size)
     maps = torch.as_tensor(_numpy(heatmaps))
     maps = maps.to(torch.promote_types(maps.dtype, torch.float32))  # float64 stays float64
@@ -276,16 +257,13 @@ def box_mask(boxes: Sequence[Sequence[float]], image_size: Sequence[int]) -> np.
 
 
 def pointing_game(points_xy: Any, boxes: Boxes, tolerance: float = 0.0) -> np.ndarray:
-    """(N,) 1.0 when the point lies within ``tolerance`` (Euclidean) of one of its image's
-    boxes, else 0.0; nan for images without boxes. ``tolerance=0`` is containment, edges
-    inclusive; Zhang et al. 2016 (TorchRay) use 15 px in the original image frame."""
+    """(N,) 1.0 when the point lies within ``tolerance`` (Euclidean; 0: inside, edges count) of one of its
+    image's boxes, else 0.0, nan without boxes. Zhang et al. 2016 (TorchRay) use 15 px in the original frame."""
     pts, corners, owner = _points_and_boxes(points_xy, boxes)
     # Distance from a point to a closed rectangle: per axis, how far outside it lies.
     gap = np.maximum(np.maximum(corners[:, :2] - pts[owner], pts[owner] - corners[:, 2:]), 0.0)
     n_hits = np.bincount(owner, weights=np.hypot(gap[:, 0], gap[:, 1]) <= tolerance, minlength=len(pts))
-    hits = (n_hits > 0).astype(np.float64)
-    hits[np.bincount(owner, minlength=len(pts)) == 0] = np.nan
-    return hits
+    return np.where(np.bincount(owner, minlength=len(pts)) == 0, np.nan, n_hits > 0)
 
 
 def point_accuracy(heatmaps: Any, boxes: Boxes, image_size: Sequence[int]) -> float:
@@ -295,27 +273,24 @@ def point_accuracy(heatmaps: Any, boxes: Boxes, image_size: Sequence[int]) -> fl
 
 
 def energy_in_box(heatmaps: Any, boxes: Boxes, image_size: Sequence[int]) -> np.ndarray:
-    """(N,) share of each map's mass inside its boxes, nan without boxes (the energy-based
-    pointing game of Score-CAM, Wang et al. 2020). Maps are upsampled and min-max scaled to
-    [0, 1], so a constant offset carries no energy; a constant map counts as uniform."""
+    """(N,) share of each map's mass inside its boxes, nan without boxes (Score-CAM's energy-based pointing
+    game, Wang et al. 2020), after upsampling and min-max scaling: a constant offset carries no energy and a
+    constant map counts as uniform."""
     height, width = (int(v) for v in image_size)
     maps = torch.as_tensor(_numpy(heatmaps)).double()
     shares = np.full(len(maps), np.nan)
-    for i, image_boxes in enumerate(boxes):
-        if image_boxes is None or len(image_boxes) == 0:
-            continue
+    for i in [i for i, b in enumerate(boxes) if b is not None and len(b)]:
         heat = upsample(maps[i:i + 1], height, width)[0]
         low, high = heat.min(), heat.max()
         scaled = (heat - low) / (high - low) if high > low else torch.ones_like(heat)
-        inside = torch.from_numpy(box_mask(image_boxes, (height, width)))
+        inside = torch.from_numpy(box_mask(boxes[i], (height, width)))
         shares[i] = float(scaled[inside].sum() / scaled.sum())
     return shares
 
 
 def laterality_hits(points_xy: Any, boxes: Boxes, width: float) -> np.ndarray:
-    """(N,) 1.0 / 0.0: the point is on the side of the midline ``width / 2`` where all the
-    image's box centres lie; nan without boxes or with boxes on both sides. An image-blind
-    point cannot score well on both sides at once."""
+    """(N,) 1.0 / 0.0: the point is on the side of the midline ``width / 2`` where all the image's box centres
+    lie; nan without boxes or with boxes on both sides (an image-blind point cannot score on both sides)."""
     pts, corners, owner = _points_and_boxes(points_xy, boxes)
     midline, n = float(width) / 2.0, len(pts)
     centre_x = (corners[:, 0] + corners[:, 2]) / 2.0

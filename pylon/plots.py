@@ -1,9 +1,6 @@
-"""Evaluation figures: ROC / PR curves, confusion matrix, calibration, learning curves and
-heatmap overlays. Every ``plot_*`` function writes one PNG and returns its path.
-
-Figures are made without pyplot, so importing this module never changes the matplotlib
-backend of an interactive session. Overlays draw boxes, points and heatmaps in ``pylon.metrics``'
-pixel conventions.
+"""Evaluation figures: each ``plot_*`` writes one PNG and returns its path. Made without pyplot, so
+importing this never changes an interactive session's matplotlib backend; overlays draw boxes, points and
+heatmaps in ``pylon.metrics``' pixel conventions.
 """
 from __future__ import annotations
 
@@ -80,8 +77,7 @@ def plot_confusion(labels: Any, preds: Any, path: PathLike, title: str = "Confus
     """2x2 confusion matrix of 0/1 ``labels`` vs 0/1 ``preds``: counts and shares of each true class."""
     y, pred = binary_inputs(labels, preds)
     counts = confusion_matrix(y, pred.astype(bool), labels=[False, True])
-    rows = counts.sum(axis=1, keepdims=True)
-    shares = np.divide(counts, rows, out=np.zeros_like(counts, dtype=float), where=rows > 0)
+    shares = confusion_matrix(y, pred.astype(bool), labels=[False, True], normalize="true")  # 0 for an absent class
     names = ["normal", "pneumonia"]
     ax = _figure(4.6, 4.0).add_subplot()
     image = ax.imshow(shares, cmap="Blues", vmin=0, vmax=1)
@@ -97,7 +93,6 @@ def plot_confusion(labels: Any, preds: Any, path: PathLike, title: str = "Confus
 def plot_calibration(labels: Any, probs: Any, path: PathLike, title: str = "Calibration") -> Path:
     """Reliability diagram (fraction positive vs mean probability per bin) over a histogram."""
     bins = calibration_bins(labels, probs)
-    ece = expected_calibration_error(labels, probs)
     centres = (bins.edges[:-1] + bins.edges[1:]) / 2
     width = bins.edges[1] - bins.edges[0]
     filled = bins.count > 0
@@ -109,7 +104,7 @@ def plot_calibration(labels: Any, probs: Any, path: PathLike, title: str = "Cali
     top.plot(bins.mean_prob[filled], bins.frac_pos[filled], "o-", color="tab:red", markersize=4,
              label="(mean probability, fraction positive)")
     top.set(xlim=(0, 1), ylim=(0, 1), ylabel="fraction positive",
-            title=f"{title}: ECE {ece:.3f} (n={int(bins.count.sum())})")
+            title=f"{title}: ECE {expected_calibration_error(labels, probs):.3f} (n={int(bins.count.sum())})")
     top.grid(alpha=0.3)
     top.legend(loc="upper left", fontsize=8)
     bottom.bar(centres, bins.count, width=width * 0.9, color="0.5")
@@ -120,8 +115,7 @@ def plot_calibration(labels: Any, probs: Any, path: PathLike, title: str = "Cali
 
 def plot_classification(labels: Any, probs: Any, sources: Sequence[str], split: str, youden: Optional[float],
                         out: Path) -> list[Path]:
-    """ROC and precision-recall curves (overall, and per source when there are several), the
-    confusion matrices at 0.5 and at the Youden threshold, and calibration, into ``out``."""
+    """ROC and PR curves (overall and per source), confusion at 0.5 and at Youden's threshold, calibration."""
     y, p = np.asarray(labels), np.asarray(probs)
     curves = {"all": (y, p)}
     if len(set(sources)) > 1:
@@ -205,17 +199,14 @@ def _rgb(image: np.ndarray) -> np.ndarray:
 
 def overlay(image: np.ndarray, heatmap: Any, boxes: Sequence[Sequence[float]] = (),
             point: Optional[Sequence[float]] = None) -> np.ndarray:
-    """(H, W, 3) uint8 RGB: the uint8 (H, W[, 3]) image with the heatmap (values in [0, 1], any
-    resolution, upsampled) blended on top in the jet colour map, boxes outlined and the point
-    (unless missing or nan) crossed. Each pixel's opacity is 0.6 times its heat: cold regions
-    show the plain radiograph."""
+    """(H, W, 3) uint8 RGB: the uint8 (H, W[, 3]) image with the heatmap (in [0, 1], any size) blended on in
+    the jet colour map at an opacity of 0.6 times its heat (cold regions show the plain radiograph), boxes
+    outlined and the point (unless missing or nan) crossed."""
     rgb = _rgb(image)
     height, width = rgb.shape[:2]
     heat = np.squeeze(np.asarray(heatmap)).astype(np.float32)
-    if heat.shape != (height, width):
-        # INTER_LINEAR uses half-pixel centres: the same resampling as align_corners=False.
-        heat = cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR)
-    heat = np.clip(heat, 0.0, 1.0)
+    # INTER_LINEAR uses half-pixel centres: the same resampling as align_corners=False (a same-size map is copied).
+    heat = np.clip(cv2.resize(heat, (width, height), interpolation=cv2.INTER_LINEAR), 0.0, 1.0)
     colour = colormaps["jet"](heat)[..., :3]
     opacity = (0.6 * heat)[..., None]
     blended = (1.0 - opacity) * (rgb / 255.0) + opacity * colour

@@ -23,8 +23,7 @@ def _fmt_ci(entry: Mapping[str, Any], key: str) -> str:
 
 
 def classification_table(report: Mapping[str, Any], view_names: Optional[Mapping[str, str]] = None) -> str:
-    """The classification report as a table; ``view_names`` names the rows of ``by_view`` (e.g. AP:
-    rsna/AP, the source that reports the view)."""
+    """The classification report as a table; ``view_names`` names ``by_view``'s rows (e.g. AP: rsna/AP)."""
     head = (f"classification on {report['split']} (n={report['n']}): AUROC with 95% CI; acc/sens/spec/F1 at 0.5 | "
             f"at the Youden threshold {_fmt(report['threshold_youden'].get('threshold'))} (chosen on val)")
     header = (f"{'group':<12} {'n':>5}  {'AUROC [95% CI]':<24} {'acc':>6} {'sens':>6} {'spec':>6} {'F1':>6} | "
