@@ -1,13 +1,10 @@
-"""Where the model runs and at what precision (``choose_precision``): one decision shared by
-training, validation, evaluation, prediction and the tools, plus seeding and the progress-bar policy.
+"""Device, precision (one decision for training, evaluation, prediction and tools), seeding, progress bars.
 
-``train.amp`` (the default) takes the fastest precision that trains as well as fp32: on CUDA,
-autocast in bf16 where the GPU supports it, else fp16 with loss scaling (``train.amp_dtype``
-chooses); on a CPU with native bf16 (AVX512-BF16 or AMX tiles), bf16 autocast, about 4x fp32
-(``bench/model_speed.py``); on any other CPU fp32, since emulated bf16 is slower. ``train.amp=false``
-is fp32 everywhere. ``train.channels_last`` sets the layout, on a CPU only under bf16 (fp32 there is
-the reference path). Under autocast BatchNorm statistics, the loss and PYLON's sigmoid stay in
-float32 or wider.
+``train.amp`` takes the fastest precision that trains as well as fp32: on CUDA bf16 autocast where
+supported, else fp16 with loss scaling; on a CPU with native bf16 (AVX512-BF16 or AMX) bf16, about
+4x fp32 (``bench/model_speed.py``), on other CPUs fp32, since emulated bf16 is slower. Channels-last
+applies on a CPU only under bf16: fp32 there is the reference path. BatchNorm statistics, the loss
+and PYLON's sigmoid stay float32 under autocast.
 """
 from __future__ import annotations
 
@@ -51,7 +48,6 @@ class Precision:
 
     @property
     def name(self) -> str:
-        """``bf16``, ``fp16`` or ``fp32``, with ``+channels_last`` when that layout is used."""
         dtype = {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, "fp32")
         return dtype + ("+channels_last" if self.channels_last else "")
 
@@ -60,9 +56,7 @@ class Precision:
         return self.dtype == torch.float16
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.dtype)
+        return contextlib.nullcontext() if self.dtype is None else torch.autocast(self.device.type, dtype=self.dtype)
 
     def layout(self, value: T) -> T:
         """A model or an image batch in this precision's memory layout (unchanged when contiguous)."""
@@ -70,20 +64,16 @@ class Precision:
 
 
 def choose_precision(device: torch.device, cfg_train: Any) -> Precision:
-    """The precision ``train.amp``, ``train.amp_dtype`` and ``train.channels_last`` give on ``device``."""
-    if device.type == "cuda":
-        dtype = None
-        if cfg_train.amp:
-            fp16 = cfg_train.amp_dtype == "fp16" or (cfg_train.amp_dtype == "auto" and not torch.cuda.is_bf16_supported())
-            dtype = torch.float16 if fp16 else torch.bfloat16
-        return Precision(device, dtype, bool(cfg_train.channels_last))
-    if device.type == "cpu" and cfg_train.amp and cpu_has_native_bf16():
-        return Precision(device, torch.bfloat16, bool(cfg_train.channels_last))
-    return Precision(device)
+    dtype = None
+    if cfg_train.amp and device.type == "cuda":
+        fp16 = cfg_train.amp_dtype == "fp16" or (cfg_train.amp_dtype == "auto" and not torch.cuda.is_bf16_supported())
+        dtype = torch.float16 if fp16 else torch.bfloat16
+    elif cfg_train.amp and device.type == "cpu" and cpu_has_native_bf16():
+        dtype = torch.bfloat16
+    return Precision(device, dtype, bool(cfg_train.channels_last) and (device.type == "cuda" or dtype is not None))
 
 
 def describe_precision(precision: Precision, cfg_train: Any) -> str:
-    """One line for the start of a run: the precision and why it was chosen."""
     if not cfg_train.amp:
         why = "train.amp=false"
     elif precision.device.type == "cpu":

@@ -1,11 +1,9 @@
 """Training: ``fit``'s epoch loop over ``train_one_epoch`` and ``validate``; ``trainstate`` keeps score.
 
-An epoch's data order and augmentation are a function of (seed, epoch) only, and ``last.pt``
-is written at epoch boundaries, so a resumed run repeats exactly what the uninterrupted run
-would have done. Mistakes surface before anything slow or written: the resume checkpoint is read,
-the model built (missing weights fail), the data prepared, and only then the run folder made.
-Under torchrun every process trains on its own shard with ``batch_size / world_size`` images per
-step; validation shards the rows without padding and gathers predictions; rank 0 writes.
+An epoch's data order and augmentation depend on (seed, epoch) only and last.pt is written at epoch
+ends, so a resumed run repeats the uninterrupted one exactly. Mistakes surface before the run folder
+is made. Under torchrun each process trains on its own shard with ``batch_size / world_size`` images
+per step; validation shards the rows without padding and gathers predictions; rank 0 writes.
 """
 from __future__ import annotations
 
@@ -16,7 +14,7 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -40,7 +38,7 @@ from pylon.models import build_model, init_from, unwrap
 from pylon.optim import build_loss, build_optimizer, build_scheduler, step_scheduler
 from pylon.runs import RunPaths, absolute_roots, check_splits, check_writable, new_run, training_lock, write_splits
 from pylon.tracking import Tracker
-from pylon.trainstate import PRUNED, EpochLosses, LoopState, check_loss, history_row, restore, save_last, summary
+from pylon.trainstate import PRUNED, EpochLosses, LoopState, check_loss, history_row, restore, summary
 
 OnEpoch = Callable[[int, dict], bool]
 
@@ -65,18 +63,14 @@ class Fitting:
     @functools.cached_property
     def prior(self) -> Optional[torch.Tensor]:
         """The image-blind localization floor, from the training split only; it travels with the weights."""
-        data = self.data
-        return box_prior([data.cache.boxes_in_cache_frame(int(r)) for r in data.rows["train"]], data.cache.image_size)
-
-
-# --------------------------------------------------------------------------- one step, one epoch, validation
+        cache = self.data.cache
+        return box_prior([cache.boxes_in_cache_frame(int(r)) for r in self.data.rows["train"]], cache.image_size)
 
 
 def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
                scaler: torch.amp.GradScaler, d: Dist, cfg_train: Any) -> torch.Tensor:
-    """One optimizer step (precision and layout as ``choose_precision`` says, clipping as
-    configured); the loss, averaged over processes and left on the device: reading it would
-    make every step wait for the device."""
+    """One optimizer step; the loss, averaged over processes and left on the device: reading it
+    would make every step wait for the device."""
     precision = choose_precision(d.device, cfg_train)
     images = precision.layout(batch["image"].to(d.device, non_blocking=True))
     labels = batch["label"].to(d.device, non_blocking=True)
@@ -95,8 +89,7 @@ def train_step(model: nn.Module, batch: dict, optimizer: torch.optim.Optimizer, 
 
 
 def train_one_epoch(f: Fitting, model: nn.Module, loader: Any) -> float:
-    """The optimizer steps of epoch ``f.state.epoch`` (at most train.max_steps_per_epoch) through
-    ``model``, a stage's wrapper of ``f.model``; the epoch's mean training loss."""
+    """Epoch ``f.state.epoch``'s steps through ``model``, a stage's wrapper of ``f.model``; its mean loss."""
     cfg, state = f.cfg, f.state
     model.train()
     steps = min(len(loader), cfg.train.max_steps_per_epoch or len(loader))
@@ -107,7 +100,8 @@ def train_one_epoch(f: Fitting, model: nn.Module, loader: Any) -> float:
     with tqdm(total=steps, desc=f"epoch {state.epoch + 1} train", leave=False,
               disable=bar_disabled(f.d.is_main)) as bar:
         for batch in itertools.islice(loader, steps):
-            losses.add(train_step(model, batch, f.optimizer, f.loss_fn, f.scaler, f.d, cfg.train), len(batch["label"]))
+            loss = train_step(model, batch, f.optimizer, f.loss_fn, f.scaler, f.d, cfg.train)
+            losses.steps.append((loss, len(batch["label"])))
             state.global_step += 1
             bar.update()
             if state.global_step % cfg.logging.log_every_steps == 0:  # every rank reads, so all stop together
@@ -119,8 +113,7 @@ def train_one_epoch(f: Fitting, model: nn.Module, loader: Any) -> float:
 
 
 def validate(f: Fitting, loader: Any, epoch: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """After epoch ``epoch`` (from 0): the loss (pooled, and per source), labels and probabilities
-    over the val shard of every process, gathered; and their classification metrics."""
+    """The val loss (pooled and per source), labels and probabilities of every process's shard; their metrics."""
     d = f.d
     broadcast_buffers(unwrap(f.model), d)  # rank 0's BatchNorm statistics are the ones saved: validate with them
     part = predict_loader(unwrap(f.model), loader, choose_precision(d.device, f.cfg.train), f.loss_fn,
@@ -135,9 +128,8 @@ def validate(f: Fitting, loader: Any, epoch: int) -> tuple[dict[str, Any], dict[
 
 
 def setup(cfg: Any, d: Dist) -> tuple[nn.Module, PreparedData, torch.optim.Optimizer, torch.amp.GradScaler, nn.Module]:
-    """Model, data, optimizer, AMP scaler and loss of ``cfg``, built in the one order that makes a
-    run reproducible: seed, then the model (missing pretrained weights fail before the data is
-    cached), then the data (rank 0 first, so the cache is built once)."""
+    """Model, data, optimizer, AMP scaler and loss, in the order that makes a run reproducible: seed,
+    model (missing weights fail before the data is cached), data (rank 0 first: it builds the cache)."""
     seed_everything(cfg.train.seed)
     model = build_model(cfg.model).to(d.device)
     if d.is_main and model.init_note:
@@ -182,14 +174,10 @@ def _check_launch(cfg: Any, d: Dist, new: bool) -> None:
     absolute_roots(cfg.data)  # the run's config must find its data from any working directory
 
 
-# --------------------------------------------------------------------------- the run and its epoch loop
-
-
 def fit(cfg: Any, run: Optional[RunPaths] = None, on_epoch: Optional[OnEpoch] = None) -> dict[str, Any]:
     """Train ``cfg`` into a new run folder, or continue ``run`` from its last.pt; the summary.
-    ``on_epoch(epoch, history_row)`` is asked on rank 0 after each validation: True ends the run
-    after that epoch like an early stop (a sweep's pruner), so the folder stays a complete run.
-    The run is locked while it trains; a new run that fails before its first epoch is removed."""
+    ``on_epoch(epoch, history_row)``, asked on rank 0 after each validation, returns True to end the
+    run like an early stop (a sweep's pruner). A new run that fails before its first epoch is removed."""
     with contextlib.ExitStack() as held:  # the run's training lock, released however fit ends
         started = time.time()
         d = init_distributed(cfg.train.device)
@@ -225,12 +213,15 @@ def fit(cfg: Any, run: Optional[RunPaths] = None, on_epoch: Optional[OnEpoch] = 
         try:
             _epochs(Fitting(cfg, d, run, model, data, optimizer, scheduler, scaler, loss_fn, tracker, state, recorded),
                     on_epoch)
-        except BaseException:
+        except BaseException as err:
+            if isinstance(err, KeyboardInterrupt) and d.is_main and state.epoch:
+                print(f"\ninterrupted in epoch {state.epoch + 1}; {run.last} holds epoch {state.epoch}; "
+                      f"resume with: python train.py --resume {shlex.quote(str(run.root))}", file=sys.stderr)
             tracker.finish(exit_code=1)
             if d.is_main and not run.last.is_file():  # no epoch finished: nothing to resume or evaluate
                 shutil.rmtree(run.root, ignore_errors=True)
             raise
-        result = {**summary(run, state, tracker, started), "select_on": cfg.train.select_on, **recorded}
+        result = {**summary(run, state, tracker.note, started), "select_on": cfg.train.select_on, **recorded}
         tracker.summary({k: v for k, v in result.items() if isinstance(v, (int, float))})
         if run.best.exists():
             tracker.log_artifact(run.best, f"{run.root.name}-best")
@@ -239,13 +230,12 @@ def fit(cfg: Any, run: Optional[RunPaths] = None, on_epoch: Optional[OnEpoch] = 
 
 
 def start_epoch(loader: Any, cfg_train: Any, epoch: int, rank: int = 0) -> None:
-    """Reseed everything for ``epoch``: its batches and augmentations depend on (seed, epoch) only."""
+    """Reseed for ``epoch``: its batches and augmentations depend on (seed, epoch) only."""
     seed_everything(cfg_train.seed * 100_003 + epoch)
     set_loader_epoch(loader, cfg_train.seed, epoch, rank)
 
 
 def _epochs(f: Fitting, on_epoch: Optional[OnEpoch]) -> None:
-    """The epoch loop of ``fit``: train, validate, keep score, write checkpoints and history."""
     cfg, d, state = f.cfg, f.d, f.state
     batch = cfg.train.batch_size // d.world_size
     train_loader = split_loader(f.data, "train", cfg.data, batch, train=True, seed=cfg.train.seed,
@@ -253,8 +243,7 @@ def _epochs(f: Fitting, on_epoch: Optional[OnEpoch]) -> None:
     val_loader = split_loader(f.data, "val", cfg.data, cfg.eval.batch_size, train=False, rank=d.rank,
                               world_size=d.world_size)
     train_model = _stage(f, state.epoch)
-    bar = tqdm(desc="epochs", initial=state.epoch, total=cfg.train.epochs, disable=bar_disabled(d.is_main))
-    try:
+    with tqdm(desc="epochs", initial=state.epoch, total=cfg.train.epochs, disable=bar_disabled(d.is_main)) as bar:
         for epoch in range(state.epoch, cfg.train.epochs):
             if cfg.train.freeze_encoder_epochs and epoch == cfg.train.freeze_encoder_epochs:
                 train_model = _stage(f, epoch)  # stage two: the encoder joins at a lower rate
@@ -279,18 +268,11 @@ def _epochs(f: Fitting, on_epoch: Optional[OnEpoch]) -> None:
                 dist.barrier()  # nobody starts the next epoch before rank 0 has saved this one
             if state.stop_reason:
                 break
-    except KeyboardInterrupt:
-        if d.is_main and state.epoch:
-            print(f"\ninterrupted in epoch {state.epoch + 1}; {f.run.last} holds epoch {state.epoch}; "
-                  f"resume with: python train.py --resume {shlex.quote(str(f.run.root))}", file=sys.stderr)
-        raise
-    finally:
-        bar.close()
 
 
 def _stage(f: Fitting, epoch: int) -> nn.Module:
-    """The module that trains in ``epoch``: the model with its encoder frozen or not, compiled and
-    wrapped for DDP as configured. Rebuilt per stage: DDP records which parameters get gradients."""
+    """The module that trains in ``epoch``: encoder frozen or not, compiled and DDP-wrapped as configured.
+    Rebuilt per stage: DDP records which parameters get gradients."""
     if f.cfg.train.freeze_encoder_epochs:
         f.model.freeze_encoder(epoch < f.cfg.train.freeze_encoder_epochs)
     m = torch.compile(f.model) if f.cfg.train.compile else f.model
@@ -301,9 +283,9 @@ def _stage(f: Fitting, epoch: int) -> nn.Module:
 
 def _save_epoch(f: Fitting, epoch: int, val: dict[str, Any], metrics: dict[str, Any], select: float,
                 improved: bool) -> None:
-    """last.pt after every epoch; best.pt when the epoch improved train.select_on's val loss."""
+    """last.pt after every epoch (with what resuming needs); best.pt when train.select_on's val loss improved."""
     shared = {"model": unwrap(f.model).state_dict(), "config": to_dict(f.cfg), "wandb_run_id": f.tracker.id,
-            **f.recorded}
+              **f.recorded}
     if improved:
         # What evaluating or predicting needs without the training data: the input normalisation, the operating
         # point chosen on val, the box prior and the loss's class weight (the val loss that chose this used it).
@@ -314,29 +296,27 @@ def _save_epoch(f: Fitting, epoch: int, val: dict[str, Any], metrics: dict[str, 
             "normalization": {"mean": float(f.data.mean), "std": float(f.data.std)},
             "threshold_youden": youden_threshold(val["labels"], val["probs"]) if both else None,
             "prior": f.prior, "pos_weight": None if f.loss_fn.pos_weight is None else float(f.loss_fn.pos_weight)})
-    save_last(f.run.last, f.optimizer, f.scheduler, f.scaler, f.state, shared)
+    save_checkpoint(f.run.last, {**shared, "optimizer": f.optimizer.state_dict(), "scaler": f.scaler.state_dict(),
+                                 "scheduler": f.scheduler.state_dict() if f.scheduler else None,
+                                 "loop": asdict(f.state)})
 
 
 def _report_epoch(f: Fitting, epoch: int, row: dict[str, Any], improved: bool, bar: tqdm) -> None:
     """The epoch's history row (history.csv, W&B), val heatmaps, progress bar and printed line."""
-    cfg = f.cfg
+    cfg, cache = f.cfg, f.data.cache
     f.tracker.log_epoch(epoch + 1, row, f.state.global_step)
-    if f.tracker.run is not None and cfg.logging.n_val_images > 0:
-        f.tracker.log_images("val/heatmaps", validation_images(f.model, f.data, cfg.logging.n_val_images, cfg.train),
-                             f.state.global_step)
+    if f.tracker.run is not None and cfg.logging.n_val_images > 0:  # boxed val images first, then positives
+        records = cache.records
+        rows = sorted(f.data.rows["val"], key=lambda r: (not records[r].scored_boxes, records[r].label != 1))
+        rows = rows[:cfg.logging.n_val_images]
+        captions = [f"{records[r].source} {records[r].id} label={records[r].label}" for r in rows]
+        boxes = [cache.boxes_in_cache_frame(r) for r in rows]
+        images = overlays(unwrap(f.model), [cache.image(r) for r in rows], boxes, captions, f.data.mean, f.data.std,
+                          choose_precision(f.d.device, cfg.train))
+        f.tracker.log_images("val/heatmaps", images, f.state.global_step)
     val_loss, auroc, lr = row["val_loss"], row["val_auroc"], row["lr"]
     bar.set_postfix(val_loss=f"{val_loss:.4f}", auroc=f"{auroc:.3f}", lr=f"{lr:.1e}")
     bar.update()
     chosen = "" if cfg.train.select_on == "pooled" else f" ({cfg.train.select_on} {row['val_select_loss']:.4f})"
     print(f"epoch {epoch + 1}/{cfg.train.epochs}: train loss {row['train_loss']:.4f}, val loss "
           f"{val_loss:.4f}{chosen}, val AUROC {auroc:.4f}, lr {lr:.1e}{' *' if improved else ''}", flush=True)
-
-
-def validation_images(model: nn.Module, data: PreparedData, n: int, cfg_train: Any) -> list[tuple[np.ndarray, str]]:
-    """A few val images (boxed first, then positives) overlaid with the model's own heatmap."""
-    records = data.cache.records
-    order = sorted(data.rows["val"], key=lambda r: (not records[r].scored_boxes, records[r].label != 1))[:n]
-    captions = [f"{records[r].source} {records[r].id} label={records[r].label}" for r in order]
-    return overlays(unwrap(model), [data.cache.image(r) for r in order],
-                    [data.cache.boxes_in_cache_frame(r) for r in order], captions, data.mean, data.std,
-                    choose_precision(next(model.parameters()).device, cfg_train))

@@ -1,5 +1,4 @@
-"""How a run optimizes, as ``train.*`` configures it: the loss, the optimizer and the learning-rate
-schedule. Built by ``engine.setup`` and ``engine.fit``; the tools build theirs here too."""
+"""The loss, optimizer and learning-rate schedule that ``train.*`` configures, for the engine and the tools."""
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -9,8 +8,7 @@ from torch import nn
 
 
 def build_loss(cfg_train: Any, train_prevalence: float, device: torch.device) -> nn.Module:
-    """BCE on the logits, with ``train.pos_weight`` ('auto': negatives per positive in the training
-    split, whose share of positives is ``train_prevalence``)."""
+    """BCE on the logits; ``train.pos_weight='auto'``: the training split's negatives per positive."""
     pos_weight = cfg_train.pos_weight
     if pos_weight == "auto":  # both classes are there: setup refuses a one-class training split
         pos_weight = (1 - train_prevalence) / train_prevalence
@@ -32,7 +30,6 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg_train: Any) -> Optiona
 
 
 def step_scheduler(scheduler: Optional[Any], select: float) -> None:
-    """The epoch's step: the plateau schedule watches ``select`` (train.select_on's val loss)."""
     if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
         scheduler.step(select)
     elif scheduler is not None:

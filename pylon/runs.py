@@ -14,9 +14,6 @@ from pylon import ConfigError
 
 
 class RunPaths:
-    """``<run>/config.yaml``, ``checkpoints/{best,last}.pt``, ``history.csv``, ``eval/`` and, while
-    a process trains the run, ``training.lock``."""
-
     def __init__(self, root: Union[str, Path]):
         self.root = Path(root)
         self.config = self.root / "config.yaml"
@@ -56,17 +53,15 @@ def find_run(run: Optional[Union[str, Path]], runs_dir: Union[str, Path] = "runs
 
 @contextlib.contextmanager
 def training_lock(run: RunPaths) -> Iterator[None]:
-    """Hold ``run.lock`` while this process trains ``run``, so that a second train.py on it is
-    refused. A lock left by a killed process is refused too, with the file to delete: whether
-    its holder still runs is the user's to say, not ours to guess."""
+    """Hold ``run.lock`` while this process trains ``run``. A lock left by a killed process refuses too,
+    naming the file to delete: whether its holder still runs is the user's to say, not ours to guess."""
     try:
-        handle = os.open(run.lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)  # atomic: one process wins
+        with open(run.lock, "x") as file:  # exclusive creation is atomic: one process wins
+            file.write(f"{socket.gethostname()} {os.getpid()}\n")
     except FileExistsError:
         holder = run.lock.read_text(errors="replace").strip() if run.lock.is_file() else ""
         raise ConfigError(f"{run.root} is being trained by another process ({holder or 'unknown'}); "
                           f"if no training of it is running, delete {run.lock}") from None
-    with os.fdopen(handle, "w") as file:
-        file.write(f"{socket.gethostname()} {os.getpid()}\n")
     try:
         yield
     finally:
@@ -74,8 +69,7 @@ def training_lock(run: RunPaths) -> Iterator[None]:
 
 
 def check_writable(folder: Union[str, Path], name: str = "logging.runs_dir") -> None:
-    """Fail at once, not after the data is loaded, when ``folder`` cannot be written (nothing is
-    created); the message names the config key or flag ``name`` that set it."""
+    """Fail before the data is loaded, and create nothing, when ``folder`` (set by ``name``) is not writable."""
     path = Path(folder).resolve()
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
@@ -85,7 +79,6 @@ def check_writable(folder: Union[str, Path], name: str = "logging.runs_dir") -> 
 
 
 def absolute_roots(data_cfg: Any) -> None:
-    """Data roots and cache as absolute paths, so a run's config.yaml works from any folder."""
     data_cfg.cache_dir = os.path.abspath(data_cfg.cache_dir)
     data_cfg.roots = {name: os.path.abspath(root) for name, root in data_cfg.roots.items()}
 
@@ -109,7 +102,6 @@ def replacing_folder(out: Path) -> Iterator[Path]:
 
 
 def write_splits(path: Path, data: Any) -> None:
-    """The run's split manifest: one row per image (id, source, split, label)."""
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "source", "split", "label"])
@@ -118,8 +110,7 @@ def write_splits(path: Path, data: Any) -> None:
 
 
 def check_splits(path: Path, data: Any, splits: Sequence[str], sources: Sequence[str]) -> None:
-    """Stop unless ``splits`` of ``data`` hold exactly the images (and labels) of ``sources`` that
-    the run was trained with."""
+    """Stop unless ``splits`` of ``data`` hold exactly the images and labels of ``sources`` the run trained on."""
     with open(path, newline="") as handle:
         want = {(row["id"], row["split"], int(row["label"])) for row in csv.DictReader(handle)
                 if row["split"] in splits and row["source"] in sources}

@@ -1,9 +1,8 @@
-"""Experiment tracking: a W&B run beside ``history.csv``, the run's record of truth.
+"""Experiment tracking: a W&B run beside ``history.csv``, the run's record of truth. Only rank 0 tracks.
 
-W&B decides its own mode (``logging.wandb_mode``, else ``WANDB_MODE``, else online); when an
-online start fails (no credentials, or no network: after 15 s, not wandb's 90) the run is
-logged offline instead, so that ``wandb sync`` can upload it later. A W&B error never stops
-training: tracking is switched off with one warning and ``history.csv`` goes on. Only rank 0 tracks.
+W&B's mode is ``logging.wandb_mode``, else ``WANDB_MODE``, else online; when an online start fails (no
+credentials, or no network after 15 s, not wandb's 90) the run is logged offline for ``wandb sync``.
+A W&B error never stops training: tracking is switched off with one warning; history.csv goes on.
 """
 from __future__ import annotations
 
@@ -40,8 +39,8 @@ class Tracker:
 
     def __init__(self, run_dir: Path, logging_cfg: Any, *, config: Optional[dict] = None,
                  run_id: Optional[str] = None, job_type: str = "train", enabled: bool = True):
-        self.run_dir = Path(run_dir)
-        self.history = self.run_dir / "history.csv"
+        run_dir = Path(run_dir)
+        self.history = run_dir / "history.csv"
         self.run: Any = None
         self.mode, self.dir, self.id = "disabled", None, None  # W&B's mode, files folder and run id
         self.note: Optional[str] = None  # how W&B went, for the run's final summary
@@ -57,8 +56,8 @@ class Tracker:
             self._off(f"cannot import wandb ({err})")
             return
         self._wandb = wandb
-        start = dict(project=logging_cfg.project, entity=logging_cfg.entity, name=self.run_dir.name,
-                     config=config, dir=str(self.run_dir), id=run_id, resume="allow" if run_id else None,
+        start = dict(project=logging_cfg.project, entity=logging_cfg.entity, name=run_dir.name,
+                     config=config, dir=str(run_dir), id=run_id, resume="allow" if run_id else None,
                      job_type=job_type, group=logging_cfg.group, reinit="create_new")
         self.run = self._start(mode, start)
         if self.run is None:
@@ -131,7 +130,6 @@ class Tracker:
         self._call(lambda: self.run.summary.update(flatten(values)))
 
     def log_artifact(self, path: Path, name: str) -> None:
-        """Upload a file (best.pt) as a model artifact; online runs only."""
         def upload() -> None:
             artifact = self._wandb.Artifact(name, type="model")
             artifact.add_file(str(path))

@@ -1,11 +1,10 @@
-"""A training run's bookkeeping, apart from the loop that does the work (``engine``): the
-``LoopState`` and its stop rules; what last.pt holds (``save_last``) and ``restore`` from it; the
-checks on the loss; the validation loss that selects best.pt; an epoch's history row; the summary."""
+"""A training run's bookkeeping beneath ``engine``'s loop: ``LoopState`` and its stop rules, ``restore``
+from last.pt, the loss checks, the val loss that selects best.pt, the history row and the summary."""
 from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,9 +13,8 @@ import torch
 from torch import nn
 
 from pylon import PylonError
-from pylon.checkpoint import CheckpointError, load_weights, save_checkpoint
+from pylon.checkpoint import CheckpointError, load_weights
 from pylon.runs import RunPaths
-from pylon.tracking import Tracker
 
 ALL_EPOCHS_DONE = "all epochs done"
 PRUNED = "stopped by the sweep's pruner"  # fit(on_epoch=...) returned True
@@ -36,34 +34,30 @@ def check_loss(value: float, where: str, last_good: str) -> float:
     return value
 
 
+@dataclass
 class EpochLosses:
     """One epoch's training losses. They stay on the device until they are logged or the epoch
     ends; then every loss since the last read crosses in one transfer and is checked, so a
     diverged loss still names its step, and stops the run before the epoch's checkpoints."""
 
-    def __init__(self, epoch: int, last_good: str) -> None:
-        self.epoch, self.last_good = epoch, last_good
-        self.losses: list[torch.Tensor] = []  # every step's, on the device
-        self.images: list[int] = []  # every step's batch size
-        self.values: list[float] = []  # the losses read so far, each checked
-
-    def add(self, loss: torch.Tensor, images: int) -> None:
-        self.losses.append(loss)
-        self.images.append(images)
+    epoch: int
+    last_good: str
+    steps: list[tuple[torch.Tensor, int]] = field(default_factory=list)  # (loss on the device, images) per step
+    values: list[float] = field(default_factory=list)  # the losses read so far, each checked
 
     def read(self) -> float:
         """The latest step's loss, once every loss since the last read passed ``check_loss``."""
-        unread = self.losses[len(self.values):]
-        if unread:
-            for value in torch.stack(unread).tolist():
-                where = f"training (epoch {self.epoch + 1}, step {len(self.values) + 1})"
-                self.values.append(check_loss(value, where, self.last_good))
+        unread = [loss for loss, _ in self.steps[len(self.values):]]
+        for value in torch.stack(unread).tolist() if unread else []:
+            where = f"training (epoch {self.epoch + 1}, step {len(self.values) + 1})"
+            self.values.append(check_loss(value, where, self.last_good))
         return self.values[-1]
 
     def mean(self) -> float:
         """The epoch's loss per image."""
         self.read()
-        return sum(value * images for value, images in zip(self.values, self.images)) / sum(self.images)
+        images = [n for _, n in self.steps]
+        return sum(value * n for value, n in zip(self.values, images)) / sum(images)
 
 
 def selection_loss(val: dict[str, Any], select_on: str) -> float:
@@ -93,11 +87,10 @@ class LoopState:
         patience and the stop rules (``lr``: after the scheduler's step); whether it improved."""
         self.epoch = epoch + 1
         improved = select < self.best_val_loss
+        self.epochs_without_improvement = 0 if improved else self.epochs_without_improvement + 1
         if improved:
-            self.best_val_loss, self.best_epoch, self.epochs_without_improvement = select, epoch + 1, 0
+            self.best_val_loss, self.best_epoch = select, epoch + 1
             self.best_metrics = {k: metrics[k] for k in SUMMARY_METRICS}
-        else:
-            self.epochs_without_improvement += 1
         if cfg_train.early_stop_patience and self.epochs_without_improvement >= cfg_train.early_stop_patience:
             self.stop_reason = f"early stop: no val-loss improvement for {self.epochs_without_improvement} epochs"
         elif cfg_train.scheduler == "plateau" and lr < cfg_train.min_lr:
@@ -120,16 +113,8 @@ class LoopState:
         return None
 
 
-def save_last(path: Path, optimizer: torch.optim.Optimizer, scheduler: Optional[Any], scaler: torch.amp.GradScaler,
-              state: LoopState, extra: dict[str, Any]) -> None:
-    """last.pt: ``extra`` (the weights among it) and what ``restore`` needs to go on where this epoch ended."""
-    save_checkpoint(path, {**extra, "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                           "scheduler": None if scheduler is None else scheduler.state_dict(), "loop": asdict(state)})
-
-
 def restore(saved: dict, path: Path, cfg_train: Any, model: nn.Module, optimizer: torch.optim.Optimizer,
             scheduler: Optional[Any], scaler: torch.amp.GradScaler) -> LoopState:
-    """Load last.pt's weights and optimizer, scheduler and scaler states; its loop state."""
     try:
         load_weights(model, saved["model"], str(path))
         for name, target in (("optimizer", optimizer), ("scheduler", scheduler), ("scaler", scaler)):
@@ -152,18 +137,14 @@ def history_row(train_loss: float, val: dict[str, Any], metrics: dict[str, Any],
             "val_select_loss": selection_loss(val, select_on)}
 
 
-def summary(run: RunPaths, state: LoopState, tracker: Optional[Tracker], started: float,
+def summary(run: RunPaths, state: LoopState, wandb_note: Optional[str], started: float,
             note: Optional[str] = None) -> dict[str, Any]:
     """What ``fit`` returns (and train.py prints): where the run is, how it ended and its best epoch."""
-    out: dict[str, Any] = {
+    return {
         "run": str(run.root), "stop_reason": state.stop_reason, "epochs": state.epoch,
         "global_step": state.global_step, "best_epoch": state.best_epoch, "best_val_loss": state.best_val_loss,
         **{f"best_val_{k}": state.best_metrics[k] for k in SUMMARY_METRICS if k in state.best_metrics},
         "minutes": round((time.time() - started) / 60, 3),
         "best_checkpoint": str(run.best), "last_checkpoint": str(run.last), "history": str(run.history),
+        **({"wandb": wandb_note} if wandb_note else {}), **({"note": note} if note else {}),
     }
-    if tracker is not None and tracker.note:
-        out["wandb"] = tracker.note
-    if note:
-        out["note"] = note
-    return out
