@@ -11,5 +11,4 @@ class PylonError(Exception):
 
 
 class ConfigError(PylonError, ValueError):
-    """A user mistake in a config file, override or data layout; its message is one line. Defined
-    here, beneath every module that raises it (``pylon.config`` re-exports it)."""
+    """A user mistake in a config file, override or data layout (``pylon.config`` re-exports it)."""

@@ -17,8 +17,7 @@ def add_config_args(parser: argparse.ArgumentParser, *, required: bool) -> None:
                         help="override config values, e.g. --set train.epochs=5 data.image_size=512")
 
 
-def add_run_args(parser: argparse.ArgumentParser) -> None:
-    """The trained run evaluate.py and predict.py work on (``runs.find_run``)."""
+def add_run_args(parser: argparse.ArgumentParser) -> None:  # the run evaluate.py and predict.py work on
     parser.add_argument("--run", metavar="RUN_DIR", help="the run folder (default: the most recent run in --runs-dir)")
     parser.add_argument("--runs-dir", default="runs", help="where runs live when --run is not given (default: runs)")
 

@@ -1,9 +1,6 @@
-"""The whole experiment as typed dataclasses, loaded from YAML and overridden with --set.
-
-OmegaConf does the type checking and rejects unknown keys; ``validate`` checks value ranges
-once, here, so the library below trusts its config. ``extends:`` lets a config differ from
-another in a few keys; every error is one line naming the key or file.
-"""
+"""The whole experiment as typed dataclasses, loaded from YAML and overridden with --set. OmegaConf
+checks types and rejects unknown keys; ``validate`` checks value ranges once, here, so the library
+below trusts its config. Every error is one line naming the key or file."""
 from __future__ import annotations
 
 import math
@@ -14,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from pylon import ConfigError  # defined beneath every module that raises it; importable from here too
@@ -183,12 +180,14 @@ def load_config(name_or_path: Union[str, Path], overrides: Optional[list[str]] =
     """The validated experiment config (an OmegaConf view of :class:`ExperimentConfig`). ``stored``:
     a run folder's config.yaml, whose renamed or removed keys are carried over, not refused."""
     path = resolve_config_path(name_or_path)
-    schema = OmegaConf.structured(ExperimentConfig)
     layer = read_yaml(path)
-    if stored:
-        _carry_over_old_keys(layer)
+    if stored:  # the old keys are all under data
+        for old, (new, _) in OLD_KEYS.items():
+            value = (layer.get("data") or {}).pop(old.split(".", 1)[1], None)
+            if new and value is not None:
+                OmegaConf.update(layer, new, value, force_add=True)
     try:
-        cfg = OmegaConf.merge(schema, layer)
+        cfg = OmegaConf.merge(OmegaConf.structured(ExperimentConfig), layer)
     except OmegaConfBaseException as err:
         raise _one_line(err, str(path)) from None
     return apply_overrides(cfg, overrides or [])
@@ -199,39 +198,22 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> ExperimentConfig:
     for item in overrides:  # one at a time, so that an error names its key
         if "=" not in item or item.startswith("="):
             raise ConfigError(f"--set expects section.key=value, got '{item}'")
-        _refuse_list_items(cfg, item.split("=", 1)[0].strip())
+        key = item.split("=", 1)[0].strip()
+        # a.b[0] or a.b.0 on a list: the dot-list merge fails with a TypeError naming no key, and
+        # OmegaConf cannot set one item of a tuple, so a list is given whole.
+        match = re.match(r"(.+?)(\[|\.\d+(?:\.|$))", key)
+        value = match and OmegaConf.select(cfg, match.group(1), default=None)
+        is_list = isinstance(value, Sequence) and not isinstance(value, str)  # a ListConfig or a TupleConfig
+        if match and (match.group(2) == "[" or is_list):
+            example = f"[{', '.join(map(str, value))}]" if is_list else "[...]"
+            raise ConfigError(f"--set {key}: items of a list cannot be set one by one; give the whole list, "
+                              f"e.g. --set {match.group(1)}={example}")
         try:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except (OmegaConfBaseException, yaml.YAMLError) as err:
             raise _one_line(err, "--set", item) from None
     validate(cfg)
     return cfg  # type: ignore[return-value]
-
-
-def _carry_over_old_keys(layer: DictConfig) -> None:
-    """A renamed key's value moves to today's key, a removed key is dropped (all are under ``data``)."""
-    data = layer.get("data")
-    for old, (new, _) in OLD_KEYS.items():
-        name = old.split(".", 1)[1]
-        if data is not None and name in data:
-            value = data.pop(name)
-            if new and value is not None:
-                OmegaConf.update(layer, new, value, force_add=True)
-
-
-def _refuse_list_items(cfg: Any, key: str) -> None:
-    """``a.b[0]`` or ``a.b.0`` on a list: the dot-list merge fails with a TypeError naming no key,
-    and OmegaConf cannot set one item of a tuple, so a list is given whole."""
-    match = re.match(r"(.+?)(\[|\.\d+(?:\.|$))", key)
-    if match is None:
-        return
-    parent = match.group(1)
-    value = OmegaConf.select(cfg, parent, default=None)
-    is_list = isinstance(value, Sequence) and not isinstance(value, str)  # a ListConfig or a TupleConfig
-    if match.group(2) == "[" or is_list:
-        example = f"[{', '.join(map(str, value))}]" if is_list else "[...]"
-        raise ConfigError(f"--set {key}: items of a list cannot be set one by one; give the whole list, "
-                          f"e.g. --set {parent}={example}")
 
 
 def _require(ok: bool, message: str) -> None:

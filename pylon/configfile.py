@@ -38,11 +38,8 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
     parent = raw.pop("extends", None)
-    layer = OmegaConf.create(raw)
-    if parent is None:
-        return layer
-    names = parent if isinstance(parent, list) else [parent]
-    if not names or not all(isinstance(name, str) and name for name in names):
+    names = [] if parent is None else parent if isinstance(parent, list) else [parent]
+    if parent is not None and not (names and all(isinstance(name, str) and name for name in names)):
         raise ConfigError(f"{path}: 'extends' takes a file name or a list of file names, got {parent!r}")
     layers = []
     for name in names:  # merged in order: a later file's keys win
@@ -52,4 +49,4 @@ def read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> DictConfig:
         if not parent_path.is_file():
             raise ConfigError(f"{path}: extends a file that does not exist: {parent_path}")
         layers.append(read_yaml(parent_path, seen + (path.resolve(),)))
-    return OmegaConf.merge(*layers, layer)
+    return OmegaConf.merge(*layers, OmegaConf.create(raw))

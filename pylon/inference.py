@@ -1,12 +1,12 @@
-"""Inference: a trained run with its stored preprocessing, files turned into model inputs, and
-batched probabilities and heatmaps. evaluate.py, predict.py, the W&B validation images and
-docs/heatmap_grid.py all go through here, so a model sees its inputs one way everywhere.
-"""
+"""Inference: a trained run with its stored preprocessing, files as model inputs, batched
+probabilities and heatmaps. Evaluation, prediction and the W&B validation images all go through
+here, so a model sees its inputs one way everywhere."""
 from __future__ import annotations
 
 import json
 import sys
 from collections import Counter
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -51,10 +51,10 @@ def predict_loader(model: nn.Module, loader: Any, precision: Precision,
     not DDP); with ``embeddings``, also each image's deepest encoder map averaged over space."""
     model.eval()
     losses, labels, probs, rows, pooled = [], [], [], [], []
-    hook = model.encoder.register_forward_hook(
+    hook = model.encoder.register_forward_hook(  # a handle removes its hook on leaving ``with``
         lambda _module, _inputs, features: pooled.append(features[-1].float().mean(dim=(-2, -1)).cpu().numpy())
-    ) if embeddings else None
-    try:
+    ) if embeddings else nullcontext()
+    with hook:
         for batch in tqdm(loader, desc=desc, leave=False, disable=bar_disabled(progress)):
             target = batch["label"].to(precision.device)
             images = precision.layout(batch["image"].to(precision.device, non_blocking=True))
@@ -66,9 +66,6 @@ def predict_loader(model: nn.Module, loader: Any, precision: Precision,
             labels.append(target[:, 0].cpu().numpy())
             probs.append(torch.sigmoid(logits[:, 0]).cpu().numpy())
             rows.append(np.asarray(batch["row"]))
-    finally:
-        if hook is not None:
-            hook.remove()
     join = lambda parts: np.concatenate(parts) if parts else np.array([])  # noqa: E731
     losses = join(losses).astype(np.float64)
     return {"loss_sum": float(losses.sum()), "losses": losses, "labels": join(labels).astype(np.int64),

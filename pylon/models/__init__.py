@@ -1,14 +1,14 @@
 """Models: PYLON and the baseline classifier over any segmentation-models-pytorch encoder,
-both returning ``ModelOutput(logits, heatmap)``."""
+both returning ``ModelOutput(logits, heatmap)``, and their ``Ensemble``."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
+import torch
 from torch import nn
 
-from .backbone import ModelOutput, WeightsFileError, WeightsUnavailableError, weights_origin
+from .backbone import ModelOutput, WeightsFileError, WeightsUnavailableError, resolve_weights
 from .baseline import BaselineClassifier, BaselineConfig
-from .ensemble import Ensemble
 from .pylon import Pylon, PylonConfig
 
 __all__ = ["BaselineClassifier", "BaselineConfig", "Ensemble", "ModelOutput", "Pylon", "PylonConfig", "WeightsFileError",
@@ -24,11 +24,14 @@ def build_model(model_cfg: Any) -> nn.Module:
 
 
 def init_from(model_cfg: Any, model: nn.Module) -> Optional[dict]:
-    """Where ``model`` (built from ``model_cfg``) got its weights, for the run's records; None for
-    ImageNet, random and ``pretrain`` starts."""
-    if model_cfg.pretrain is not None:
+    """Where ``model`` (built from ``model_cfg``) got its weights, for the run's records: the resolved
+    file a local ``model.weights`` named, the run it belongs to (None for a plain state dict) and
+    what was loaded from it; None for ImageNet, random and ``pretrain`` starts."""
+    file, run = resolve_weights(model_cfg.weights)
+    if model_cfg.pretrain is not None or file is None:
         return None
-    return weights_origin(model_cfg.weights, getattr(unwrap(model), "init_note", None))
+    return {"path": str(file.resolve()), "run": None if run is None else run.resolve().name,
+            "loaded": getattr(unwrap(model), "init_note", None)}
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -40,3 +43,27 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model._orig_mod
         else:
             return model
+
+
+def _mean_probability_logit(logits: Sequence[torch.Tensor]) -> torch.Tensor:
+    # float64: a float32 logit of a mean probability near 1 would round to a few values and tie
+    mean = torch.stack([torch.sigmoid(x.double()) for x in logits]).mean(0)
+    return torch.logit(mean, eps=1e-15).float()
+
+
+class Ensemble(nn.Module):
+    """Models of one architecture as one (the k fold models of a cross-validation, scored on data
+    outside the folds): logits and heatmap are those of the members' mean probabilities (the
+    methods of ``pylon.heatmaps`` average the members' maps)."""
+
+    def __init__(self, members: Sequence[nn.Module]):
+        super().__init__()
+        kinds = {type(m) for m in members}
+        if len(kinds) != 1:
+            raise ValueError(f"an ensemble needs models of one kind, got {sorted(k.__name__ for k in kinds)}")
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        outputs = [member(x) for member in self.members]
+        return ModelOutput(_mean_probability_logit([o.logits for o in outputs]),
+                           _mean_probability_logit([o.heatmap for o in outputs]))

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbone import (EncoderModel, ModelOutput, WeightsSpec, build_encoder, init_beyond_encoder, load_model_checkpoint,
-                       read_run_state)
+from .backbone import EncoderModel, ModelOutput, WeightsSpec
 
 
 @dataclass
@@ -38,20 +37,13 @@ class BaselineConfig:
 class BaselineClassifier(EncoderModel):
     """``forward(x)`` -> ``ModelOutput(logits (N, n_out), heatmap = CAM (N, n_out, H/32, W/32))``."""
 
-    def __init__(self, conf: BaselineConfig):
-        super().__init__()
-        self.conf = conf
-        weights = None if conf.pretrain is not None else conf.weights
-        run_state = read_run_state(weights)  # a trained run's: the linear head takes it too if it fits
-        self.encoder = build_encoder(conf.backbone, conf.n_in, weights, run_state)
+    head_prefixes = ("fc.",)
+
+    def build_head(self, conf: BaselineConfig) -> None:
         self.fc = nn.Linear(self.encoder.out_channels[-1], conf.n_out)
-        self.init_note = init_beyond_encoder(self, weights, run_state, ("fc.",))
         # The deepest feature map passes through this parameter-free module: what Grad-CAM
         # hooks, for any encoder, without changing the checkpoint's keys.
         self.target_layer = nn.Identity()
-        if conf.pretrain is not None:
-            load_model_checkpoint(self, conf.pretrain)
-        self.apply_freeze(conf.freeze)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The encoder's last feature map, (N, C, H/32, W/32)."""

@@ -1,12 +1,9 @@
-"""PYLON: an encoder, a pyramid-attention decoder and a head whose per-pixel logits (at 1/4
-of the input) are the heatmap; the image logit is the heatmap's max.
-
-After Preechakul et al., "Improved image classification explainability with high-accuracy
-heatmaps", iScience 2022. With a ResNet encoder, parameter counts and (at inputs that are
-multiples of 256) the computation match the authors' code; any multiple of 32 works here.
-Checkpoint names: ``encoder``, ``decoder.attention``, ``decoder.ups.{0,1,2}`` (adding the
-1/16, 1/8, 1/4 features), ``head``.
-"""
+"""PYLON (Preechakul et al., "Improved image classification explainability with high-accuracy
+heatmaps", iScience 2022): an encoder, a pyramid-attention decoder and a head whose per-pixel
+logits (at 1/4 of the input) are the heatmap; the image logit is the heatmap's max. With a ResNet
+encoder, parameter counts and (at inputs that are multiples of 256) the computation match the
+authors' code; any multiple of 32 works here. Checkpoint names: ``encoder``, ``decoder.attention``,
+``decoder.ups.{0,1,2}`` (adding the 1/16, 1/8, 1/4 features), ``head``."""
 from __future__ import annotations
 
 import re
@@ -19,8 +16,7 @@ from segmentation_models_pytorch.base.initialization import initialize_decoder, 
 from torch import nn
 from torchvision.ops import Conv2dNormActivation
 
-from .backbone import (EncoderModel, ModelOutput, WeightsSpec, build_encoder, init_beyond_encoder, load_model_checkpoint,
-                       read_run_state)
+from .backbone import EncoderModel, ModelOutput, WeightsSpec
 
 
 @dataclass
@@ -64,12 +60,8 @@ class PyramidAttention(nn.Module):
         self.use_pa = use_pa
         self.project = conv_bn_relu(in_ch, out_ch, 1)
         if use_pa:
-            self.down1 = conv_bn_relu(in_ch, 1, 7)
-            self.down2 = conv_bn_relu(1, 1, 5)
-            self.down3 = conv_bn_relu(1, 1, 3)
-            self.lateral1 = conv_bn_relu(1, 1, 7)
-            self.lateral2 = conv_bn_relu(1, 1, 5)
-            self.lateral3 = conv_bn_relu(1, 1, 3)
+            self.down1, self.down2, self.down3 = conv_bn_relu(in_ch, 1, 7), conv_bn_relu(1, 1, 5), conv_bn_relu(1, 1, 3)
+            self.lateral1, self.lateral2, self.lateral3 = (conv_bn_relu(1, 1, k) for k in (7, 5, 3))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projected = self.project(x)
@@ -107,12 +99,12 @@ class UpBlock(nn.Module):
 
 
 class PylonDecoder(nn.Module):
-    def __init__(self, encoder_channels: Sequence[int], n_dec_ch: int = 128, use_pa: bool = True,
-                 up_type: str = "2layer", up_kernel_size: int = 1, n_up: int = 3):
+    def __init__(self, encoder_channels: Sequence[int], conf: PylonConfig):
         super().__init__()
-        self.attention = PyramidAttention(encoder_channels[-1], n_dec_ch, use_pa=use_pa)
+        self.attention = PyramidAttention(encoder_channels[-1], conf.n_dec_ch, use_pa=conf.use_pa)
         # ups[0] takes the 1/16 features, ups[1] the 1/8, ups[2] the 1/4.
-        self.ups = nn.ModuleList(UpBlock(encoder_channels[-2 - i], n_dec_ch, up_type, up_kernel_size) for i in range(n_up))
+        self.ups = nn.ModuleList(UpBlock(encoder_channels[-2 - i], conf.n_dec_ch, conf.up_type, conf.up_kernel_size)
+                                 for i in range(conf.n_up))
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
         # oneDNN's CPU convolutions are faster on channels-last tensors: it cut this decoder's
@@ -122,36 +114,6 @@ class PylonDecoder(nn.Module):
         for i, up in enumerate(self.ups):
             x = up(features[-2 - i], x)
         return x
-
-
-class Pylon(EncoderModel):
-    """``forward(x)`` -> ``ModelOutput(logits (N, n_out), heatmap (N, n_out, H/4, W/4))``."""
-
-    def __init__(self, conf: PylonConfig):
-        super().__init__()
-        self.conf = conf
-        # A whole-model checkpoint overwrites the encoder anyway: do not fetch its weights.
-        weights = None if conf.pretrain is not None else conf.weights
-        run_state = read_run_state(weights)  # a trained run's: the decoder and head take what fits too
-        self.encoder = build_encoder(conf.backbone, conf.n_in, weights, run_state)
-        self.decoder = PylonDecoder(self.encoder.out_channels, conf.n_dec_ch, conf.use_pa, conf.up_type,
-                                    conf.up_kernel_size, conf.n_up)
-        self.head = nn.Conv2d(conf.n_dec_ch, conf.n_out, conf.seg_kern_size, padding=conf.seg_kern_size // 2)
-        # Same initialisation as smp segmentation models (and the original PYLON).
-        initialize_decoder(self.decoder)
-        initialize_head(self.head)
-        self.init_note = init_beyond_encoder(self, weights, run_state, ("decoder.", "head."))
-        if conf.pretrain is not None:
-            load_model_checkpoint(self, conf.pretrain, translate=translate_reference_keys)
-        self.apply_freeze(conf.freeze)
-
-    def forward(self, x: torch.Tensor) -> ModelOutput:
-        decoded = self.decoder(self.encoder(x))
-        # The 1x1 head runs in float32 even under autocast: in bf16 (8-bit mantissa) neighbouring
-        # logits would tie, rounding the max-pooled logit and moving the map's peak.
-        with torch.autocast(x.device.type, enabled=False):
-            heatmap = self.head(decoded.float()).contiguous()
-        return ModelOutput(logits=heatmap.amax(dim=(-2, -1)), heatmap=heatmap)
 
 
 # Names of the original implementation (its ``net.`` submodule) -> ours: its checkpoints can be ``pretrain``.
@@ -173,10 +135,8 @@ def translate_reference_keys(state: dict) -> dict:
         return state
     out = {}
     for key, value in state.items():
-        for pattern, repl in _REFERENCE_KEY_RULES:
-            key, n = re.subn(pattern, repl, key)
-            if n:
-                break
+        for pattern, repl in _REFERENCE_KEY_RULES:  # at most one matches: each takes the "net." away
+            key = re.sub(pattern, repl, key)
         if key.startswith("decoder."):
             # ConvBnRelu(conv, bn) -> Conv2dNormActivation(0: conv, 1: bn); '1layer' skips are a
             # bare ConvBnRelu there, a 1-element Sequential here.
@@ -184,3 +144,25 @@ def translate_reference_keys(state: dict) -> dict:
             key = re.sub(r"(decoder\.ups\.\d\.skip\.)(?=[01]\.(weight|bias|running_|num_batches))", r"\g<1>0.", key)
         out[key] = value
     return out
+
+
+class Pylon(EncoderModel):
+    """``forward(x)`` -> ``ModelOutput(logits (N, n_out), heatmap (N, n_out, H/4, W/4))``."""
+
+    head_prefixes = ("decoder.", "head.")
+    translate_keys = staticmethod(translate_reference_keys)
+
+    def build_head(self, conf: PylonConfig) -> None:
+        self.decoder = PylonDecoder(self.encoder.out_channels, conf)
+        self.head = nn.Conv2d(conf.n_dec_ch, conf.n_out, conf.seg_kern_size, padding=conf.seg_kern_size // 2)
+        # Same initialisation as smp segmentation models (and the original PYLON).
+        initialize_decoder(self.decoder)
+        initialize_head(self.head)
+
+    def forward(self, x: torch.Tensor) -> ModelOutput:
+        decoded = self.decoder(self.encoder(x))
+        # The 1x1 head runs in float32 even under autocast: in bf16 (8-bit mantissa) neighbouring
+        # logits would tie, rounding the max-pooled logit and moving the map's peak.
+        with torch.autocast(x.device.type, enabled=False):
+            heatmap = self.head(decoded.float()).contiguous()
+        return ModelOutput(logits=heatmap.amax(dim=(-2, -1)), heatmap=heatmap)
