@@ -1,17 +1,11 @@
 """Heatmap throughput: PYLON's forward pass vs Grad-CAM on the ResNet-50 baseline.
 
-All maps come from ``pylon.heatmaps.heatmaps`` (what evaluation runs) on the same batch, from models
-built from pylon_r50.yaml with random weights, on the same CPU threads:
-
-  pylon      PYLON-R50: one forward pass, sigmoid of the decoder's map (64x64 at 256 px)
-  gradcam    ResNet-50 baseline + pytorch-grad-cam GradCAM: forward + full backward (native map 8x8
-             at 256 px, upsampled by the library to the input size)
-  cam        the same baseline's CAM: one forward pass, the least any Grad-CAM costs
-  gradcam++  (with --plusplus) pytorch-grad-cam GradCAMPlusPlus
-
-Also timed: scoring --score-maps PYLON-sized maps (one to three boxes each) with
+Every map comes from ``pylon.heatmaps.heatmaps`` (what evaluation runs) on one batch, from pylon_r50.yaml's
+models with random weights: PYLON-R50 (one forward pass, a 64x64 map at 256 px), the ResNet-50 baseline's
+Grad-CAM (forward + full backward; an 8x8 map upsampled to the input), its CAM (one forward pass: the least
+any Grad-CAM costs) and, with --plusplus, Grad-CAM++. Also timed: scoring --score-maps maps with
 ``pylon.metrics.point_accuracy``, evaluate.py's localization metric (target: 6,000 in under 10 s).
-Prints median maps/s per method and PYLON's over Grad-CAM's; the last line is one JSON object.
+The last line is one JSON object.
 
     python bench/heatmap_speed.py --threads 2 --rounds 5
 """

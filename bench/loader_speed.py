@@ -1,18 +1,13 @@
 """The training loader against the step it feeds: the cache vs decoding the files, a loader-fed vs a bare step.
 
-Data, model, step and loader are train.py's own (pylon.engine.setup, pylon.data.pipeline.split_loader,
-pylon.engine.train_step) on a config, by default demo.yaml (`make demo`) as PYLON-R50 at 256 px, batch 8.
-Timed in interleaved rounds, each job on --steps batches of a fresh epoch once its workers have started
-(their start-up is reported apart, as a real epoch pays it once):
-
-  cached       the training loader (memory-mapped cache, augmentation, data.num_workers workers), no model
-  decode_<s>   the same loader reading source <s>'s original files (read_image + resize, what every epoch
-               would cost without the cache)
-  in_process   the cached loader without workers: the CPU work the workers take from training, per core
-  bare_step    train_step on one batch already on the device: the model's own rate
-  loader_step  train_step on the cached loader's batches; loader overhead = loader_step / bare_step - 1
-
-The last line is one JSON object.
+train.py's own setup, loader and step (pylon.engine.setup, pylon.data.pipeline.split_loader, pylon.engine.train_step)
+on a config, by default demo.yaml (`make demo`) as PYLON-R50 at 256 px, batch 8. Each job times --steps batches of
+a fresh epoch once its workers have started (their start-up is reported apart: a real epoch pays it once):
+cached (the training loader: memory-mapped cache, augmentation, data.num_workers workers, no model), decode_<s>
+(the same loader reading source <s>'s original files: what every epoch would cost without the cache), in_process
+(the cached loader without workers: the CPU work the workers take from training), bare_step (train_step on one
+batch already on the device) and loader_step (train_step on the cached loader's batches; loader overhead =
+loader_step / bare_step - 1). The last line is one JSON object.
 
     python bench/loader_speed.py --steps 4 [--config NAME] [--set data.num_workers=2 train.amp=false ...]
 """

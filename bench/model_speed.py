@@ -1,11 +1,9 @@
 """Model speed at fp32 and at the precision train.py chooses (pylon.device), side by side.
 
-PYLON-R18, PYLON-R50 and a ResNet50 classifier (the avg-pool baseline), built from pylon_r50.yaml with
-random weights, see the same batch. Each is timed for inference (pylon.inference.probabilities) and for
-train.py's optimizer step (pylon.engine.train_step) with train.amp=false (fp32) and train.amp=true
-(bf16 autocast + channels_last on CUDA and on CPUs with native bf16; elsewhere fp32 again), every
-measurement once per interleaved round. Reported: median seconds and images/s, the amp speed-up per
-model, and PYLON-R50's time over ResNet50's at each precision; the last line is one JSON object.
+PYLON-R18, PYLON-R50 and a ResNet50 classifier (the avg-pool baseline) from pylon_r50.yaml with random weights
+see the same batch, timed for inference (pylon.inference.probabilities) and train.py's optimizer step
+(pylon.engine.train_step) with train.amp=false (fp32) and train.amp=true (bf16 autocast + channels_last on CUDA
+and on CPUs with native bf16; elsewhere fp32 again) in interleaved rounds. The last line is one JSON object.
 
     python bench/model_speed.py --batch 16 --size 256 --rounds 5 --threads 2
 """

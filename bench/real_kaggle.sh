@@ -1,15 +1,12 @@
 #!/usr/bin/env bash
-# Train PYLON-R18 and its ResNet18 twin from scratch on the real Kaggle chest X-rays (configs/kaggle224_*.yaml,
-# each under 30 minutes on 2 CPU cores), then score both on the official 624-image test split.
+# Train PYLON-R18 and its ResNet18 twin from scratch on the real Kaggle chest X-rays (configs/kaggle224_*.yaml),
+# then score both on the official 624-image test split; the last lines are one JSON object per model (run,
+# training minutes). With RSNA_ROOT, the PYLON run also draws overlays with the official boxes for every DICOM
+# there into <run>/predict/: a check of frames and orientation on adult films it never saw.
 #
 #   bench/real_kaggle.sh KAGGLE_ROOT [--set key=value ...]       # overrides for train.py
 #   RSNA_ROOT=/path/to/rsna bench/real_kaggle.sh KAGGLE_ROOT    # also predict on RSNA DICOMs
 #   RUNS_DIR=/elsewhere bench/real_kaggle.sh KAGGLE_ROOT         # runs and log there (default runs/)
-#
-# KAGGLE_ROOT holds chest_xray/{train,test}/{NORMAL,PNEUMONIA}. With RSNA_ROOT (stage_2_train_labels.csv +
-# stage_2_train_images/), the PYLON run also writes overlays with the official boxes for every DICOM there
-# into <run>/predict/: a check of frames and orientation on adult films it never saw. Everything is logged
-# to <RUNS_DIR>/real_kaggle-<time>.log; the last lines are one JSON object per model (run, training minutes).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

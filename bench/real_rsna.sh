@@ -1,8 +1,6 @@
 #!/usr/bin/env bash
-# Real localization, the recommended recipes (docs/RESULTS.md): PYLON on an ImageNet MobileNetV2 and its twin on
-# RSNA films (real_rsna_pylon, real_rsna_baseline), PYLON-R18 and its twin on Kaggle merged with RSNA
-# (real_merged_pylon, real_merged_baseline); each trained, evaluated with --localization, then one table of
-# every heatmap method (bench/results_table.py) and one JSON line of the runs by role, e.g.
+# Real localization, the recommended recipes (docs/RESULTS.md): each config trained, evaluated with --localization,
+# then one table of every heatmap method (bench/results_table.py) and one JSON line of the runs by role, e.g.
 #   {"pylon": "runs/real_rsna_pylon-...", "baseline": ..., "merged_pylon": ..., "merged_baseline": ...}
 #
 #   bench/real_rsna.sh KAGGLE_ROOT RSNA_ROOT [--set key=value ...]            # overrides for train.py
@@ -10,10 +8,8 @@
 #   RUNS_DIR=/elsewhere bench/real_rsna.sh ...                                 # runs and log there (default runs/)
 #   PRETRAINED_DIR=/weights bench/real_rsna.sh ...  # offline: <backbone>_imagenet.pt encoder state dicts
 #
-# KAGGLE_ROOT holds chest_xray/{train,test}/{NORMAL,PNEUMONIA}; RSNA_ROOT holds stage_2_train_labels.csv,
-# stage_2_train_images/ and, for the recommended configs, nih_patient_map.csv (film -> person; without it add
-# --set "data.patient_maps={}"). Each config trains in under 45 minutes on 2 CPU cores; everything is
-# logged to <RUNS_DIR>/real_rsna-<time>.log.
+# The recommended configs split RSNA by person with RSNA_ROOT/nih_patient_map.csv (without it add
+# --set "data.patient_maps={}"); datasets/README.md lays out both roots. Log: <RUNS_DIR>/real_rsna-<time>.log.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -38,27 +38,6 @@ def source_only_auroc(predictions: pd.DataFrame, split: str) -> Optional[float]:
     return float(roc_auc_score(evaluated.label, evaluated.source.map(prevalence)))
 
 
-def localization_rows(name: str, metrics: Mapping[str, Any]) -> list[str]:
-    rows = []
-    for method, entry in metrics.get("localization", {}).items():
-        for view, block in [("all", entry), *entry.get("by_view", {}).items()]:
-            cells = [fmt(block, key) for key in LOCALIZATION_METRICS]
-            rows.append(f"| {name} | {method} | {view} | {block['n']} | " + " | ".join(cells)
-                        + f" | {block.get('n_laterality', '-')} |")
-    return rows
-
-
-def classification_row(name: str, metrics: Mapping[str, Any], predictions: pd.DataFrame) -> str:
-    c = metrics["classification"]
-    groups = [c, c["by_source"].get("kaggle", {}), c["by_source"].get("rsna", {}),
-              c["by_view"].get("AP", {}), c["by_view"].get("PA", {})]
-    source_only = source_only_auroc(predictions, metrics["split"])
-    at_youden = c.get("threshold_youden", {})  # a cross-validation's pooled report has none
-    return (f"| {name} | {c['n']} | " + " | ".join(fmt(g, "auroc") for g in groups)
-            + f" | {'-' if source_only is None else f'{source_only:.3f}'}"
-            + f" | {fmt(at_youden, 'sensitivity')} | {fmt(at_youden, 'specificity')} |")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -77,13 +56,23 @@ def main() -> None:
     print(f"| run | method | view | n | {' | '.join(LOCALIZATION_METRICS)} | n_lat |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, metrics, _ in evaluated:
-        print("\n".join(localization_rows(name, metrics)))
+        for method, entry in metrics.get("localization", {}).items():
+            for view, block in [("all", entry), *entry.get("by_view", {}).items()]:
+                cells = " | ".join(fmt(block, key) for key in LOCALIZATION_METRICS)
+                print(f"| {name} | {method} | {view} | {block['n']} | {cells} | {block.get('n_laterality', '-')} |")
     print("\nClassification (AUROC with 95% intervals; sensitivity / specificity at the val-chosen "
           "Youden threshold)\n")
     print("| run | n | all | kaggle | rsna | rsna AP | rsna PA | source alone | sens | spec |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for name, metrics, predictions in evaluated:
-        print(classification_row(name, metrics, predictions))
+        c = metrics["classification"]
+        groups = [c, c["by_source"].get("kaggle", {}), c["by_source"].get("rsna", {}),
+                  c["by_view"].get("AP", {}), c["by_view"].get("PA", {})]
+        source_only = source_only_auroc(predictions, metrics["split"])
+        at_youden = c.get("threshold_youden", {})  # a cross-validation's pooled report has none
+        print(f"| {name} | {c['n']} | " + " | ".join(fmt(g, "auroc") for g in groups)
+              + f" | {'-' if source_only is None else f'{source_only:.3f}'}"
+              + f" | {fmt(at_youden, 'sensitivity')} | {fmt(at_youden, 'specificity')} |")
 
 
 if __name__ == "__main__":

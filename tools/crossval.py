@@ -1,12 +1,10 @@
 """Cross-validate a config: python tools/crossval.py --config NAME [--folds 5] [--set k=v ...] [--resume CV_DIR]
 
-Trains one ordinary run per fold (``data.folds=K data.fold=i``), evaluates each with ``evaluate.py
---localization`` and pools every fold's test images into one report, each image scored by the one model that
-never saw its patient. ``<runs_dir>/<name>-cv<K>-<time>/`` holds the fold runs, ``crossval.json`` (the recipe
-and its runs) and ``eval/`` (``metrics.json`` with intervals over patients and each fold's numbers under
-``per_fold``, ``predictions.csv``, ``localization.csv``). ``--resume CV_DIR`` does only what is missing.
-The folder is also the fold models as one ensemble, for data outside the folds: ``python evaluate.py --run
-CV_DIR --localization --set data.roots.rsna=/other eval.split=all --out DIR``, ``python predict.py --run CV_DIR``.
+One ordinary run per fold (``data.folds=K data.fold=i``), each evaluated with ``evaluate.py --localization``, and
+every fold's test images pooled into ``<runs_dir>/<name>-cv<K>-<time>/eval/`` (metrics.json with intervals over
+patients and ``per_fold``, predictions.csv, localization.csv), each scored by the model that never saw its patient.
+The folder (fold runs, crossval.json) is also the fold models as one ensemble, for data outside the folds:
+``evaluate.py --run CV_DIR --localization --set data.roots.rsna=/other eval.split=all --out DIR``, ``predict.py``.
 """
 from __future__ import annotations
 

@@ -1,13 +1,10 @@
 """Learning-rate range test: python tools/lr_find.py --config X [--set k=v ...] [--start 1e-7] [--end 10] [--steps N]
 
-A fresh model of the config trains as train.py would (same data order, loss, optimizer and step) while the
-learning rate grows exponentially from --start to --end over one epoch, at least 100 steps (the data goes round
-again as train.py's next epoch would: the smoothed loss needs about 50 steps to mean anything), or --steps. It
-stops once the smoothed loss exceeds 4x its best or the loss blows up, and writes lr_find.csv, lr_find.png,
-lr_find.json and config.yaml to <runs_dir>/<name>-lrfind-<time>/ (no checkpoint, no W&B). One process.
-
-Suggested rate: where the smoothed loss falls fastest against log10(lr), over the points before the stop
-but the first and last tenth, where the average still settles or already turns up.
+A fresh model trains as train.py would (same data order, loss, optimizer and step) while the rate grows exponentially
+from --start to --end over one epoch of at least 100 steps (the smoothed loss needs about 50 to mean anything), or
+--steps, until the smoothed loss passes 4x its best; lr_find.csv/.png/.json and config.yaml go to
+<runs_dir>/<name>-lrfind-<time>/. Suggested rate: where the smoothed loss falls fastest against log10(lr), leaving
+out the first and last tenth of the points before the stop, where the average still settles or already turns up.
 """
 from __future__ import annotations
 

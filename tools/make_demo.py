@@ -53,9 +53,8 @@ def _soft(x: np.ndarray, width: float) -> np.ndarray:
 
 
 def _waves(rng: np.random.Generator, u: np.ndarray, v: np.ndarray, n: int, freq: tuple) -> np.ndarray:
-    """Smooth unit-variance noise on the grid of row `u` (1, W) and column `v` (H, 1): a sum of
-    `n` random plane waves, `freq` in radians per unit. cos(a + b) = cos a cos b - sin a sin b
-    turns the sum into one small matrix product."""
+    """Smooth unit-variance noise on the grid of row `u` (1, W) and column `v` (H, 1): `n` random plane waves,
+    `freq` in radians per unit, summed as one small matrix product by cos(a + b) = cos a cos b - sin a sin b."""
     angle, f, phase = rng.uniform([0, freq[0], 0], [2 * np.pi, freq[1], 2 * np.pi], (n, 3)).T
     a, b = f[:, None] * np.cos(angle)[:, None] * u, f * np.sin(angle) * v + phase  # (n, W), (H, n)
     return np.hstack([np.cos(b), -np.sin(b)]) @ np.vstack([np.cos(a), np.sin(a)]) * np.sqrt(2.0 / n)

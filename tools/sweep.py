@@ -113,14 +113,13 @@ def distributions(path: Path, space: Space, config: str, overrides: list[str]) -
     for key, spec in space.parameters.items():
         try:
             found[key] = dist = optuna.distributions.json_to_distribution(json.dumps(spec))
+            for value in getattr(dist, "choices", None) or (dist.low, dist.high):
+                load_config(config, [*overrides, f"{key}={value}"])
+        except ConfigError as err:  # the loader calls the value a --set; here it is the file's
+            raise ConfigError(f"{path}: {str(err).removeprefix('--set: ')}") from None
         except (KeyError, TypeError, ValueError) as err:
             raise ConfigError(f"{path}: parameter {key}: {type(err).__name__} {err} (e.g. {{type: float, low: "
                               "1.0e-4, high: 1.0e-2, log: true}; YAML reads 1e-4 as text: write 1.0e-4)") from None
-        for value in getattr(dist, "choices", None) or (dist.low, dist.high):
-            try:
-                load_config(config, [*overrides, f"{key}={value}"])
-            except ConfigError as err:  # the loader calls the value a --set; here it is the file's
-                raise ConfigError(f"{path}: {str(err).removeprefix('--set: ')}") from None
     return found
 
 
@@ -133,8 +132,7 @@ def optuna_object(module: Any, name: str, kwargs: dict[str, Any]) -> Any:
 
 
 def search_policy(path: Path, space: Space, params: dict[str, Any], epochs: int) -> tuple[dict[str, Any], Any]:
-    """The sampler's keyword arguments (a continuation reseeds it) and the pruner, each refused by
-    Optuna before anything is written."""
+    """The sampler's keyword arguments (a continuation reseeds it) and the pruner, both checked by Optuna now."""
     if space.metric not in VAL_METRICS and space.metric.removeprefix(SOURCE_LOSS) not in SOURCES:
         raise ConfigError(f"{path}: metric {space.metric!r} is not a validation column of history.csv "
                           f"({', '.join(VAL_METRICS)}, {SOURCE_LOSS}<source>): a sweep never selects on the test split")
@@ -174,8 +172,7 @@ def best_of(metric: str, values: Iterable[float]) -> Optional[float]:
 
 
 def write_results(study: Any, metric: str, sweep_dir: Path, base: Any) -> None:
-    """sweep.csv (a row per trial) and best.yaml: the best run's config, named, placed and grouped like
-    the base config, so that training it makes a normal run."""
+    """sweep.csv (a row per trial) and best.yaml: the best run's config as a normal run of the base config."""
     rows = [{"number": t.number, "state": t.state.name, **t.params,
              f"best_{metric}": best_of(metric, t.intermediate_values.values()), "epochs": len(t.intermediate_values),
              "run": t.user_attrs.get("run"), "error": t.user_attrs.get("error")} for t in study.trials]
