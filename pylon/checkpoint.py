@@ -7,6 +7,7 @@ plain containers only. Bytes changed inside an intact archive go unnoticed: torc
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -32,7 +33,7 @@ def save_checkpoint(path: PathLike, state: Mapping[str, Any]) -> Path:
         torch.save(dict(state), tmp)
         os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)  # gone after a successful replace; a failed save's partial file
+        tmp.unlink(missing_ok=True)  # a failed save's partial file; after os.replace there is none
     return path
 
 
@@ -43,10 +44,13 @@ def load_checkpoint(path: PathLike) -> dict:
         raise CheckpointError(f"{path}: checkpoint file does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many types for damaged archives
-        if found := re.search(r"GLOBAL (\S+)", str(err)):  # what weights_only refused to rebuild
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))  # what weights_only refused to rebuild
+        if found:
             raise CheckpointError(f"{path}: refused, it holds Python code ({found.group(1)}), "
                                   "which a checkpoint written by this project never does") from None
+        raise CheckpointError(f"{path}: damaged or not a checkpoint ({str(err).splitlines()[0]})") from None
+    except Exception as err:  # noqa: BLE001 - torch raises many types for damaged archives
         raise CheckpointError(f"{path}: damaged or not a checkpoint ({type(err).__name__})") from None
     if not isinstance(state, dict):
         raise CheckpointError(f"{path}: not a checkpoint (holds a {type(state).__name__}, not a dict)")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -78,15 +78,16 @@ def main_first(d: Dist, build: Callable[[], T]) -> T:
     passed on so that no process waits forever."""
     if d.world_size == 1:
         return build()
-    failure: list[Optional[str]] = [None]
-    try:
-        if d.is_main:
-            return build()
-    except Exception as exc:
-        failure[0] = str(exc)
-        raise
-    finally:
-        dist.broadcast_object_list(failure, src=0)  # rank 0 sends whether it failed, once it is done
-    if failure[0] is not None:
-        raise RuntimeError(f"rank 0 failed: {failure[0]}")
-    return build()
+    result, failure = None, None
+    if d.is_main:
+        try:
+            result = build()
+        except Exception as exc:  # re-raised below, after telling the other processes
+            failure = exc
+    message = [None if failure is None else str(failure)]
+    dist.broadcast_object_list(message, src=0)
+    if failure is not None:
+        raise failure
+    if message[0] is not None:
+        raise RuntimeError(f"rank 0 failed: {message[0]}")
+    return result if d.is_main else build()

@@ -205,11 +205,13 @@ def _build_into(folder: Path, records: list[Record], fingerprint: dict, image_si
         del source, target
         os.replace(folder / "compact.npy", images_path)
     with open(folder / "index.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([["row", "id", "path", *Geometry._fields, *readers.HEADER_TAGS], *(
-            [row, records[i].id, records[i].path, *outcome[i]] for row, i in enumerate(ok))])
+        writer = csv.writer(handle)
+        writer.writerow(["row", "id", "path", *Geometry._fields, *readers.HEADER_TAGS])
+        writer.writerows([row, records[i].id, records[i].path, *outcome[i]] for row, i in enumerate(ok))
     with open(folder / "report.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([["id", "path", "reason"], *([records[i].id, records[i].path, outcome[i]]
-                                                                   for i in failed)])
+        writer = csv.writer(handle)
+        writer.writerow(["id", "path", "reason"])
+        writer.writerows([records[i].id, records[i].path, outcome[i]] for i in failed)
     meta = dict(fingerprint, n_images=len(ok), n_unreadable=len(failed), created=time.strftime("%Y-%m-%dT%H:%M:%S"))
     (folder / "meta.json").write_text(json.dumps(meta, indent=2))
 

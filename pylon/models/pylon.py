@@ -60,8 +60,12 @@ class PyramidAttention(nn.Module):
         self.use_pa = use_pa
         self.project = conv_bn_relu(in_ch, out_ch, 1)
         if use_pa:
-            self.down1, self.down2, self.down3 = conv_bn_relu(in_ch, 1, 7), conv_bn_relu(1, 1, 5), conv_bn_relu(1, 1, 3)
-            self.lateral1, self.lateral2, self.lateral3 = (conv_bn_relu(1, 1, k) for k in (7, 5, 3))
+            self.down1 = conv_bn_relu(in_ch, 1, 7)
+            self.down2 = conv_bn_relu(1, 1, 5)
+            self.down3 = conv_bn_relu(1, 1, 3)
+            self.lateral1 = conv_bn_relu(1, 1, 7)
+            self.lateral2 = conv_bn_relu(1, 1, 5)
+            self.lateral3 = conv_bn_relu(1, 1, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         projected = self.project(x)
