@@ -23,7 +23,8 @@ from pylon.data.pipeline import ALL, PreparedData, prepare_data, rows_loader
 from pylon.data.sources import report_group
 from pylon.heatmaps import heatmaps, methods_for, resolve_methods
 from pylon.device import bar_disabled
-from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, predict_split
+from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, member_runs, predict_split
+from pylon.models import Ensemble
 from pylon.metrics import (LOCALIZATION_METRICS, POINTING_KEY, argmax_points, bootstrap_ci,
                            classification_section, energy_in_box, jsonable, laterality_hits, pointing_game)
 from pylon.runs import RunPaths, check_splits, replacing_folder
@@ -215,10 +216,15 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     trained = load_run(run, overrides)
     cfg = trained.cfg
     split = cfg.eval.split
-    if run.crossval.is_file() and (split != ALL or embeddings):
+    if run.crossval.is_file() and split != ALL:
         raise ConfigError(f"{run.root} is a cross-validation: its fold models together have seen every image of its "
-                          "data, and have no one encoder to map; score the ensemble on other data (eval.split=all, "
-                          "--out DIR), or evaluate one fold's run")
+                          "data; score the ensemble on other data (eval.split=all, --out DIR), or evaluate one fold")
+    if run.ensemble.is_file() and split != ALL and not all(
+            m.splits.is_file() and m.splits.read_bytes() == run.splits.read_bytes() for m in member_runs(run)):
+        raise ConfigError(f"{run.root}: its runs were not all trained on the split in its {run.splits.name}; "
+                          "score the ensemble on other data (eval.split=all, --out DIR)")
+    if embeddings and isinstance(trained.model, Ensemble):
+        raise ConfigError(f"{run.root} is an ensemble: it has no one encoder to map; map one of its runs")
     roots = lambda data: {s: os.path.abspath(str(data.roots.get(s))) for s in data.sources}  # noqa: E731
     if out is None and (split == ALL or roots(cfg.data) != roots(trained.trained_data)):  # not the run's own images
         raise ConfigError(f"eval.split={split} with these data.sources and roots is not the run's own test data: give "

@@ -124,9 +124,9 @@ class TrainedRun:
 
 
 def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str] = None) -> TrainedRun:
-    """The run's config (plus the few overrides evaluation may change) and its best checkpoint;
-    for a cross-validation folder, its fold models as one ``Ensemble``."""
-    if run.crossval.is_file():
+    """The run's config (plus the few overrides evaluation may change) and its best checkpoint; for a
+    cross-validation folder or a seed ensemble (``ensemble.json``), its runs as one ``Ensemble``."""
+    if run.crossval.is_file() or run.ensemble.is_file():
         return _load_ensemble(run, overrides, device)
     restrict_overrides(list(overrides), ALLOWED_OVERRIDES, "for a trained run",
                        "train a new run to change what was trained")
@@ -152,17 +152,26 @@ def load_run(run: RunPaths, overrides: Sequence[str] = (), device: Optional[str]
                       (float(norm["mean"]), float(norm["std"])), state.get("prior"), state)
 
 
-def _load_ensemble(folder: RunPaths, overrides: Sequence[str], device: Optional[str]) -> TrainedRun:
-    """The k fold runs of a cross-validation as one model: mean probability, mean heatmaps, the
-    mean of the folds' box priors and of their val-chosen thresholds."""
+def member_runs(folder: RunPaths) -> list[RunPaths]:
+    """The trained runs an ensemble folder stands for: a cross-validation's fold runs (each fold's
+    seeds, where it trained several) or a seed ensemble's runs."""
+    if folder.ensemble.is_file():
+        return [RunPaths(r) for r in json.loads(folder.ensemble.read_text())["runs"]]
     plan = json.loads(folder.crossval.read_text())
     missing = [f for f in range(plan["folds"]) if str(f) not in plan["runs"]]
     if missing:
         raise ConfigError(f"{folder.root}: fold(s) {missing} were never trained; finish them with "
                           f"python tools/crossval.py --resume {folder.root}")
-    members = [load_run(RunPaths(plan["runs"][str(f)]), overrides, device) for f in range(plan["folds"])]
+    folds = [RunPaths(plan["runs"][str(f)]) for f in range(plan["folds"])]
+    return [run for fold in folds for run in (member_runs(fold) if fold.ensemble.is_file() else [fold])]
+
+
+def _load_ensemble(folder: RunPaths, overrides: Sequence[str], device: Optional[str]) -> TrainedRun:
+    """An ensemble folder's runs as one model: mean probability, mean heatmaps, the mean of the
+    runs' box priors and of their val-chosen thresholds."""
+    members = [load_run(run, overrides, device) for run in member_runs(folder)]
     if len({m.mean_std for m in members}) > 1:
-        raise ConfigError(f"{folder.root}: the fold runs normalise their inputs differently "
+        raise ConfigError(f"{folder.root}: its runs normalise their inputs differently "
                           "(data.normalize_from_train); their models cannot share one input")
     priors, thresholds = [m.prior for m in members], [m.info.get("threshold_youden") for m in members]
     first = members[0]

@@ -24,6 +24,7 @@ class RunPaths:
         self.eval_dir = self.root / "eval"
         self.lock = self.root / "training.lock"  # "<host> <pid>" of the process training the run
         self.crossval = self.root / "crossval.json"  # only in a cross-validation folder (tools/crossval.py)
+        self.ensemble = self.root / "ensemble.json"  # only in a folder of runs trained on one split (a seed ensemble)
 
 
 def new_run(runs_dir: Union[str, Path], name: str) -> RunPaths:

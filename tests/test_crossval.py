@@ -84,6 +84,53 @@ def check_the_folder_is_an_ensemble(folder: Path, runs: list[Path], tmp_path: Pa
     assert {"pylon", "prior", "center"} <= set(result.metrics["localization"])
 
 
+def test_seeds_score_each_fold_as_its_seed_ensemble_and_resume_trains_a_missing_seed(tiny_data, tmp_path):
+    import pytest
+    import torch
+
+    from pylon.config import ConfigError
+    from pylon.evaluation import evaluate_run
+    from pylon.inference import load_run, member_runs, probabilities
+    from pylon.runs import RunPaths
+
+    overrides = tiny_overrides(tiny_data, tmp_path / "runs", "train.epochs=1", "train.seed=3", "eval.bootstrap=20",
+                               "eval.n_overlays=1")
+    done = crossval(["--config", "demo.yaml", "--folds", "2", "--seeds", "2", "--set", *overrides], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (folder,) = (tmp_path / "runs").iterdir()
+    plan = json.loads((folder / "crossval.json").read_text())
+    assert plan["seeds"] == [3, 4]
+    for fold in range(2):
+        ensemble, members = RunPaths(plan["runs"][str(fold)]), [RunPaths(r) for r in plan["members"][str(fold)]]
+        assert ensemble.root.name == f"fold{fold}-seeds2" and [r.root for r in member_runs(ensemble)] == [m.root for m in members]
+        seeds = [load_run(m).cfg.train.seed for m in members]
+        assert seeds == [3, 4] and members[0].splits.read_bytes() == members[1].splits.read_bytes() == ensemble.splits.read_bytes()
+        assert json.loads((ensemble.eval_dir / "metrics.json").read_text())["checkpoint"] == [str(m.root) for m in members]
+    images = torch.randn(2, 1, 64, 64)
+    fold0 = [load_run(RunPaths(r)) for r in plan["members"]["0"]]
+    mean = sum(probabilities(m.model, images, m.precision) for m in fold0) / 2
+    ensemble = load_run(RunPaths(plan["runs"]["0"]))
+    assert probabilities(ensemble.model, images, ensemble.precision) == pytest.approx(mean, abs=1e-6)
+    assert len(member_runs(RunPaths(folder))) == 4  # the whole folder: every fold's every seed
+    metrics = json.loads((folder / "eval" / "metrics.json").read_text())
+    assert metrics["classification"]["n"] == 16 and len(metrics["per_fold"]["point_acc"]["pylon"]["values"]) == 2
+
+    mixed = tmp_path / "mixed"  # one run of each fold: they never shared a split, so no own test split exists
+    shutil.copytree(plan["runs"]["0"], mixed, ignore=shutil.ignore_patterns("eval"))
+    (mixed / "ensemble.json").write_text(json.dumps({"runs": [plan["members"]["0"][0], plan["members"]["1"][0]]}))
+    with pytest.raises(ConfigError, match="not all trained on the split"):
+        evaluate_run(RunPaths(mixed), localization=True, out=tmp_path / "mixed-eval")
+
+    shutil.rmtree(plan["members"]["1"][1])  # killed before fold 2's second seed finished an epoch
+    shutil.rmtree(Path(plan["runs"]["1"]) / "eval")
+    shutil.rmtree(folder / "eval")
+    again = crossval(["--resume", str(folder)], tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "=== fold 1 of 2" not in again.stdout and "nothing to resume" in again.stdout
+    plan = json.loads((folder / "crossval.json").read_text())
+    assert plan["members"]["1"][0] != plan["members"]["1"][1] and Path(plan["members"]["1"][1], "checkpoints", "best.pt").is_file()
+
+
 def test_a_cross_validation_needs_a_config_or_a_folder_to_resume(tmp_path):
     done = crossval(["--resume", str(tmp_path)], tmp_path)
     assert done.returncode == 2 and "not a cross-validation folder" in done.stderr

@@ -1,8 +1,10 @@
-"""Cross-validate a config: python tools/crossval.py --config NAME [--folds 5] [--set k=v ...] [--resume CV_DIR]
+"""Cross-validate a config: python tools/crossval.py --config NAME [--folds 5] [--seeds 1] [--set k=v ...] [--resume CV_DIR]
 
 One ordinary run per fold (``data.folds=K data.fold=i``), each evaluated with ``evaluate.py --localization``, and
 every fold's test images pooled into ``<runs_dir>/<name>-cv<K>-<time>/eval/`` (metrics.json with intervals over
-patients and ``per_fold``, predictions.csv, localization.csv), each scored by the model that never saw its patient.
+patients and ``per_fold``, predictions.csv, localization.csv), each scored by the model that never saw its patient. With ``--seeds N`` each fold trains N runs
+(``train.seed`` + 0..N-1) and is scored as their seed ensemble (a ``fold<i>-seeds<N>`` folder with
+``ensemble.json``: mean probability and mean heatmap), so that the pool measures the recipe, not one draw.
 The folder (fold runs, crossval.json) is also the fold models as one ensemble, for data outside the folds:
 ``evaluate.py --run CV_DIR --localization --set data.roots.rsna=/other eval.split=all --out DIR``, ``predict.py``.
 """
@@ -32,6 +34,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     cli.add_config_args(parser, required=False)
     parser.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    parser.add_argument("--seeds", type=int, default=1, help="runs per fold, scored as one ensemble (default 1)")
     parser.add_argument("--resume", metavar="CV_DIR", help="finish the missing folds of an earlier cross-validation")
     parser.add_argument("--bootstrap", type=int, help="resamples of the pooled intervals (default: eval.bootstrap)")
     args = parser.parse_args(argv)
@@ -43,11 +46,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ConfigError(f"{folder.root} is not a cross-validation folder (no {folder.crossval.name})")
         plan = json.loads(folder.crossval.read_text())
     else:
-        if args.folds < 2:
-            raise ConfigError(f"--folds must be at least 2, got {args.folds}")
+        if args.folds < 2 or args.seeds < 1:
+            raise ConfigError(f"--folds must be at least 2 and --seeds at least 1, got {args.folds}, {args.seeds}")
         cfg = load_config(args.config, [*args.overrides, f"data.folds={args.folds}"])  # fails here, not in fold 1
         folder = new_run(cfg.logging.runs_dir, f"{cfg.name}-cv{args.folds}")
         plan = {"config": args.config, "folds": args.folds, "overrides": list(args.overrides), "runs": {}}
+        if args.seeds > 1:
+            plan.update(seeds=[cfg.train.seed + i for i in range(args.seeds)], members={})
         _write_json(folder.crossval, plan)
     for fold in range(plan["folds"]):
         run_fold(folder, plan, fold)
@@ -87,15 +92,42 @@ def run_fold(folder: RunPaths, plan: dict, fold: int) -> None:
     if run is not None and (RunPaths(run).eval_dir / "metrics.json").is_file():
         return
     print(f"=== fold {fold + 1} of {plan['folds']}", flush=True)
-    if run is None or not RunPaths(run).last.is_file():
-        fold_set = [f"data.folds={plan['folds']}", f"data.fold={fold}", f"logging.runs_dir={folder.root}",
-                    f"logging.group={folder.root.name}"]
-        summary = _script("train.py", "--config", plan["config"], "--set", *plan["overrides"], *fold_set)
-        plan["runs"][str(fold)] = json.loads(summary)["run"]
-        _write_json(folder.crossval, plan)
+    if "seeds" not in plan:
+        plan["runs"][str(fold)] = train_fold(folder, plan, fold, run, [])
     else:
-        _script("train.py", "--resume", run)
+        members = plan["members"].setdefault(str(fold), [])
+        for i, seed in enumerate(plan["seeds"]):
+            previous = members[i] if i < len(members) else None
+            trained = train_fold(folder, plan, fold, previous, [f"train.seed={seed}"])
+            members[i:i + 1] = [trained]
+            _write_json(folder.crossval, plan)
+        plan["runs"][str(fold)] = str(seed_ensemble(folder.root / f"fold{fold}-seeds{len(members)}",
+                                                    [RunPaths(m) for m in members]).root)
+    _write_json(folder.crossval, plan)
     _script("evaluate.py", "--run", plan["runs"][str(fold)], "--localization")
+
+
+def train_fold(folder: RunPaths, plan: dict, fold: int, run: Optional[str], extra: list[str]) -> str:
+    """A new run of fold ``fold`` (the plan's overrides, then ``extra``), or ``run`` resumed; its folder."""
+    if run is not None and RunPaths(run).last.is_file():
+        _script("train.py", "--resume", run)
+        return run
+    fold_set = [f"data.folds={plan['folds']}", f"data.fold={fold}", f"logging.runs_dir={folder.root}",
+                f"logging.group={folder.root.name}"]
+    return json.loads(_script("train.py", "--config", plan["config"], "--set", *plan["overrides"], *extra, *fold_set))["run"]
+
+
+def seed_ensemble(root: Path, runs: Sequence[RunPaths]) -> RunPaths:
+    """A folder that evaluate.py and predict.py read as ``runs``' ensemble; they share one split, so it
+    is scored on that split like any of them."""
+    if len({run.splits.read_bytes() for run in runs}) != 1:
+        raise ConfigError(f"the runs {[str(r.root) for r in runs]} were not trained on one split")
+    folder = RunPaths(root)
+    root.mkdir(exist_ok=True)
+    shutil.copyfile(runs[0].config, folder.config)
+    shutil.copyfile(runs[0].splits, folder.splits)
+    _write_json(folder.ensemble, {"runs": [str(run.root) for run in runs]})
+    return folder
 
 
 def _fold_frames(runs: Sequence[RunPaths]) -> tuple[pd.DataFrame, pd.DataFrame]:
