@@ -95,6 +95,7 @@ class TrainConfig:
     batch_size: int = 64
     optimizer: Literal["adam", "adamw"] = "adam"
     lr: float = 1e-4
+    warmup_epochs: float = 0.0  # the rate rises step by step to lr over these epochs; then the scheduler starts
     weight_decay: float = 0.0
     scheduler: Literal["plateau", "cosine", "none"] = "plateau"
     plateau_patience: int = 1
@@ -292,6 +293,9 @@ def _check_train(t: Any, m: Any, d: Any) -> None:
     _require(0 < t.plateau_factor < 1 and t.plateau_patience >= 0,
              f"train.plateau_factor must be in (0, 1) and train.plateau_patience 0 or more, got {t.plateau_factor}, "
              f"{t.plateau_patience}")
+    warmup_end = t.freeze_encoder_epochs or t.epochs  # stage two's rate cut must not land inside the warm-up
+    _require(0 <= t.warmup_epochs <= warmup_end, f"train.warmup_epochs must be in [0, {warmup_end}] "
+             f"(train.freeze_encoder_epochs, else train.epochs), got {t.warmup_epochs}")
     _require(0 < t.finetune_lr_factor <= 1, f"train.finetune_lr_factor must be in (0, 1], got {t.finetune_lr_factor}")
     for name in ("early_stop_patience", "max_steps_per_epoch"):
         _require(t[name] is None or t[name] >= 1, f"train.{name} must be at least 1 or null, got {t[name]}")

@@ -97,9 +97,13 @@ def train_one_epoch(f: Fitting, model: nn.Module, loader: Any) -> float:
         raise ConfigError(f"no training batch: train.batch_size={cfg.train.batch_size} is larger than "
                           f"the training split ({len(loader.dataset)} images per process)")
     losses = EpochLosses(state.epoch, state.last_good(f.run.last))
+    warmup_steps = round(cfg.train.warmup_epochs * steps)
     with tqdm(total=steps, desc=f"epoch {state.epoch + 1} train", leave=False,
               disable=bar_disabled(f.d.is_main)) as bar:
         for batch in itertools.islice(loader, steps):
+            if state.global_step < warmup_steps:
+                for group in f.optimizer.param_groups:
+                    group["lr"] = cfg.train.lr * (state.global_step + 1) / warmup_steps
             loss = train_step(model, batch, f.optimizer, f.loss_fn, f.scaler, f.d, cfg.train)
             losses.steps.append((loss, len(batch["label"])))
             state.global_step += 1
@@ -255,7 +259,8 @@ def _epochs(f: Fitting, on_epoch: Optional[OnEpoch]) -> None:
             val, metrics = validate(f, val_loader, epoch)
             row = history_row(train_loss, val, metrics, f.optimizer.param_groups[0]["lr"], time.time() - started,
                               f.data.prevalence("train"), cfg.train.select_on)
-            step_scheduler(f.scheduler, row["val_select_loss"])
+            if epoch + 1 >= cfg.train.warmup_epochs:  # the warm-up owns the rate until it ends
+                step_scheduler(f.scheduler, row["val_select_loss"])
             lr = f.optimizer.param_groups[0]["lr"]  # after the scheduler's step: a plateau may have lowered it
             improved = state.record(epoch, row["val_select_loss"], metrics, cfg.train, lr)
             # Asked even when a stop rule fired, so the caller sees every epoch; all ranks follow rank 0.

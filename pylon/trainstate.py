@@ -93,7 +93,7 @@ class LoopState:
             self.best_metrics = {k: metrics[k] for k in SUMMARY_METRICS}
         if cfg_train.early_stop_patience and self.epochs_without_improvement >= cfg_train.early_stop_patience:
             self.stop_reason = f"early stop: no val-loss improvement for {self.epochs_without_improvement} epochs"
-        elif cfg_train.scheduler == "plateau" and lr < cfg_train.min_lr:
+        elif cfg_train.scheduler == "plateau" and epoch + 1 >= cfg_train.warmup_epochs and lr < cfg_train.min_lr:
             self.stop_reason = f"learning rate {lr:.1e} fell below train.min_lr={cfg_train.min_lr:.1e}"
         elif self.epoch >= cfg_train.epochs:
             self.stop_reason = ALL_EPOCHS_DONE

@@ -87,6 +87,8 @@ def test_overrides_are_typed_and_applied():
         (["train.plateau_factor=1.0"], "train.plateau_factor must be in (0, 1)"),
         (["train.plateau_patience=-1"], "train.plateau_patience 0 or more"),
         (["train.finetune_lr_factor=-0.1"], "train.finetune_lr_factor must be in (0, 1]"),
+        (["train.warmup_epochs=60"], "train.warmup_epochs must be in [0, 50]"),
+        (["train.freeze_encoder_epochs=2", "train.warmup_epochs=3"], "train.warmup_epochs must be in [0, 2]"),
         (["train.freeze_encoder_epochs=1", "train.lr=5.0e-6"], "x train.finetune_lr_factor=0.1 is below train.min_lr"),
         (["data.source_shares={rsna: 1, nih: 1, kaggle: 1}"], "data.source_shares: ['nih'] not in data.sources"),
         (["data.source_shares={rsna: 1}"], "data.source_shares gives no share to ['kaggle']"),

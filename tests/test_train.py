@@ -535,6 +535,14 @@ def test_a_cosine_run_given_more_epochs_never_raises_its_rate(tiny_data, tmp_pat
     assert len(lrs) == 4 and all(later <= earlier for earlier, later in zip(lrs, lrs[1:])), lrs
 
 
+def test_warmup_raises_the_rate_step_by_step_then_the_scheduler_takes_over(tiny_data, tmp_path):
+    runs = tmp_path / "runs"
+    extra = ("train.epochs=3", "train.warmup_epochs=2", "train.max_steps_per_epoch=2", "train.scheduler=cosine")
+    assert train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, *extra)) == 0
+    lrs = pd.read_csv(only_run(runs).history)["lr"].tolist()  # the rate of each epoch's last step
+    assert lrs[:2] == pytest.approx([1e-3 * 2 / 4, 1e-3]) and lrs[2] < 1e-3
+
+
 def test_evaluation_reports_the_val_loss_best_pt_was_chosen_on(tiny_data, tmp_path):
     runs = tmp_path / "runs"
     assert train("--config", "demo.yaml", "--set", *tiny_overrides(tiny_data, runs, "train.pos_weight=3.0",
