@@ -23,7 +23,7 @@ from pylon.data.pipeline import ALL, PreparedData, prepare_data, rows_loader
 from pylon.data.sources import report_group
 from pylon.heatmaps import heatmaps, methods_for, resolve_methods
 from pylon.device import bar_disabled
-from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, member_runs, predict_split
+from pylon.inference import SplitPredictions, TrainedRun, image_heatmaps, load_run, predict_split
 from pylon.models import Ensemble
 from pylon.metrics import (LOCALIZATION_METRICS, POINTING_KEY, argmax_points, bootstrap_ci,
                            classification_section, energy_in_box, jsonable, laterality_hits, pointing_game)
@@ -219,8 +219,9 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     if run.crossval.is_file() and split != ALL:
         raise ConfigError(f"{run.root} is a cross-validation: its fold models together have seen every image of its "
                           "data; score the ensemble on other data (eval.split=all, --out DIR), or evaluate one fold")
+    manifests = [RunPaths(m).splits for m in trained.info.get("members", [])]
     if run.ensemble.is_file() and split != ALL and not all(
-            m.splits.is_file() and m.splits.read_bytes() == run.splits.read_bytes() for m in member_runs(run)):
+            m.is_file() and m.read_bytes() == run.splits.read_bytes() for m in manifests):
         raise ConfigError(f"{run.root}: its runs were not all trained on the split in its {run.splits.name}; "
                           "score the ensemble on other data (eval.split=all, --out DIR)")
     if embeddings and isinstance(trained.model, Ensemble):

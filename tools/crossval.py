@@ -2,9 +2,10 @@
 
 One ordinary run per fold (``data.folds=K data.fold=i``), each evaluated with ``evaluate.py --localization``, and
 every fold's test images pooled into ``<runs_dir>/<name>-cv<K>-<time>/eval/`` (metrics.json with intervals over
-patients and ``per_fold``, predictions.csv, localization.csv), each scored by the model that never saw its patient. With ``--seeds N`` each fold trains N runs
-(``train.seed`` + 0..N-1) and is scored as their seed ensemble (a ``fold<i>-seeds<N>`` folder with
-``ensemble.json``: mean probability and mean heatmap), so that the pool measures the recipe, not one draw.
+patients and ``per_fold``, predictions.csv, localization.csv), each scored by the model that never saw its patient.
+With ``--seeds N`` each fold trains N runs (``train.seed`` + 0..N-1) and is scored as their seed ensemble (a
+``fold<i>-seeds<N>`` folder with ``ensemble.json``: mean probability and mean heatmap), so that the pool measures
+the recipe, not one draw.
 The folder (fold runs, crossval.json) is also the fold models as one ensemble, for data outside the folds:
 ``evaluate.py --run CV_DIR --localization --set data.roots.rsna=/other eval.split=all --out DIR``, ``predict.py``.
 """
@@ -118,10 +119,8 @@ def train_fold(folder: RunPaths, plan: dict, fold: int, run: Optional[str], extr
 
 
 def seed_ensemble(root: Path, runs: Sequence[RunPaths]) -> RunPaths:
-    """A folder that evaluate.py and predict.py read as ``runs``' ensemble; they share one split, so it
-    is scored on that split like any of them."""
-    if len({run.splits.read_bytes() for run in runs}) != 1:
-        raise ConfigError(f"the runs {[str(r.root) for r in runs]} were not trained on one split")
+    """A folder that evaluate.py and predict.py read as ``runs``' ensemble, with the first run's split:
+    evaluate.py scores it on that split once it has checked that every run shares it."""
     folder = RunPaths(root)
     root.mkdir(exist_ok=True)
     shutil.copyfile(runs[0].config, folder.config)
