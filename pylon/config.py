@@ -42,6 +42,7 @@ class DecoderConfig:
 class ModelConfig:
     arch: Literal["pylon", "baseline"] = "pylon"
     backbone: str = "resnet50"
+    encoder_depth: int = 5
     weights: Optional[str] = "imagenet"
     n_in: int = 1
     n_out: int = 1
@@ -274,8 +275,11 @@ def _check_model(m: Any) -> None:
              "segmentation-models-pytorch encoder; e.g. resnet18, resnet50, efficientnet-b0, tu-<timm model>")
     _require(m.n_in == 1 and m.n_out == 1, "model.n_in and model.n_out must be 1 to train on grey radiographs with "
              f"one label (PylonConfig takes others), got {m.n_in}, {m.n_out}")
+    _require(3 <= m.encoder_depth <= 5, f"model.encoder_depth must be 3, 4 or 5, got {m.encoder_depth}")
     dec = m.decoder
-    _require(0 <= dec.n_up <= 3, f"model.decoder.n_up must be 0, 1, 2 or 3, got {dec.n_up}")
+    finest = m.encoder_depth - 2  # UP modules add features down to 1/4 of the input, no finer
+    _require(0 <= dec.n_up <= finest, f"model.decoder.n_up must be 0 to {finest} with model.encoder_depth="
+             f"{m.encoder_depth}, got {dec.n_up}")
     _require(dec.n_dec_ch >= 1, f"model.decoder.n_dec_ch must be positive, got {dec.n_dec_ch}")
     for name in ("seg_kern_size", "up_kernel_size"):  # 'same' padding k // 2 needs odd kernels
         _require(dec[name] >= 1 and dec[name] % 2 == 1, f"model.decoder.{name} must be a positive odd number, got {dec[name]}")

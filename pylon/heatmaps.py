@@ -1,7 +1,7 @@
 """Every heatmap the project scores: ``heatmaps(model, images, method)`` -> (N, h, w) CPU maps in
 [0, 1] of class 0, at the method's own resolution, computed in eval mode:
 
-* ``pylon``: sigmoid of PYLON's logits, 1/4 size, at the caller's precision (its head stays fp32).
+* ``pylon``: sigmoid of PYLON's logits, 1/4 size (at depth 5), at the caller's precision (its head stays fp32).
 * ``cam``: the baseline's class map, min-max scaled (not a sigmoid: CAM values are uncalibrated
   logits, and an affine rescale keeps the upsampled argmax), 1/32 size, in fp32.
 * ``gradcam`` / ``gradcam++``: pytorch-grad-cam on ``target_layer`` for the raw logit, whose gradient

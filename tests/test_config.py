@@ -67,6 +67,8 @@ def test_overrides_are_typed_and_applied():
         (["train.device=tpu"], "train.device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
         (["model.backbone=resnet999"], "model.backbone='resnet999' is not a segmentation-models-pytorch encoder"),
         (["model.decoder.seg_kern_size=2"], "model.decoder.seg_kern_size must be a positive odd number"),
+        (["model.encoder_depth=2"], "model.encoder_depth must be 3, 4 or 5, got 2"),
+        (["model.encoder_depth=4"], "model.decoder.n_up must be 0 to 2 with model.encoder_depth=4, got 3"),
         (["eval.methods=[gradcam2]"], "eval.methods must be among"),
         (["train.freeze_encoder_epochs=1", "model.freeze=enc"], "both freeze the encoder"),
         (["train.pos_weight=lots"], "train.pos_weight"),

@@ -106,6 +106,23 @@ def test_fewer_up_modules_give_coarser_heatmaps(n_up, scale):
         assert model(torch.randn(1, 1, 128, 128)).heatmap.shape == (1, 1, 128 // scale, 128 // scale)
 
 
+def test_shallower_encoder_is_the_model_at_half_the_input(tmp_path):
+    """Depth 4 at 128 px sees the 8x8 grid that depth 5 sees at 256 px; the unused 1/32 stage stays
+    frozen through unfreezing (DDP would wait for its gradients), and deeper files still load."""
+    deep = small_pylon()
+    torch.save({"model": deep.state_dict()}, tmp_path / "deep.pt")
+    model = small_pylon(encoder_depth=4, n_up=2, weights=str(tmp_path / "deep.pt")).train()
+    assert torch.equal(model.encoder.layer3[0].conv1.weight, deep.encoder.layer3[0].conv1.weight)
+    model.freeze_encoder(False)
+    out = model(torch.randn(2, 1, 128, 128))
+    assert out.heatmap.shape == (2, 1, 32, 32) and torch.equal(out.logits, out.heatmap.amax(dim=(-2, -1)))
+    F.binary_cross_entropy_with_logits(out.logits, torch.tensor([[1.0], [0.0]])).backward()
+    assert model.encoder.layer3[0].conv1.weight.grad is not None
+    assert not any(p.requires_grad or p.grad is not None for p in model.encoder.layer4.parameters())
+    cam = small_baseline(encoder_depth=4).eval()(torch.randn(1, 1, 128, 128)).heatmap
+    assert cam.shape == (1, 1, 8, 8)
+
+
 def test_attention_matches_power_of_two_pyramid_at_multiples_of_256():
     """At 256/512 px the size-robust pyramid computes exactly the original's: floor max-pooling
     by 2 and bilinear (align_corners) upsampling by a factor of 2."""
@@ -206,7 +223,7 @@ def test_any_smp_encoder_builds_both_models():
 
 def test_build_model_from_a_config_section():
     decoder = {"n_dec_ch": 32, "n_up": 2, "seg_kern_size": 3, "use_pa": False, "up_type": "1layer", "up_kernel_size": 3}
-    section = OmegaConf.create({"arch": "pylon", "backbone": "resnet18", "weights": None, "n_in": 1, "n_out": 2,
+    section = OmegaConf.create({"arch": "pylon", "backbone": "resnet18", "encoder_depth": 5, "weights": None, "n_in": 1, "n_out": 2,
                                 "freeze": "enc", "pretrain": None, "decoder": decoder, "pooling": "avg"})
     model = build_model(section)
     assert isinstance(model, Pylon) and model.conf.n_dec_ch == 32 and model.conf.up_type == "1layer"

@@ -17,7 +17,7 @@ __all__ = ["BaselineClassifier", "BaselineConfig", "Ensemble", "ModelOutput", "P
 
 def build_model(model_cfg: Any) -> nn.Module:
     """The model an experiment config's (already validated) ``model`` section describes."""
-    fields = {name: model_cfg[name] for name in ("n_in", "n_out", "backbone", "weights", "freeze", "pretrain")}
+    fields = {name: model_cfg[name] for name in ("n_in", "n_out", "backbone", "encoder_depth", "weights", "freeze", "pretrain")}
     if model_cfg.arch == "pylon":
         return PylonConfig(**fields, **model_cfg.decoder).make_model()
     return BaselineConfig(**fields, pooling=model_cfg.pooling).make_model()

@@ -50,16 +50,17 @@ def resolve_weights(weights: WeightsSpec) -> tuple[Optional[Path], Optional[Path
     return path, path.parent.parent if path.parent.name == "checkpoints" else None
 
 
-def build_encoder(name: str, n_in: int, weights: Union[None, str, Path], state: Optional[dict] = None) -> nn.Module:
-    """A depth-5 smp encoder (forward: the input and the feature maps at 1/2 ... 1/32) with ``n_in``
+def build_encoder(name: str, n_in: int, weights: Union[None, str, Path], state: Optional[dict] = None,
+                  depth: int = 5) -> nn.Module:
+    """An smp encoder of ``depth`` stages (forward: the input and the feature maps at 1/2 ... 1/2**depth) with ``n_in``
     input channels and ``weights``: None (random), "imagenet" (smp's, from the Hugging Face hub), or
     a local file whose tensors are ``state`` (a state dict, or a trained run's best.pt: any model of
     this project with the same encoder); three-channel ones are fitted to ``n_in`` as smp does it."""
     if weights is None:
-        return get_encoder(name, in_channels=n_in, depth=5, weights=None)
+        return get_encoder(name, in_channels=n_in, depth=depth, weights=None)
     if str(weights) == "imagenet":
         try:  # timm ("tu-") encoders take a flag: the weights variant is part of their name
-            return get_encoder(name, in_channels=n_in, depth=5, weights=True if name.startswith("tu-") else "imagenet")
+            return get_encoder(name, in_channels=n_in, depth=depth, weights=True if name.startswith("tu-") else "imagenet")
         except Exception as err:  # noqa: BLE001 - the hub's and HTTP errors come in many types
             raise WeightsUnavailableError(
                 f"cannot get the ImageNet weights of {name} ({type(err).__name__}: {err}); to work offline set "
@@ -79,7 +80,7 @@ def build_encoder(name: str, n_in: int, weights: Union[None, str, Path], state: 
     if file_in not in (3, n_in):
         raise WeightsFileError(f"{origin} takes {file_in} input channels, cannot fit n_in={n_in}")
     # Built with the file's channel count (random numbers drawn as for that count), then fitted.
-    encoder = get_encoder(name, in_channels=file_in, depth=5, weights=None)
+    encoder = get_encoder(name, in_channels=file_in, depth=depth, weights=None)
     load_weights(encoder, state, origin)
     if file_in != n_in:
         fit = getattr(encoder, "set_in_channels", None) or partial(patch_first_conv, encoder)
@@ -135,7 +136,11 @@ class EncoderModel(nn.Module):
         weights = None if conf.pretrain is not None else conf.weights
         file, run = resolve_weights(weights)
         state = None if file is None else read_state_dict(file, "model.weights")
-        self.encoder = build_encoder(conf.backbone, conf.n_in, file or weights, state)
+        self.encoder = build_encoder(conf.backbone, conf.n_in, file or weights, state, conf.encoder_depth)
+        # smp keeps the stages past encoder_depth (files of deeper encoders still load) but never runs them:
+        # they stay frozen, so that neither the optimizer nor DDP waits for their gradients.
+        stages = getattr(self.encoder, "get_stages", dict)()
+        self.idle_stages = [m for stride, modules in stages.items() if stride > 2**conf.encoder_depth for m in modules]
         self.build_head(conf)
         if file is not None:  # the one line a run prints about what model.weights gave the model
             parts, missing = "encoder", []
@@ -149,8 +154,7 @@ class EncoderModel(nn.Module):
         if conf.pretrain is not None:
             state = strip_wrapper_prefixes(read_state_dict(Path(conf.pretrain).expanduser(), "model.pretrain"))
             load_weights(self, self.translate_keys(state), f"model.pretrain={str(conf.pretrain)!r}")
-        if conf.freeze == "enc":
-            self.freeze_encoder()
+        self.freeze_encoder(conf.freeze == "enc")
         self.frozen_encoder_bn = conf.freeze == "bn"
 
     @staticmethod
@@ -162,6 +166,8 @@ class EncoderModel(nn.Module):
         """Frozen: no gradients, and eval mode even while the model trains; unfrozen: trains again."""
         self.frozen_encoder = frozen
         self.encoder.requires_grad_(not frozen)
+        for stage in self.idle_stages:
+            stage.requires_grad_(False)
         self.encoder.train(self.training and not frozen)
 
     def train(self, mode: bool = True) -> "EncoderModel":

@@ -1,6 +1,6 @@
 """Baseline: an encoder, global pooling and a linear layer; its heatmap is the class
 activation map (CAM, Zhou et al. 2016), the linear layer applied at every location of the
-last feature map (1/32 of the input).
+last feature map (1/32 of the input; 1/16 with ``encoder_depth`` 4).
 
 ``pooling='avg'`` (the usual classifier): ``logits = fc(mean of features)``, which equals
 ``heatmap.mean((-2, -1))`` since the layer is linear. ``'max'`` (the PYLON paper's max-pool
@@ -25,6 +25,7 @@ class BaselineConfig:
     n_in: int = 1
     n_out: int = 1
     backbone: str = "resnet50"
+    encoder_depth: int = 5
     weights: WeightsSpec = None
     pooling: str = "avg"  # 'avg' or 'max'
     freeze: Optional[str] = None
@@ -46,7 +47,7 @@ class BaselineClassifier(EncoderModel):
         self.target_layer = nn.Identity()
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The encoder's last feature map, (N, C, H/32, W/32)."""
+        """The encoder's last feature map, (N, C, H/32, W/32) at depth 5."""
         return self.target_layer(self.encoder(x)[-1])
 
     def forward(self, x: torch.Tensor) -> ModelOutput:

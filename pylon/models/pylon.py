@@ -3,7 +3,9 @@ heatmaps", iScience 2022): an encoder, a pyramid-attention decoder and a head wh
 logits (at 1/4 of the input) are the heatmap; the image logit is the heatmap's max. With a ResNet
 encoder, parameter counts and (at inputs that are multiples of 256) the computation match the
 authors' code; any multiple of 32 works here. Checkpoint names: ``encoder``, ``decoder.attention``,
-``decoder.ups.{0,1,2}`` (adding the 1/16, 1/8, 1/4 features), ``head``."""
+``decoder.ups.{0,1,2}`` (adding the 1/16, 1/8, 1/4 features), ``head``. A shallower encoder
+(``encoder_depth`` 4: attention on the 1/16 features, UP modules adding 1/8 and 1/4) is the same
+model at half the input size, for a quick run at 128 px that sees the film as 256 px does."""
 from __future__ import annotations
 
 import re
@@ -27,9 +29,10 @@ class PylonConfig:
     n_in: int
     n_out: int
     backbone: str = "resnet50"  # any segmentation-models-pytorch encoder
+    encoder_depth: int = 5  # stages: 5 ends at 1/32 of the input, 4 at 1/16, 3 at 1/8
     weights: WeightsSpec = "imagenet"  # encoder initialisation: None, "imagenet", a local file or a run (+ decoder)
     n_dec_ch: int = 128  # channels of every decoder feature map
-    n_up: int = 3  # UP modules: 3 gives a 1/4 resolution heatmap, 0 a 1/32 one
+    n_up: int = 3  # UP modules: at depth 5, 3 gives a 1/4 resolution heatmap, 0 a 1/32 one
     seg_kern_size: int = 1  # prediction head kernel size (odd)
     use_pa: bool = True  # pyramid attention on the 1/32 features
     up_type: str = "2layer"  # skip projection: '1layer' (1 conv) or '2layer' (2 convs)
@@ -106,7 +109,7 @@ class PylonDecoder(nn.Module):
     def __init__(self, encoder_channels: Sequence[int], conf: PylonConfig):
         super().__init__()
         self.attention = PyramidAttention(encoder_channels[-1], conf.n_dec_ch, use_pa=conf.use_pa)
-        # ups[0] takes the 1/16 features, ups[1] the 1/8, ups[2] the 1/4.
+        # At depth 5 ups[0] takes the 1/16 features, ups[1] the 1/8, ups[2] the 1/4.
         self.ups = nn.ModuleList(UpBlock(encoder_channels[-2 - i], conf.n_dec_ch, conf.up_type, conf.up_kernel_size)
                                  for i in range(conf.n_up))
 
