@@ -45,7 +45,7 @@ def test_maps_table_and_metrics_cover_the_evaluated_split(embedded):
     assert set(table.loc[table.source == "rsna", "view"]) <= {"AP", "PA"}
 
     section = metrics["embeddings"]
-    assert section["split"] == "test" and section["n"] == len(table) and section["dim"] == 512  # ResNet-18
+    assert section["split"] == "test" and section["n"] == len(table) and section["dim"] == 256  # ResNet-18 to its third stage (demo.yaml: encoder_depth 4)
     probes = section["shortcut_probe"]
     groups = {"all", "kaggle", "rsna", "rsna/AP", "rsna/PA"}
     assert set(probes["features_predict"]) == {"view_AP_vs_PA_in_rsna", "source_rsna_vs_kaggle",
@@ -70,7 +70,7 @@ def test_shortcut_alone_scores_are_the_training_split_rates(embedded):
 
 def test_the_printed_table_and_outputs(embedded):
     out = embedded[2]
-    assert "shortcut probe on test (512-d encoder embeddings" in out
+    assert "shortcut probe on test (256-d encoder embeddings" in out
     for line in ("the features predict", "view_AP_vs_PA_in_rsna", "the model's pneumonia AUROC",
                  "pneumonia from a shortcut alone (train rates)", "embeddings_umap.png", "embeddings.csv"):
         assert line in out

@@ -80,7 +80,7 @@ class PyramidAttention(nn.Module):
         # at multiples of 8 (ceil == floor; align_corners upsampling to 2n == by a factor of 2).
         # The pyramid runs in float32 even under autocast. Its maps are tiny and cheap, and
         # oneDNN's bf16 weight gradient of the wide 7x7 conv is wrong (and varies run to run)
-        # on maps under 3x3: the 1/64 level of inputs under 160 px (the demo's 128 px gives 2x2).
+        # on maps under 3x3: the 1/64 level of inputs under 160 px (128 px at encoder depth 5 gives 2x2).
         with torch.autocast(x.device.type, enabled=False):
             x = x.float()
             d1 = self.down1(F.max_pool2d(x, 2, ceil_mode=True))
