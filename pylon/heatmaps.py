@@ -1,9 +1,9 @@
 """Every heatmap the project scores: ``heatmaps(model, images, method)`` -> (N, h, w) CPU maps in
 [0, 1] of class 0, at the method's own resolution, computed in eval mode:
 
-* ``pylon``: sigmoid of PYLON's logits, 1/4 size (at depth 5), at the caller's precision (its head stays fp32).
+* ``pylon``: sigmoid of PYLON's logits, 1/4 size (the decoder's default), at the caller's precision (its head stays fp32).
 * ``cam``: the baseline's class map, min-max scaled (not a sigmoid: CAM values are uncalibrated
-  logits, and an affine rescale keeps the upsampled argmax), 1/32 size, in fp32.
+  logits, and an affine rescale keeps the upsampled argmax), 1/32 size (1/16 at encoder depth 4), in fp32.
 * ``gradcam`` / ``gradcam++``: pytorch-grad-cam on ``target_layer`` for the raw logit, whose gradient
   ignores its sign: images called negative still get the evidence *for* the class; input size.
 * ``center``: a cone peaking at the image centre; ``prior``: the training split's mean box mask.
