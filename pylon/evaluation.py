@@ -219,11 +219,12 @@ def evaluate_run(run: RunPaths, *, overrides: Sequence[str] = (), localization: 
     if run.crossval.is_file() and split != ALL:
         raise ConfigError(f"{run.root} is a cross-validation: its fold models together have seen every image of its "
                           "data; score the ensemble on other data (eval.split=all, --out DIR), or evaluate one fold")
-    manifests = [RunPaths(m).splits for m in trained.info.get("members", [])]
-    if run.ensemble.is_file() and split != ALL and not all(
-            m.is_file() and m.read_bytes() == run.splits.read_bytes() for m in manifests):
-        raise ConfigError(f"{run.root}: its runs were not all trained on the split in its {run.splits.name}; "
-                          "score the ensemble on other data (eval.split=all, --out DIR)")
+    if run.ensemble.is_file() and split != ALL:
+        own_split = run.splits.read_bytes()
+        manifests = [RunPaths(m).splits for m in trained.info.get("members", [])]
+        if not all(m.is_file() and m.read_bytes() == own_split for m in manifests):
+            raise ConfigError(f"{run.root}: its runs were not all trained on the split in its {run.splits.name}; "
+                              "score the ensemble on other data (eval.split=all, --out DIR)")
     if embeddings and isinstance(trained.model, Ensemble):
         raise ConfigError(f"{run.root} is an ensemble: it has no one encoder to map; map one of its runs")
     roots = lambda data: {s: os.path.abspath(str(data.roots.get(s))) for s in data.sources}  # noqa: E731
